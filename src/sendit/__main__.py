@@ -1,0 +1,5 @@
+import sys
+
+from sendit.cli import main
+
+sys.exit(main())

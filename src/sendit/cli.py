@@ -1,0 +1,334 @@
+"""The `sendit` command: set-up, the long-running service, one-shot imports and the engine alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from sendit.config import ConfigError, load_config, write_config
+
+
+def _fail(lines: list[str]) -> int:
+    print("sendit: configuration problems:", file=sys.stderr)
+    for line in lines:
+        print("  " + line, file=sys.stderr)
+    return 2
+
+
+def _django(migrate: bool = True) -> Any:
+    """Set Django up on the validated configuration; makes the data folders and the schema."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sendit.server.settings")
+    import django
+    from django.conf import settings
+
+    django.setup()
+    cfg = settings.SENDIT
+    for name in ("DATA_DIR", "INPUT_FOLDER", "WORK_FOLDER", "QUARANTINE_FOLDER"):
+        Path(cfg.values[name]).mkdir(parents=True, exist_ok=True)
+    if migrate:
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0, interactive=False)
+    return cfg
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    try:
+        target = write_config(directory)
+    except FileExistsError as exc:
+        print(f"sendit: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {target} (with a fresh SECRET_KEY; keep it secret and keep it stable)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config()
+    except ConfigError as error:
+        return _fail(error.problems)
+    print(f"configuration: {cfg.source or '(defaults and environment only)'}")
+    for name, value in cfg.masked().items():
+        print(f"  {name} = {value}")
+    problems = 0
+    for name in ("DATA_DIR", "INPUT_FOLDER", "WORK_FOLDER", "QUARANTINE_FOLDER"):
+        folder = Path(cfg.values[name])
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            ok = os.access(folder, os.W_OK)
+        except OSError:
+            ok = False
+        print(f"  [{'ok' if ok else 'FAIL'}] {name} writable")
+        problems += not ok
+    _django(migrate=False)
+    from sendit.relay import runtime
+
+    for destination in runtime.destinations():
+        reason = destination.check()
+        print(
+            f"  [{'ok' if reason is None else 'FAIL'}] destination {destination.name}"
+            + (f": {reason}" if reason else "")
+        )
+        problems += reason is not None
+        destination.close()
+    return 1 if problems else 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    cfg = _django()
+    from django.db import connections
+    from huey.consumer import Consumer
+
+    from sendit.relay.tasks import huey, requeue_stale
+
+    requeue_stale()
+    connections.close_all()
+    workers = args.workers or cfg.WORKERS
+    consumer = Consumer(huey, workers=workers, worker_type="process", periodic=True, initial_delay=0.1, max_delay=1.0)
+    consumer.run()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Watcher and web server in this process; the queue workers in a child `sendit worker`."""
+    cfg = _django()
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from django.core.wsgi import get_wsgi_application
+
+    from sendit.relay.tasks import enqueue
+    from sendit.relay.watcher import Watcher
+
+    worker = subprocess.Popen([sys.executable, "-m", "sendit", "worker"], env=os.environ.copy())
+    watcher = Watcher(Path(cfg.INPUT_FOLDER), cfg.RESCAN_SECONDS, lambda report: enqueue(report.series_ids))
+    watcher.start()
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - wsgiref's name
+            return None
+
+    host, port = args.host or cfg.WEB_HOST, args.port or cfg.WEB_PORT
+    server = make_server(host, port, get_wsgi_application(), server_class=Server, handler_class=QuietHandler)
+    print(f"sendit: watching {cfg.INPUT_FOLDER}; status page on http://{host}:{port}/ ; Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        watcher.stop()
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sendit.relay.housekeeping import problem_reasons
+    from sendit.relay.ingest import IngestReport, complete_files, ingest_paths
+    from sendit.relay.inline import run_inline
+    from sendit.relay.models import TERMINAL, Image, Status
+
+    console = Console(stderr=True, quiet=quiet)
+    report = IngestReport()
+    for path in paths:
+        if not path.exists():
+            console.print(f"[red]{path}: no such file or folder[/red]")
+            return 2
+        report.add(ingest_paths([path] if path.is_file() else complete_files(path)))
+    for name, reason in report.problems:
+        console.print(f"[yellow]{name}: {reason}[/yellow]")
+    console.print(
+        f"ingested {report.images} image(s) in {len(report.series_ids)} series"
+        f" ({report.rejected} rejected, {report.skipped} skipped, {report.quarantined} quarantined,"
+        f" {report.reprocessed} again)"
+    )
+    if not wait:
+        from sendit.relay.tasks import enqueue
+
+        enqueue(report.series_ids)
+        return 0
+    images = Image.objects.filter(series_id__in=report.series_ids)
+    total = images.count()
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("de-identify and deliver", total=total)
+
+        def update() -> None:
+            progress.update(task, completed=images.filter(status__in=TERMINAL).count())
+
+        run_inline(report.series_ids, workers, on_progress=update)
+        update()
+    counts: dict[str, int] = {}
+    for status in images.values_list("status", flat=True):
+        counts[status] = counts.get(status, 0) + 1
+    console.print(
+        "result: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "result: nothing"
+    )
+    bad = (
+        sum(n for status, n in counts.items() if status not in (Status.DONE, Status.SKIPPED))
+        + report.rejected
+        + report.quarantined
+    )
+    if bad:
+        console.print(f"[red]{bad} file(s) did not end DONE or SKIPPED:[/red]")
+        for status, reason, n in problem_reasons():
+            if status != Status.SKIPPED:
+                console.print(f"  {n:6d}  {status:12s} {reason}")
+        return 1
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    cfg = _django()
+    return _import([Path(p) for p in args.paths], args.wait, args.workers or cfg.WORKERS)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _django()
+    from sendit.relay.housekeeping import problem_reasons, status_counts
+
+    counts = status_counts()
+    if args.json:
+        print(json.dumps({"counts": counts, "problems": [list(row) for row in problem_reasons()]}, indent=2))
+        return 0
+    for status, n in counts.items():
+        print(f"{status:15s} {n}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    _django()
+    from sendit.relay.housekeeping import retry_errors
+    from sendit.relay.tasks import enqueue
+
+    series = retry_errors(args.series or None)
+    enqueue(series)
+    print(f"requeued {len(series)} series")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    cfg = _django()
+    from sendit.relay.housekeeping import prune
+
+    days = cfg.RETENTION_DAYS if args.days is None else args.days
+    print(f"pruned {prune(days)} finished series older than {days} day(s); summaries kept")
+    return 0
+
+
+def cmd_deid(args: argparse.Namespace) -> int:
+    """The engine alone on a folder: no database, no queue; identifiers from the local keyed provider."""
+    try:
+        cfg = load_config()
+    except ConfigError as error:
+        return _fail(error.problems)
+    from sendit.deid import Deidentifier, deid_folder
+    from sendit.identifiers.local import LocalProvider
+
+    provider = LocalProvider(cfg.SECRET_KEY, cfg.DATE_SHIFT_MIN_DAYS, cfg.DATE_SHIFT_MAX_DAYS)
+    summary = deid_folder(Path(args.input), Path(args.output), Deidentifier(cfg.SECRET_KEY), provider)
+    for name, reason in summary.problems:
+        print(f"{name}: {reason}", file=sys.stderr)
+    print(f"de-identified {summary.written} file(s); {len(summary.problems)} problem(s)")
+    return 1 if summary.problems else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default end to end: config, a generated data set with PHI, import, wait, report."""
+    directory = Path(args.directory).resolve()
+    if not (directory / "sendit.toml").exists():
+        write_config(directory)
+    os.environ["SENDIT_CONFIG"] = str(directory / "sendit.toml")
+    cfg = _django()
+    from sendit.demo import generate_demo
+
+    written = generate_demo(Path(cfg.INPUT_FOLDER), patients=args.patients)
+    print(f"demo: generated {len(written)} DICOM files with synthetic PHI in {cfg.INPUT_FOLDER}")
+    result = _import([Path(cfg.INPUT_FOLDER)], wait=True, workers=cfg.WORKERS)
+    print(f"demo: de-identified output in {cfg.OUTPUT_FOLDER}")
+    print(f"demo: `SENDIT_CONFIG={directory / 'sendit.toml'} sendit status` shows the counts")
+    return result
+
+
+def cmd_manage(args: argparse.Namespace) -> int:
+    _django(migrate=False)
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(["sendit manage", *args.rest])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sendit", description=__doc__)
+    parser.add_argument("--config", help="path of sendit.toml (default: ./sendit.toml or $SENDIT_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", help="write sendit.toml with a fresh SECRET_KEY")
+    p.add_argument("directory", nargs="?", default=".")
+    p.set_defaults(func=cmd_init)
+    sub.add_parser("check", help="print the effective configuration; check folders and destinations").set_defaults(
+        func=cmd_check
+    )
+    p = sub.add_parser("run", help="watcher + workers + web server")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("worker", help="run the queue workers")
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=cmd_worker)
+    p = sub.add_parser("import", help="ingest folders now")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--wait", action="store_true", help="process here and exit 0 only if all ended DONE/SKIPPED")
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=cmd_import)
+    p = sub.add_parser("status", help="counts per status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("retry", help="retry images in ERROR")
+    p.add_argument("series", nargs="*", type=int)
+    p.set_defaults(func=cmd_retry)
+    p = sub.add_parser("cleanup", help="prune finished rows older than RETENTION_DAYS")
+    p.add_argument("--days", type=int)
+    p.set_defaults(func=cmd_cleanup)
+    p = sub.add_parser("deid", help="de-identify a folder into another, no database")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.set_defaults(func=cmd_deid)
+    p = sub.add_parser("demo", help="generate a demo data set and take it to DONE")
+    p.add_argument("directory", nargs="?", default="sendit-demo")
+    p.add_argument("--patients", type=int, default=3)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("manage", help="Django's manage.py (createsuperuser, migrate, ...)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_manage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.config:
+        os.environ["SENDIT_CONFIG"] = str(Path(args.config).resolve())
+    try:
+        return int(args.func(args))
+    except ConfigError as error:
+        return _fail(error.problems)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

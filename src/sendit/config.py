@@ -1,0 +1,322 @@
+"""Sendit's configuration: one TOML file plus ``SENDIT_<KEY>`` environment overrides.
+
+Every key is declared once here with its type, default and check, so that start-up can report each
+wrong value on one line, ``sendit check`` can print the effective values with secrets masked, and
+nothing else in the code reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "sendit.toml"
+ENV_PREFIX = "SENDIT_"
+
+
+class ConfigError(Exception):
+    """One or more wrong values; ``problems`` holds one line per value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    kind: type  # str, int, bool or Path
+    default: Any
+    help: str
+    secret: bool = False
+    minimum: int | None = None
+    maximum: int | None = None
+    choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+
+KEYS: tuple[Key, ...] = (
+    Key(
+        "SECRET_KEY",
+        str,
+        "",
+        "Keys pseudonyms, UID remapping and Django sessions; keep it secret and stable.",
+        secret=True,
+    ),
+    Key("DEBUG", bool, False, "Django debug mode; never in production."),
+    Key("DATA_DIR", Path, "sendit-data", "Root for input, work, quarantine, database and queue."),
+    Key("INPUT_FOLDER", Path, "", "Watched folder (default DATA_DIR/input)."),
+    Key("OUTPUT_FOLDER", Path, "", 'Folder destination (default DATA_DIR/output); set to "off" to disable.'),
+    Key("WORK_FOLDER", Path, "", "Per-series working copies (default DATA_DIR/work)."),
+    Key("QUARANTINE_FOLDER", Path, "", "Rejected and quarantined files (default DATA_DIR/quarantine)."),
+    Key(
+        "DATABASE_URL",
+        str,
+        "",
+        "sqlite:///path or postgres://user@host:port/name (default SQLite in DATA_DIR).",
+        secret=True,
+    ),
+    Key("QUEUE_URL", str, "", "sqlite:///path or redis://host:port/db (default SQLite in DATA_DIR).", secret=True),
+    Key("WORKERS", int, 5, "Worker processes started by `sendit worker` and `sendit run`.", minimum=1, maximum=64),
+    Key("BATCH_SIZE", int, 200, "Images handled per step of a series task.", minimum=1, maximum=100000),
+    Key("DEIDENTIFY_RESTFUL", bool, False, "Ask the REST identifier service instead of the local keyed provider."),
+    Key("IDENTIFIER_PROVIDER", str, "", "Dotted path of a provider class; overrides DEIDENTIFY_RESTFUL."),
+    Key(
+        "DATE_SHIFT_MIN_DAYS",
+        int,
+        -365,
+        "Local provider: smallest date shift in days (0 is never used).",
+        minimum=-36500,
+        maximum=36500,
+    ),
+    Key(
+        "DATE_SHIFT_MAX_DAYS",
+        int,
+        -1,
+        "Local provider: largest date shift in days (0 is never used).",
+        minimum=-36500,
+        maximum=36500,
+    ),
+    Key("SEND_TO_ORTHANC", bool, False, "Deliver to Orthanc over DICOM (C-STORE)."),
+    Key("ORTHANC_IPADDRESS", str, "127.0.0.1", "Orthanc's DICOM host."),
+    Key("ORTHANC_PORT", int, 4242, "Orthanc's DICOM port.", minimum=1, maximum=65535, aliases=("ORTHAC_PORT",)),
+    Key("ORTHANC_AET", str, "ORTHANC", "Called AE title."),
+    Key("SENDIT_AET", str, "SENDIT", "Calling AE title."),
+    Key("ORTHANC_URL", str, "", "Orthanc's REST base URL; when set, images go through POST /instances."),
+    Key("ORTHANC_USERNAME", str, "", "Basic-auth user for ORTHANC_URL."),
+    Key("ORTHANC_PASSWORD", str, "", "Basic-auth password for ORTHANC_URL.", secret=True),
+    Key("SEND_TO_GOOGLE", bool, False, "Deliver to Google Cloud Storage (not yet available)."),
+    Key("GOOGLE_CLOUD_STORAGE", str, "", "Bucket name."),
+    Key("GOOGLE_APPLICATION_CREDENTIALS", str, "", "Service-account JSON path.", secret=True),
+    Key("KEEP_ORIGINALS", bool, False, "Keep the original files after DONE (moved to DATA_DIR/kept)."),
+    Key("KEEP_WORKING", bool, False, "Keep de-identified working copies after DONE."),
+    Key(
+        "RETENTION_DAYS",
+        int,
+        30,
+        "Prune finished rows older than this, keeping a PHI-free summary.",
+        minimum=0,
+        maximum=36500,
+    ),
+    Key("RESCAN_SECONDS", int, 30, "Safety-net rescan of the input folder.", minimum=1, maximum=86400),
+    Key("LEASE_SECONDS", int, 600, "A series whose worker is silent this long is requeued.", minimum=10, maximum=86400),
+    Key("MAX_ATTEMPTS", int, 8, "Tries of a failing step before the images go to ERROR.", minimum=1, maximum=100),
+    Key("RETRY_BASE_SECONDS", int, 5, "First back-off; doubles with each attempt.", minimum=0, maximum=3600),
+    Key("RETRY_CAP_SECONDS", int, 600, "Longest back-off.", minimum=0, maximum=86400),
+    Key("WEB_HOST", str, "127.0.0.1", "Address of the web server of `sendit run`."),
+    Key("WEB_PORT", int, 8000, "Port of the web server of `sendit run`.", minimum=1, maximum=65535),
+    Key("ALLOWED_HOSTS", str, "127.0.0.1,localhost", "Comma-separated host names the web server answers."),
+)
+KEYS_BY_NAME = {key.name: key for key in KEYS}
+
+
+@dataclass(frozen=True)
+class Config:
+    values: Mapping[str, Any]
+    source: Path | None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def masked(self) -> dict[str, str]:
+        """The effective values for display; secrets shown as set / not set, never their text."""
+        shown: dict[str, str] = {}
+        for key in KEYS:
+            value = self.values[key.name]
+            if key.secret:
+                shown[key.name] = "****** (set)" if value else "(not set)"
+            else:
+                shown[key.name] = str(value)
+        return shown
+
+
+def _parse(key: Key, raw: Any, origin: str) -> tuple[Any, str | None]:
+    """Turn a TOML or environment value into the key's type; the error line never echoes a secret."""
+    shown = "<hidden>" if key.secret else repr(raw)
+    if key.kind is bool:
+        if isinstance(raw, bool):
+            return raw, None
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True, None
+        if text in ("0", "false", "no", "off", ""):
+            return False, None
+        return None, f"{origin}: must be true or false, got {shown}"
+    if key.kind is int:
+        if isinstance(raw, bool):
+            return None, f"{origin}: must be a whole number, got {shown}"
+        try:
+            number = int(str(raw).strip())
+        except ValueError:
+            return None, f"{origin}: must be a whole number, got {shown}"
+        if key.minimum is not None and number < key.minimum or key.maximum is not None and number > key.maximum:
+            return None, f"{origin}: must be between {key.minimum} and {key.maximum}, got {number}"
+        return number, None
+    if not isinstance(raw, str | int | float) or isinstance(raw, bool):
+        return None, f"{origin}: must be a string, got {type(raw).__name__}"
+    return str(raw), None
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if env.get("SENDIT_CONFIG"):
+        return Path(env["SENDIT_CONFIG"])
+    candidate = Path.cwd() / CONFIG_FILE
+    return candidate if candidate.exists() else None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None, require_secret: bool = True
+) -> Config:
+    """Read the file (if any), apply the environment, fill derived defaults and validate everything."""
+    env = os.environ if env is None else env
+    source = find_config_file(path, env)
+    file_values: dict[str, Any] = {}
+    problems: list[str] = []
+    if source is not None:
+        try:
+            with open(source, "rb") as handle:
+                file_values = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError([f"{source}: configuration file not found"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{source}: not valid TOML ({exc})"]) from None
+    base = source.parent.resolve() if source is not None else Path.cwd()
+    aliases = {alias: key.name for key in KEYS for alias in key.aliases}
+    for name in file_values:
+        if name not in KEYS_BY_NAME and name not in aliases:
+            problems.append(f"{source}: unknown key {name}")
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        raw: Any = key.default
+        origin = key.name
+        for name in (key.name, *key.aliases):
+            if name in file_values:
+                raw, origin = file_values[name], f"{source}: {name}"
+                break
+        for name in (key.name, *key.aliases):
+            if ENV_PREFIX + name in env:
+                raw, origin = env[ENV_PREFIX + name], ENV_PREFIX + name
+                break
+        if key.name == "DATABASE_URL" and ENV_PREFIX + key.name not in env and env.get("DATABASE_URL"):
+            raw, origin = env["DATABASE_URL"], "DATABASE_URL"
+        value, problem = _parse(key, raw, origin)
+        if problem:
+            problems.append(problem)
+        values[key.name] = value
+    if problems:
+        raise ConfigError(problems)
+    _derive(values, base)
+    problems.extend(_check(values, require_secret))
+    if problems:
+        raise ConfigError(problems)
+    return Config(values=values, source=source)
+
+
+def _derive(values: dict[str, Any], base: Path) -> None:
+    data_dir = (base / values["DATA_DIR"]).resolve()
+    values["DATA_DIR"] = data_dir
+    for name, default in (
+        ("INPUT_FOLDER", "input"),
+        ("WORK_FOLDER", "work"),
+        ("QUARANTINE_FOLDER", "quarantine"),
+        ("OUTPUT_FOLDER", "output"),
+    ):
+        raw = str(values[name]).strip()
+        if name == "OUTPUT_FOLDER" and raw.lower() in ("off", "none", "false"):
+            values[name] = None
+        else:
+            values[name] = (base / raw).resolve() if raw else data_dir / default
+    if not values["DATABASE_URL"]:
+        values["DATABASE_URL"] = f"sqlite:///{data_dir / 'sendit.sqlite3'}"
+    if not values["QUEUE_URL"]:
+        values["QUEUE_URL"] = f"sqlite:///{data_dir / 'queue.sqlite3'}"
+
+
+def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
+    problems: list[str] = []
+    if require_secret and len(values["SECRET_KEY"]) < 32:
+        problems.append("SECRET_KEY: must be at least 32 characters (run `sendit init` to make one)")
+    low, high = values["DATE_SHIFT_MIN_DAYS"], values["DATE_SHIFT_MAX_DAYS"]
+    if low > high:
+        problems.append(f"DATE_SHIFT_MIN_DAYS: must not exceed DATE_SHIFT_MAX_DAYS ({low} > {high})")
+    elif low == high == 0:
+        problems.append("DATE_SHIFT_MIN_DAYS/DATE_SHIFT_MAX_DAYS: the range holds only 0 days; dates would not move")
+    for name, schemes in (("DATABASE_URL", ("sqlite", "postgres", "postgresql")), ("QUEUE_URL", ("sqlite", "redis"))):
+        scheme = values[name].split("://", 1)[0] if "://" in values[name] else ""
+        if scheme not in schemes:
+            problems.append(f"{name}: must start with one of {', '.join(s + '://' for s in schemes)}")
+    if values["ORTHANC_URL"] and not values["ORTHANC_URL"].startswith(("http://", "https://")):
+        problems.append("ORTHANC_URL: must start with http:// or https://")
+    if values["SEND_TO_GOOGLE"]:
+        problems.append("SEND_TO_GOOGLE: Google delivery is not available in this version; set it to false")
+    if values["RETRY_BASE_SECONDS"] > values["RETRY_CAP_SECONDS"]:
+        problems.append("RETRY_BASE_SECONDS: must not exceed RETRY_CAP_SECONDS")
+    return problems
+
+
+def write_config(directory: Path, overrides: Mapping[str, Any] | None = None) -> Path:
+    """Write a commented sendit.toml with a fresh SECRET_KEY; refuses to overwrite an existing one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / CONFIG_FILE
+    if target.exists():
+        raise FileExistsError(f"{target} exists; not overwriting it")
+    chosen: dict[str, Any] = {"SECRET_KEY": secrets.token_urlsafe(48), "DATA_DIR": "sendit-data"}
+    chosen.update(overrides or {})
+    lines = ["# Sendit configuration. Every key can be overridden as SENDIT_<KEY> in the environment.", ""]
+    for key in KEYS:
+        lines.append(f"# {key.help}")
+        value = chosen.get(key.name, key.default)
+        line = f"{key.name} = {_toml_value(value)}"
+        lines.append(line if key.name in chosen else "# " + line)
+        lines.append("")
+    target.write_text("\n".join(lines), encoding="utf-8")
+    target.chmod(0o600)
+    return target
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def database_settings(url: str) -> dict[str, Any]:
+    """Django DATABASES['default'] for a sqlite:/// or postgres:// URL."""
+    from urllib.parse import unquote, urlsplit
+
+    if url.startswith("sqlite:///"):
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": url[len("sqlite:///") :] if not url.startswith("sqlite:////") else url[len("sqlite:///") :],
+            "OPTIONS": {
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=30000;",
+            },
+        }
+    parts = urlsplit(url)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(parts.path.lstrip("/")),
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": parts.hostname or "",
+        "PORT": str(parts.port or ""),
+        "CONN_MAX_AGE": 60,
+    }
+
+
+ConfigLoader = Callable[[], Config]

@@ -1,0 +1,504 @@
+"""The de-identification engine: one walk over each data set with a precompiled action table.
+
+Why a hand-rolled walk: ``remove_private_tags()`` plus a pass per rule costs more than reading and
+writing the file (see DESIGN.md, "Measured"). Here every element is looked at once, in every
+nested sequence, and untouched elements stay in pydicom's raw form, so writing them is a byte copy.
+
+What happens to an element (the table comes from :mod:`sendit.deid.profile`):
+
+* private (odd group), curves (50xx), overlays (60xx), group lengths (gggg,0000), and public tags
+  that neither the table nor pydicom's data dictionary knows (we cannot tell what they hold) are
+  removed;
+* table actions: X removes, Z empties (a sequence gets no items), D writes the dummy of the VR
+  (:data:`DUMMY_VALUES`; a sequence gets one empty item because its content, codes included, may
+  name a person or place), U remaps the UID, and ``U*`` sequences are walked;
+* everything else is kept, except that every UI value anywhere (file meta included) that is not a
+  registered DICOM UID is remapped, every DA/DT value is shifted by the identifiers' jitter when
+  the modified-dates option is on, and every kept sequence is walked.
+
+UIDs become ``2.25.<first 128 bits of HMAC-SHA256(key, uid)>``: the same input UID maps to the same
+output for the same key in every process and run, so references inside sequences keep pointing at
+their targets and a re-send lands on the same instance. Registered UIDs (SOP classes, transfer
+syntaxes, coding schemes, well-known frames of reference: those in pydicom's UID dictionary) are
+kept; so are the file meta's TransferSyntaxUID and ImplementationClassUID, which describe software,
+not patients.
+
+Any failure raises :class:`DeidError` whose message names the tag and what failed, never a value;
+the underlying exception is dropped (``from None``) because its text may quote the value.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    UID_dictionary,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from sendit import __version__
+from sendit.deid.profile import BASIC_PROFILE_CODE, OPTIONS, Action, DeidOptions, build_action_table
+from sendit.identifiers.base import Identifiers
+
+#: Registered DICOM UIDs are public knowledge and are never remapped.
+REGISTERED_UIDS: frozenset[str] = frozenset(UID_dictionary)
+
+#: The value D writes, per VR. Text fits every VR's maximum length (AE/CS/SH: 16).
+DUMMY_VALUES: dict[str, Any] = {
+    "AE": "ANONYMIZED",
+    "AS": "000Y",
+    "CS": "ANONYMIZED",
+    "DA": "19000101",
+    "DS": "0",
+    "DT": "19000101000000",
+    "IS": "0",
+    "LO": "ANONYMIZED",
+    "LT": "ANONYMIZED",
+    "PN": "ANONYMIZED",
+    "SH": "ANONYMIZED",
+    "ST": "ANONYMIZED",
+    "TM": "000000",
+    "UC": "ANONYMIZED",
+    "UR": "urn:sendit:anonymized",
+    "UT": "ANONYMIZED",
+    "AT": 0,
+    "FD": 0.0,
+    "FL": 0.0,
+    "SL": 0,
+    "SS": 0,
+    "SV": 0,
+    "UL": 0,
+    "US": 0,
+    "UV": 0,
+    "OB": b"\x00" * 8,
+    "OD": b"\x00" * 8,
+    "OF": b"\x00" * 8,
+    "OL": b"\x00" * 8,
+    "OV": b"\x00" * 8,
+    "OW": b"\x00" * 8,
+    "UN": b"\x00" * 8,
+}
+
+_PATIENT_ID = 0x00100020
+_PATIENT_NAME = 0x00100010
+_ACCESSION = 0x00080050
+_SOP_CLASS = 0x00080016
+_SOP_INSTANCE = 0x00080018
+_STUDY_UID = 0x0020000D
+_SERIES_UID = 0x0020000E
+_IDENTITY_REMOVED = 0x00120062
+_METHOD = 0x00120063
+_METHOD_CODES = 0x00120064
+_LONGITUDINAL_MODIFIED = 0x00280303
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+_DT_RE = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{6}(?:\.\d{1,6})?|\d{4}|\d{2})?([+-]\d{4})?$")
+
+
+class DeidError(Exception):
+    """An image could not be de-identified and must not be sent. The message carries no PHI."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DeidResult:
+    """The de-identified identity of one written file (every value here is already free of PHI)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient_id: str
+    path: Path
+
+
+class _BadValue(Exception):
+    """A value the engine will not guess about; the text is PHI-free by construction."""
+
+
+def tag_text(tag: int) -> str:
+    """``0x00100010`` → ``"(0010,0010) PatientName"`` for messages (private tags get no name)."""
+    name = "" if (tag >> 16) & 1 else (keyword_for_tag(tag) or "")
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {name}".rstrip()
+
+
+@cache
+def _dictionary_vr(tag: int) -> str | None:
+    """The data dictionary's VR for a public tag, first choice of an ambiguous one; None if unknown."""
+    try:
+        vr = str(dictionary_VR(tag))
+    except KeyError:
+        return None
+    return vr.split(" or ")[0]
+
+
+def _strings(elem: DataElement | RawDataElement) -> list[str]:
+    """An element's values as text, padding stripped; raw values must be plain ASCII."""
+    value = elem.value
+    if value is None or value == b"" or value == "":
+        return []
+    if isinstance(value, bytes):
+        try:
+            text = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise _BadValue("value is not ASCII") from None
+        return [part.strip(" \x00") for part in text.split("\\")]
+    if isinstance(value, str):
+        return [value.strip(" \x00")]
+    if isinstance(value, Iterable):
+        return [str(v).strip(" \x00") for v in value]
+    return [str(value).strip(" \x00")]
+
+
+def _days_shifted(year: int, month: int, day: int, days: int) -> dt.date:
+    try:
+        return dt.date(year, month, day) + dt.timedelta(days=days)
+    except (ValueError, OverflowError):
+        raise _BadValue("date is not a valid calendar date or leaves the supported range") from None
+
+
+def shift_da(value: str, days: int) -> str:
+    """Shift one DA value (``YYYYMMDD``; legacy ``YYYY.MM.DD`` accepted) by whole days."""
+    text = value.strip()
+    if len(text) == 10 and text[4] == "." and text[7] == ".":
+        text = text[:4] + text[5:7] + text[8:]
+    if len(text) != 8 or not text.isdigit():
+        raise _BadValue("malformed DA value")
+    new = _days_shifted(int(text[:4]), int(text[4:6]), int(text[6:]), days)
+    return f"{new.year:04d}{new.month:02d}{new.day:02d}"
+
+
+def shift_dt(value: str, days: int) -> str:
+    """Shift one DT value by whole days, keeping its precision, time part and UTC offset.
+
+    A value with only a year (or year and month) is shifted from the first day of that period and
+    written back with the same precision.
+    """
+    text = value.strip()
+    match = _DT_RE.match(text)
+    if match is None:
+        raise _BadValue("malformed DT value")
+    year, month, day, time_part, offset = match.groups()
+    if time_part is not None and day is None:
+        raise _BadValue("malformed DT value")
+    new = _days_shifted(int(year), int(month or 1), int(day or 1), days)
+    if month is None:
+        date_text = f"{new.year:04d}"
+    elif day is None:
+        date_text = f"{new.year:04d}{new.month:02d}"
+    else:
+        date_text = f"{new.year:04d}{new.month:02d}{new.day:02d}"
+    return date_text + (time_part or "") + (offset or "")
+
+
+def _one_or_many(values: list[str]) -> str | list[str]:
+    return values[0] if len(values) == 1 else values
+
+
+class Deidentifier:
+    """PS3.15 Basic Profile (+ options) with keyed UID remapping; thread- and process-safe.
+
+    Construct once per process and reuse: the action table is compiled here and UID remaps are
+    cached. Pickling passes only the key and options, so it can be handed to a process pool.
+    """
+
+    def __init__(self, secret_key: str | bytes, options: DeidOptions | None = None) -> None:
+        key = secret_key.encode("utf-8") if isinstance(secret_key, str) else bytes(secret_key)
+        if not key:
+            raise ValueError("the de-identification secret key must not be empty")
+        self._key = key
+        self.options = options if options is not None else DeidOptions()
+        self._table = build_action_table(self.options.columns())
+        self._exact = self._table.exact
+        self._removed_groups = self._table.removed_groups
+        self._shift = self.options.retain_long_modified_dates
+        self._remap: Callable[[str], str] = lru_cache(maxsize=65536)(self._remap_uncached)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"Deidentifier(options={self.options!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Deidentifier, (self._key, self.options))
+
+    # -- UIDs ---------------------------------------------------------------------------------
+
+    def remap_uid(self, uid: str) -> str:
+        """The UID this engine writes for ``uid``: registered DICOM UIDs unchanged, any other UID
+        ``2.25.<int>`` from a keyed HMAC-SHA256 (≤ 44 characters, deterministic per key)."""
+        return self._remap(uid.strip(" \x00"))
+
+    def _remap_uncached(self, uid: str) -> str:
+        if not uid or uid in REGISTERED_UIDS:
+            return uid
+        digest = hmac.new(self._key, uid.encode("utf-8"), hashlib.sha256).digest()
+        return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+    # -- data sets ----------------------------------------------------------------------------
+
+    def deidentify(self, ds: Dataset, ids: Identifiers) -> Dataset:
+        """De-identify ``ds`` in place (and its file meta, if any) and return it."""
+        self._check_identifiers(ids)
+        with warnings.catch_warnings():
+            # pydicom's warnings quote values; none may reach a log.
+            warnings.simplefilter("ignore")
+            self._walk(ds, ids.jitter_days)
+            try:
+                self._mark(ds, ids)
+                self._rebuild_file_meta(ds)
+            except DeidError:
+                raise
+            except Exception as exc:
+                raise DeidError(f"could not write de-identification attributes ({type(exc).__name__})") from None
+        return ds
+
+    def _check_identifiers(self, ids: Identifiers) -> None:
+        for name, value, limit in (
+            ("patient_id", ids.patient_id, 64),
+            ("accession_number", ids.accession_number, 16),
+            ("patient_name", ids.patient_name, 64),
+        ):
+            if len(value) > limit or "\\" in value:
+                raise DeidError(f"replacement {name} is not a valid DICOM value (too long or has '\\')")
+        if not ids.patient_id:
+            raise DeidError("replacement patient_id is empty")
+
+    def _walk(self, ds: Dataset, jitter: int) -> None:
+        exact = self._exact
+        for tag in list(ds.keys()):
+            try:
+                group = tag >> 16
+                if group & 1 or (group >> 8) in self._removed_groups or not tag & 0xFFFF or group == 2:
+                    del ds[tag]
+                    continue
+                known_vr = _dictionary_vr(tag)
+                if known_vr is None:  # a public tag neither the table nor pydicom knows: it might hold anything
+                    del ds[tag]
+                    continue
+                elem = ds.get_item(tag)
+                vr = elem.VR
+                if vr is None or vr == "UN":
+                    vr = known_vr
+                action = exact.get(tag, Action.KEEP)
+                if action is Action.KEEP:
+                    if vr == "UI":
+                        self._remap_element(ds, tag, elem)
+                    elif vr == "SQ":
+                        self._walk_sequence(ds, tag, jitter)
+                    elif self._shift and (vr == "DA" or vr == "DT"):
+                        self._shift_element(ds, tag, elem, vr, jitter)
+                elif action is Action.REMOVE:
+                    del ds[tag]
+                elif action is Action.REMAP_UID:
+                    self._remap_element(ds, tag, elem)
+                elif action is Action.SHIFT_DATE:
+                    if vr == "DA" or vr == "DT":
+                        self._shift_element(ds, tag, elem, vr, jitter)
+                elif action is Action.WALK and vr == "SQ":
+                    self._walk_sequence(ds, tag, jitter)
+                elif action is Action.DUMMY:
+                    if vr == "UI":
+                        self._remap_element(ds, tag, elem)
+                    elif vr == "SQ":
+                        ds[tag] = DataElement(tag, "SQ", Sequence([Dataset()]))
+                    else:
+                        ds[tag] = DataElement(tag, vr, DUMMY_VALUES.get(vr, b"\x00" * 8))
+                else:  # EMPTY, or WALK on something that is not a sequence
+                    ds[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" else empty_value_for_VR(vr))
+            except DeidError as exc:
+                raise DeidError(f"{tag_text(tag)} > {exc.reason}") from None
+            except _BadValue as exc:
+                raise DeidError(f"{tag_text(tag)}: {exc}") from None
+            except Exception as exc:
+                raise DeidError(f"{tag_text(tag)}: {type(exc).__name__} while de-identifying") from None
+
+    def _walk_sequence(self, ds: Dataset, tag: int, jitter: int) -> None:
+        for index, item in enumerate(ds[tag].value):
+            try:
+                self._walk(item, jitter)
+            except DeidError as exc:
+                raise DeidError(f"item {index} > {exc.reason}") from None
+
+    def _remap_element(self, ds: Dataset, tag: int, elem: DataElement | RawDataElement) -> None:
+        values = _strings(elem)
+        if values:
+            remap = self._remap
+            ds[tag] = DataElement(tag, "UI", _one_or_many([remap(v) for v in values]))
+
+    def _shift_element(
+        self, ds: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, jitter: int
+    ) -> None:
+        values = _strings(elem)
+        if values:
+            shift = shift_da if vr == "DA" else shift_dt
+            shifted = [shift(v, jitter) if v else v for v in values]
+            ds[tag] = DataElement(tag, vr, _one_or_many(shifted))
+
+    def method_description(self, jitter_days: int) -> list[str]:
+        """(0012,0063) values: each ≤ 64 characters, as LO requires."""
+        return [f"Sendit {__version__}: PS3.15 Basic Profile"] + [
+            meaning for _, meaning in self._option_codes(jitter_days)
+        ]
+
+    def _option_codes(self, jitter_days: int) -> list[tuple[str, str]]:
+        codes: list[tuple[str, str]] = []
+        for name in self.options.enabled():
+            info = OPTIONS[name]
+            if name == "retain_long_modified_dates" and jitter_days == 0:
+                # A zero shift keeps the real dates: say so rather than claim they were modified.
+                info = OPTIONS["retain_long_full_dates"]
+            codes.append((info.code, info.meaning))
+        return codes
+
+    def _mark(self, ds: Dataset, ids: Identifiers) -> None:
+        """Write the identifiers and say what was done (0012,0062/0063/0064; 0028,0303)."""
+        ds[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", ids.patient_id)
+        ds[_PATIENT_NAME] = DataElement(_PATIENT_NAME, "PN", ids.patient_name)
+        ds[_ACCESSION] = DataElement(_ACCESSION, "SH", ids.accession_number)
+        ds[_IDENTITY_REMOVED] = DataElement(_IDENTITY_REMOVED, "CS", "YES")
+        ds[_METHOD] = DataElement(_METHOD, "LO", _one_or_many(self.method_description(ids.jitter_days)))
+        items = []
+        for code, meaning in [(BASIC_PROFILE_CODE.code, BASIC_PROFILE_CODE.meaning)] + self._option_codes(
+            ids.jitter_days
+        ):
+            item = Dataset()
+            item.CodeValue = code
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = meaning
+            items.append(item)
+        ds[_METHOD_CODES] = DataElement(_METHOD_CODES, "SQ", Sequence(items))
+        if self._shift:
+            modified = "MODIFIED" if ids.jitter_days else "UNMODIFIED"
+            ds[_LONGITUDINAL_MODIFIED] = DataElement(_LONGITUDINAL_MODIFIED, "CS", modified)
+
+    def _rebuild_file_meta(self, ds: Dataset) -> None:
+        """A fresh file meta: only what Part 10 needs, SOP UIDs taken from the de-identified data set.
+
+        Anything else the source put there (source/sending AE titles, private information) is dropped.
+        """
+        old = getattr(ds, "file_meta", None)
+        if old is None:
+            return
+        transfer_syntax = old.get("TransferSyntaxUID") or _transfer_syntax_of(ds)
+        meta = FileMetaDataset()
+        meta.FileMetaInformationVersion = b"\x00\x01"
+        sop_class = _first(ds, _SOP_CLASS) or self.remap_uid(str(old.get("MediaStorageSOPClassUID", "")))
+        sop_instance = _first(ds, _SOP_INSTANCE) or self.remap_uid(
+            str(old.get("MediaStorageSOPInstanceUID", ""))
+        )
+        if sop_class:
+            meta.MediaStorageSOPClassUID = sop_class
+        if sop_instance:
+            meta.MediaStorageSOPInstanceUID = sop_instance
+        if transfer_syntax:
+            meta.TransferSyntaxUID = transfer_syntax
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = f"SENDIT_{__version__}"[:16]
+        ds.file_meta = meta
+
+    # -- files --------------------------------------------------------------------------------
+
+    def deidentify_file(self, src: Path, dst: Path, ids: Identifiers) -> DeidResult:
+        """Read ``src``, de-identify, write ``dst`` atomically (``.part`` then rename).
+
+        The transfer syntax and pixel data are kept byte for byte (nothing is decoded). On any
+        failure no output file is left behind and :class:`DeidError` says why.
+        """
+        src, dst = Path(src), Path(dst)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dicom(src)
+            self.deidentify(ds, ids)
+            sop_instance = _first(ds, _SOP_INSTANCE)
+            if not sop_instance:
+                raise DeidError("(0008,0018) SOPInstanceUID is missing")
+            part = dst.with_suffix(".part")
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                ds.save_as(part, enforce_file_format=True)
+                os.replace(part, dst)
+            except BaseException as exc:
+                part.unlink(missing_ok=True)
+                if isinstance(exc, Exception):
+                    raise DeidError(f"could not write the de-identified file ({type(exc).__name__})") from None
+                raise
+        return DeidResult(
+            study_uid=_first(ds, _STUDY_UID),
+            series_uid=_first(ds, _SERIES_UID),
+            sop_instance_uid=sop_instance,
+            sop_class_uid=_first(ds, _SOP_CLASS),
+            transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
+            patient_id=ids.patient_id,
+            path=dst,
+        )
+
+
+def read_dicom(path: Path, *, headers_only: bool = False) -> Dataset:
+    """Read a Part 10 file, refusing non-DICOM and truncated files with a PHI-free reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = dcmread(path, force=False, stop_before_pixels=headers_only)
+    except FileNotFoundError:
+        raise DeidError("file not found") from None
+    except Exception as exc:
+        name = type(exc).__name__
+        reason = "not a DICOM file" if name == "InvalidDicomError" else f"unreadable DICOM file ({name})"
+        raise DeidError(reason) from None
+    if not headers_only:
+        _check_complete(ds)
+    return ds
+
+
+def _check_complete(ds: Dataset) -> None:
+    """pydicom reads a file cut short without complaint; its last element then comes up short."""
+    keys = list(ds.keys())
+    if not keys:
+        raise DeidError("no data elements (empty or truncated file)")
+    last = ds.get_item(keys[-1])
+    if (
+        isinstance(last, RawDataElement)
+        and last.length != _UNDEFINED_LENGTH
+        and last.value is not None
+        and len(last.value) < last.length
+    ):
+        raise DeidError(f"truncated file: {tag_text(keys[-1])} is shorter than its declared length")
+
+
+def _first(ds: Dataset, tag: int) -> str:
+    """The first value of a UI element as text ('' if absent or empty)."""
+    if tag not in ds:
+        return ""
+    values = _strings(ds.get_item(tag))
+    return values[0] if values else ""
+
+
+def _transfer_syntax_of(ds: Dataset) -> UID | None:
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return None
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian

@@ -1,0 +1,218 @@
+"""De-identify a folder with no database: the engine behind ``sendit deid IN OUT``.
+
+Files are grouped by StudyInstanceUID / SeriesInstanceUID from their headers (never by folder), the
+identifier provider is asked once per study, and every image is written as
+``<pseudonymized patient id>/<study uid>/<series uid>/<sop instance uid>.dcm`` — de-identified
+values only, so no PHI appears in any output path. A file that cannot be read or de-identified is
+listed with its reason and the rest carry on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sendit.deid.engine import DeidError, Deidentifier, DeidResult, read_dicom
+from sendit.identifiers.base import IdentifierError, IdentifierProvider, Identifiers, SeriesHeader
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_CHUNK = 32
+
+
+@dataclass
+class FolderSummary:
+    """What a folder run did; ``problems`` holds (path relative to the input, PHI-free reason)."""
+
+    files_seen: int = 0
+    written: int = 0
+    studies: int = 0
+    series: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    results: list[DeidResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return len(self.problems)
+
+
+@dataclass(frozen=True)
+class _Job:
+    src: Path
+    dst: Path
+    rel: str
+    ids: Identifiers
+
+
+@dataclass
+class _Series:
+    header: SeriesHeader
+    files: list[tuple[Path, str, str]] = field(default_factory=list)  # (path, relative, sop uid)
+
+
+def safe_path_part(text: str) -> str:
+    """A pseudonym as one path component: only [A-Za-z0-9._-], never empty, '.' or '..'."""
+    part = _UNSAFE.sub("_", text)
+    return part if part.strip(".") else f"_{part}"
+
+
+def deid_folder(
+    in_dir: Path,
+    out_dir: Path,
+    deidentifier: Deidentifier,
+    provider: IdentifierProvider,
+    *,
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> FolderSummary:
+    """De-identify every DICOM file under ``in_dir`` into ``out_dir``.
+
+    ``workers > 1`` de-identifies in that many processes. ``progress(done, total)`` is called as
+    images finish (for a progress bar).
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    summary = FolderSummary()
+    studies = _group(in_dir, out_dir, summary)
+    summary.studies = len(studies)
+    summary.series = sum(len(series) for series in studies.values())
+
+    jobs: list[_Job] = []
+    claimed: set[Path] = set()
+    for study in studies.values():
+        headers = [s.header for s in study.values()]
+        try:
+            answers = provider.identify(headers)
+        except IdentifierError as exc:
+            _fail_study(summary, study, f"identifiers: {exc}")
+            continue
+        except Exception as exc:
+            _fail_study(summary, study, f"identifiers: provider failed ({type(exc).__name__})")
+            continue
+        for series_uid, series in study.items():
+            ids = answers.get(series_uid)
+            if ids is None:
+                _fail_study(summary, {series_uid: series}, "identifiers: provider gave none for this series")
+                continue
+            base = (
+                out_dir
+                / safe_path_part(ids.patient_id)
+                / deidentifier.remap_uid(series.header.study_uid)
+                / deidentifier.remap_uid(series_uid)
+            )
+            for path, rel, sop_uid in series.files:
+                dst = base / f"{deidentifier.remap_uid(sop_uid)}.dcm"
+                if dst in claimed:
+                    summary.problems.append((rel, "duplicate SOPInstanceUID in the input; skipped"))
+                    continue
+                claimed.add(dst)
+                jobs.append(_Job(path, dst, rel, ids))
+
+    total = len(jobs)
+    done = 0
+    for rel, outcome in _run(jobs, deidentifier, workers):
+        if isinstance(outcome, DeidResult):
+            summary.written += 1
+            summary.results.append(outcome)
+        else:
+            summary.problems.append((rel, outcome))
+        done += 1
+        if progress is not None:
+            progress(done, total)
+    summary.problems.sort()
+    return summary
+
+
+def _group(in_dir: Path, out_dir: Path, summary: FolderSummary) -> dict[str, dict[str, _Series]]:
+    """Read every header once; study UID → series UID → its files."""
+    studies: dict[str, dict[str, _Series]] = {}
+    out_resolved = out_dir.resolve()
+    for path in _files(in_dir, out_resolved):
+        summary.files_seen += 1
+        rel = path.relative_to(in_dir).as_posix()
+        try:
+            ds = read_dicom(path, headers_only=True)
+        except DeidError as exc:
+            summary.problems.append((rel, exc.reason))
+            continue
+        values = {}
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            values[keyword] = str(ds.get(keyword, "") or "").strip(" \x00")
+        missing = [k for k, v in values.items() if not v]
+        if missing:
+            summary.problems.append((rel, f"missing {', '.join(missing)}"))
+            continue
+        study = studies.setdefault(values["StudyInstanceUID"], {})
+        series = study.get(values["SeriesInstanceUID"])
+        if series is None:
+            series = study[values["SeriesInstanceUID"]] = _Series(_header(ds, values))
+        series.files.append((path, rel, values["SOPInstanceUID"]))
+    return studies
+
+
+def _files(root: Path, skip: Path) -> Iterator[Path]:
+    """Every regular file under ``root`` in a stable order, leaving out the output folder."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if (here / d).resolve() != skip)
+        for name in sorted(filenames):
+            path = here / name
+            if path.is_file():
+                yield path
+
+
+def _header(ds: object, values: dict[str, str]) -> SeriesHeader:
+    def text(keyword: str) -> str:
+        return str(getattr(ds, keyword, "") or "").strip()
+
+    return SeriesHeader(
+        series_uid=values["SeriesInstanceUID"],
+        study_uid=values["StudyInstanceUID"],
+        patient_id=text("PatientID"),
+        patient_name=text("PatientName"),
+        patient_birth_date=text("PatientBirthDate"),
+        accession_number=text("AccessionNumber"),
+        study_date=text("StudyDate"),
+        study_time=text("StudyTime"),
+        modality=text("Modality"),
+    )
+
+
+def _fail_study(summary: FolderSummary, study: dict[str, _Series], reason: str) -> None:
+    for series in study.values():
+        summary.problems.extend((rel, reason) for _, rel, _ in series.files)
+
+
+def _run(
+    jobs: list[_Job], deidentifier: Deidentifier, workers: int
+) -> Iterator[tuple[str, DeidResult | str]]:
+    if workers <= 1 or len(jobs) <= _CHUNK:
+        for job in jobs:
+            yield job.rel, _one(deidentifier, job)
+        return
+    chunks = [jobs[i : i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(deidentifier,)) as pool:
+        for outcomes in pool.map(_worker_chunk, chunks):
+            yield from outcomes
+
+
+def _one(deidentifier: Deidentifier, job: _Job) -> DeidResult | str:
+    try:
+        return deidentifier.deidentify_file(job.src, job.dst, job.ids)
+    except DeidError as exc:
+        return exc.reason
+
+
+_worker_deidentifier: Deidentifier | None = None
+
+
+def _init_worker(deidentifier: Deidentifier) -> None:
+    global _worker_deidentifier
+    _worker_deidentifier = deidentifier
+
+
+def _worker_chunk(chunk: list[_Job]) -> list[tuple[str, DeidResult | str]]:
+    assert _worker_deidentifier is not None, "worker not initialised"
+    return [(job.rel, _one(_worker_deidentifier, job)) for job in chunk]

@@ -1,0 +1,269 @@
+"""The PS3.15 Annex E action table, built from the standard's own data at import time.
+
+``data/ps3.15-annex-e-attributes.json`` is Table E.1-1 (2024 edition, 621 rows, as extracted by the
+innolitics dicom-standard project, MIT). Nothing here is typed in by hand: the rows are parsed, their
+tags (including the wildcard rows) turned into integers, and each row's Basic Profile code — or the
+code of an enabled option column — resolved to one :class:`Action`.
+
+Combined codes (the standard lets the implementer choose) are resolved to the least destructive
+choice that keeps the object valid, because the engine cannot know whether an attribute is Type 1, 2
+or 3 in the object at hand:
+
+========  =====================================================================================
+X/Z       Z  (present but empty: valid for Type 2 and 3)
+X/D       D  (dummy value: valid for every type)
+Z/D       D
+X/Z/D     D
+X/Z/U*    for a sequence: keep it and walk its items, so every UID inside is remapped (``U*``);
+          for any other VR: Z
+========  =====================================================================================
+
+Option columns override the Basic Profile code when the option is on. In v1 only "Retain
+Longitudinal Temporal Information with Modified Dates" is implemented (and on by default): its ``C``
+means "shift by the identifiers' jitter", which applies to DA/DT (TM is kept as a whole-day shift
+leaves a time of day unchanged); a ``C`` in that column on any other VR (a timezone offset, an OB
+timestamp) keeps the Basic Profile code.
+
+Wildcard rows: ``(50xx,xxxx)`` (curves) removes the whole group range; ``(60xx,3000)`` and
+``(60xx,4000)`` (overlay data and comments) are widened to the whole 60xx group, because an overlay
+module left without its data is invalid and the other overlay attributes (labels, descriptions)
+are free text. The ``(gggg,eeee) where gggg is odd`` row gives the action for all private tags.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+from pydicom.datadict import dictionary_VR
+
+DATA_FILE = "ps3.15-annex-e-attributes.json"
+
+#: Table column names of the options, in the order the standard lists them.
+OPTION_COLUMNS: tuple[str, ...] = (
+    "rtnSafePrivOpt",
+    "rtnUIDsOpt",
+    "rtnDevIdOpt",
+    "rtnInstIdOpt",
+    "rtnPatCharsOpt",
+    "rtnLongFullDatesOpt",
+    "rtnLongModifDatesOpt",
+    "cleanDescOpt",
+    "cleanStructContOpt",
+    "cleanGraphOpt",
+)
+
+_TAG_RE = re.compile(r"^\(([0-9A-FX]{4}),([0-9A-FX]{4})\)$")
+_PRIVATE_ROW = "(GGGG,EEEE) WHERE GGGG IS ODD"
+_DATE_VRS = frozenset({"DA", "DT"})
+_TEMPORAL_VRS = frozenset({"DA", "DT", "TM"})
+
+
+@dataclass(frozen=True)
+class DeidOptions:
+    """Which PS3.15 options apply on top of the Basic Profile.
+
+    v1 implements only ``retain_long_modified_dates`` (on by default: dates are shifted by the
+    identifiers' jitter). The other switches exist so callers and configs can name them already;
+    turning one on raises ``ValueError`` until it is implemented, rather than silently doing less.
+    """
+
+    retain_safe_private: bool = False
+    retain_uids: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    retain_patient_characteristics: bool = False
+    retain_long_full_dates: bool = False
+    retain_long_modified_dates: bool = True
+    clean_descriptors: bool = False
+    clean_structured_content: bool = False
+    clean_graphics: bool = False
+
+    def __post_init__(self) -> None:
+        for name in OPTIONS:
+            if getattr(self, name) and name not in IMPLEMENTED_OPTIONS:
+                raise ValueError(f"de-identification option {name!r} is not implemented yet")
+
+    def enabled(self) -> tuple[str, ...]:
+        """Names of the options that are on, in the standard's order."""
+        return tuple(name for name in OPTIONS if getattr(self, name))
+
+    def columns(self) -> frozenset[str]:
+        """The Table E.1-1 option columns these options switch on."""
+        return frozenset(OPTIONS[name].column for name in self.enabled())
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """How an option is named in the table and coded in (0012,0064) (PS3.16 CID 7050)."""
+
+    column: str
+    code: str
+    meaning: str
+
+
+OPTIONS: Mapping[str, OptionInfo] = {
+    "retain_safe_private": OptionInfo("rtnSafePrivOpt", "113111", "Retain Safe Private Option"),
+    "retain_uids": OptionInfo("rtnUIDsOpt", "113110", "Retain UIDs Option"),
+    "retain_device_identity": OptionInfo("rtnDevIdOpt", "113109", "Retain Device Identity Option"),
+    "retain_institution_identity": OptionInfo(
+        "rtnInstIdOpt", "113112", "Retain Institution Identity Option"
+    ),
+    "retain_patient_characteristics": OptionInfo(
+        "rtnPatCharsOpt", "113108", "Retain Patient Characteristics Option"
+    ),
+    "retain_long_full_dates": OptionInfo(
+        "rtnLongFullDatesOpt", "113106", "Retain Longitudinal Temporal Information Full Dates Option"
+    ),
+    "retain_long_modified_dates": OptionInfo(
+        "rtnLongModifDatesOpt", "113107", "Retain Longitudinal Temporal Information Modified Dates Option"
+    ),
+    "clean_descriptors": OptionInfo("cleanDescOpt", "113105", "Clean Descriptors Option"),
+    "clean_structured_content": OptionInfo("cleanStructContOpt", "113104", "Clean Structured Content Option"),
+    "clean_graphics": OptionInfo("cleanGraphOpt", "113103", "Clean Graphics Option"),
+}
+IMPLEMENTED_OPTIONS = frozenset({"retain_long_modified_dates"})
+BASIC_PROFILE_CODE = OptionInfo("", "113100", "Basic Application Confidentiality Profile")
+
+
+class Action(enum.Enum):
+    """What the engine does with one attribute."""
+
+    KEEP = "K"  # unchanged (a kept UI is still remapped, a kept DA/DT still shifted: see engine)
+    REMOVE = "X"
+    EMPTY = "Z"  # zero-length value; an empty sequence
+    DUMMY = "D"  # a fixed value valid for the VR; a UI gets remapped; a sequence gets one empty item
+    REMAP_UID = "U"  # keyed UID remap
+    SHIFT_DATE = "S"  # DA/DT shifted by the jitter; TM kept
+    WALK = "U*"  # a sequence kept and walked item by item
+
+
+class ProfileError(Exception):
+    """The shipped table could not be understood; the engine refuses to start."""
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    """One row of Table E.1-1, tag parsed; ``mask``/``value`` match wildcard tags."""
+
+    name: str
+    tag_text: str
+    mask: int  # bits of the tag that must equal ``value``; 0xFFFFFFFF for an exact tag
+    value: int
+    basic: str
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_exact(self) -> bool:
+        return self.mask == 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class ActionTable:
+    """Everything the engine's single walk needs, precompiled.
+
+    ``exact`` maps a tag to its action; ``removed_groups`` holds the high byte of group ranges that
+    go entirely (0x50 curves, 0x60 overlays); ``private`` is the action for odd groups.
+    """
+
+    exact: Mapping[int, Action]
+    removed_groups: frozenset[int]
+    private: Action
+    rows: int
+
+
+def parse_tag(text: str) -> tuple[int, int]:
+    """``"(60xx,3000)"`` → (mask, value): a tag matches when ``tag & mask == value``."""
+    match = _TAG_RE.match(text.strip().upper())
+    if match is None:
+        raise ProfileError(f"unrecognised tag in Annex E table: {text!r}")
+    digits = match.group(1) + match.group(2)
+    mask = 0
+    value = 0
+    for char in digits:
+        mask <<= 4
+        value <<= 4
+        if char != "X":
+            mask |= 0xF
+            value |= int(char, 16)
+    return mask, value
+
+
+@cache
+def load_rows() -> tuple[ProfileRow, ...]:
+    """Rows of the shipped table (cached: the file is read once per process)."""
+    text = resources.files("sendit.deid").joinpath("data", DATA_FILE).read_text(encoding="utf-8")
+    rows: list[ProfileRow] = []
+    for raw in json.loads(text):
+        tag_text = str(raw["tag"])
+        options = {col: str(raw[col]) for col in OPTION_COLUMNS if raw.get(col)}
+        if tag_text.upper() == _PRIVATE_ROW:
+            rows.append(ProfileRow(str(raw["name"]), tag_text, 0x00010000, 0x00010000, raw["basicProfile"], options))
+            continue
+        mask, value = parse_tag(tag_text)
+        rows.append(ProfileRow(str(raw["name"]), tag_text, mask, value, str(raw["basicProfile"]), options))
+    if not rows:
+        raise ProfileError("the Annex E table is empty")
+    return tuple(rows)
+
+
+def resolve(code: str, vr: str) -> Action:
+    """One table cell (``"X"``, ``"X/Z/D"``, ``"X/Z/U*"``…) → one action, by the module's rule."""
+    parts = set(code.replace(" ", "").split("/"))
+    if parts == {"K"}:
+        return Action.KEEP
+    if parts == {"U"}:
+        return Action.REMAP_UID
+    if "U*" in parts:
+        return Action.WALK if vr == "SQ" else Action.EMPTY
+    if "D" in parts:
+        return Action.DUMMY
+    if "Z" in parts:
+        return Action.EMPTY
+    if parts == {"X"}:
+        return Action.REMOVE
+    raise ProfileError(f"unknown Annex E action code {code!r}")
+
+
+def _row_vr(row: ProfileRow) -> str:
+    try:
+        return str(dictionary_VR(row.value))
+    except KeyError:
+        return "UN"
+
+
+def build_action_table(enabled_columns: frozenset[str]) -> ActionTable:
+    """Compile the table for a set of enabled option columns (v1: at most ``rtnLongModifDatesOpt``).
+
+    Later options only need a branch here: the column's code wins over the Basic Profile's.
+    """
+    unsupported = enabled_columns - {"rtnLongModifDatesOpt"}
+    if unsupported:
+        raise ProfileError(f"options not implemented yet: {sorted(unsupported)}")
+    shift_dates = "rtnLongModifDatesOpt" in enabled_columns
+    exact: dict[int, Action] = {}
+    removed_groups: set[int] = set()
+    private = Action.REMOVE
+    for row in load_rows():
+        if row.mask == 0x00010000:
+            private = resolve(row.basic, "UN")
+            continue
+        if not row.is_exact:
+            # (50xx,xxxx) and (60xx,3000|4000): the whole group range goes (see module docstring).
+            if resolve(row.basic, "UN") is not Action.REMOVE or (row.mask >> 16) != 0xFF00:
+                raise ProfileError(f"unsupported wildcard row {row.tag_text}")
+            removed_groups.add(row.value >> 24)
+            continue
+        vr = _row_vr(row)
+        action = resolve(row.basic, vr)
+        if shift_dates and row.options.get("rtnLongModifDatesOpt") == "C" and vr in _TEMPORAL_VRS:
+            action = Action.SHIFT_DATE if vr in _DATE_VRS else Action.KEEP
+        exact[row.value] = action
+    if private is not Action.REMOVE:
+        raise ProfileError("the Basic Profile must remove private attributes")
+    return ActionTable(exact=exact, removed_groups=frozenset(removed_groups), private=private, rows=len(load_rows()))

@@ -1,0 +1,352 @@
+"""Orthanc (or any PACS) over DICOM: C-STORE to deliver, C-FIND to verify, C-ECHO to check.
+
+Failure policy, chosen so that no image is lost and the status stays honest:
+
+* The peer cannot be reached, or refuses the association (for any reason, including an unknown
+  called/calling AE title, which is a configuration error an operator can fix) *before any image of
+  the batch was tried*: ``send`` raises ``DestinationError(retryable=True)`` naming the reason.
+* The association is lost mid-batch (peer aborted, released, crashed, DIMSE time-out): it is
+  reopened (at most ``max_reconnects`` times per batch) and the image in flight is sent again —
+  delivery is idempotent, the UIDs are deterministic. If it cannot be reopened, every image not yet
+  answered gets a retryable ``SendResult`` with the reason; images already answered keep theirs.
+* Per-image statuses are classified by :mod:`sendit.destinations.dimse_status`: success and
+  warnings are delivered, 0xA7xx is retryable, 0xA9xx/0xCxxx/0x01xx refusals are permanent.
+* A SOP class the peer rejects in negotiation is a permanent failure reported as 0x0122. A transfer
+  syntax it rejects is retried as Explicit/Implicit VR Little Endian when pydicom can decode the
+  pixel data here; otherwise that image is a permanent failure saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+
+from sendit.destinations.base import DestinationError, OutgoingImage, SendResult
+from sendit.destinations.dimse_status import classify, describe
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
+NATIVE_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+VERIFICATION = UID("1.2.840.10008.1.1")
+STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
+
+
+def _set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN hook: pynetdicom leaves Nagle on, which costs ~45 ms per C-STORE round trip."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _check_aet(value: str, what: str) -> str:
+    if not value or not value.strip() or len(value) > 16 or "\\" in value:
+        raise ValueError(f"{what} must be 1 to 16 characters without a backslash, got {value!r}")
+    return value
+
+
+@dataclass
+class _Group:
+    """Images that share one association: at most MAX_CONTEXTS presentation contexts."""
+
+    contexts: list[PresentationContext] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+
+
+class _Lost(Exception):
+    """The association went away while an image was in flight."""
+
+
+class _CannotAssociate(Exception):
+    pass
+
+
+class DicomDestination:
+    """C-STORE SCU with one association per batch (split only past 128 presentation contexts)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        called_aet: str = "ORTHANC",
+        calling_aet: str = "SENDIT",
+        max_pdu: int = 131072,
+        connect_timeout: float = 10.0,
+        acse_timeout: float = 30.0,
+        dimse_timeout: float = 60.0,
+        network_timeout: float = 60.0,
+        max_reconnects: int = 2,
+        name: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = int(port)
+        self.called_aet = _check_aet(called_aet, "called AE title")
+        self.calling_aet = _check_aet(calling_aet, "calling AE title")
+        self.max_pdu = int(max_pdu)
+        self.max_reconnects = max(0, int(max_reconnects))
+        self.name = name or f"dicom:{self.called_aet}@{host}:{self.port}"
+        self._ae = AE(ae_title=self.calling_aet)
+        self._ae.connection_timeout = connect_timeout
+        self._ae.acse_timeout = acse_timeout
+        self._ae.dimse_timeout = dimse_timeout
+        self._ae.network_timeout = network_timeout
+        # Send files as they are on disk (no decode/re-encode): byte-exact and much cheaper. This is a
+        # process-wide pynetdicom switch that only affects send_c_store() called with a path.
+        _config.STORE_SEND_CHUNKED_DATASET = True
+
+    def __repr__(self) -> str:
+        return f"DicomDestination({self.name!r})"
+
+    # -- the Destination protocol -------------------------------------------------------------
+
+    def send(self, images: Sequence[OutgoingImage]) -> list[SendResult]:
+        """One result per image, in order; raises DestinationError if the peer can't be reached at all."""
+        results: list[SendResult | None] = [None] * len(images)
+        for group in _plan(images):
+            self._send_group(images, group, results)
+        return [r for r in results if r is not None]
+
+    def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
+        """C-FIND (Study Root, IMAGE level) by SeriesInstanceUID: what the peer does not hold."""
+        if not sop_instance_uids:
+            return set()
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.SeriesInstanceUID = series_uid
+        query.SOPInstanceUID = ""
+        model = STUDY_ROOT_FIND
+        assoc = self._open([build_context(model)])
+        held: set[str] = set()
+        try:
+            for status, identifier in assoc.send_c_find(query, model):
+                if not status:
+                    raise DestinationError(f"{self.name}: C-FIND got no answer (association lost)")
+                code = int(status.Status)
+                if code in (0xFF00, 0xFF01):
+                    if identifier is not None and "SOPInstanceUID" in identifier:
+                        held.add(str(identifier.SOPInstanceUID))
+                elif code != 0x0000:
+                    info = classify(code)
+                    raise DestinationError(
+                        f"{self.name}: C-FIND failed: {info.describe()}", retryable=not info.permanent
+                    )
+        finally:
+            _close(assoc)
+        return set(sop_instance_uids) - held
+
+    def check(self) -> str | None:
+        """C-ECHO: None when the peer answers Success."""
+        try:
+            assoc = self._open([build_context(VERIFICATION)])
+        except DestinationError as exc:
+            return str(exc)
+        try:
+            status = assoc.send_c_echo()
+            if not status:
+                return f"{self.name}: C-ECHO got no answer"
+            if int(status.Status) != 0:
+                return f"{self.name}: C-ECHO answered {describe(int(status.Status))}"
+            return None
+        finally:
+            _close(assoc)
+
+    def close(self) -> None:
+        """Nothing persistent: associations live for one batch."""
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _associate(self, contexts: list[PresentationContext]) -> Association:
+        return self._ae.associate(
+            self.host,
+            self.port,
+            contexts=contexts,
+            ae_title=self.called_aet,
+            max_pdu=self.max_pdu,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
+        )
+
+    def _open(self, contexts: list[PresentationContext]) -> Association:
+        """An established association, or DestinationError(retryable=True) saying why not."""
+        assoc = self._associate(contexts)
+        if assoc.is_established:
+            return assoc
+        raise DestinationError(f"{self.name}: {_why_not(assoc)}", retryable=True)
+
+    def _send_group(self, images: Sequence[OutgoingImage], group: _Group, results: list[SendResult | None]) -> None:
+        pending = group.indices
+        pos = 0
+        reconnects = 0
+        while pos < len(pending):
+            assoc = self._associate(group.contexts)
+            if not assoc.is_established:
+                if assoc.rejected_contexts and not assoc.accepted_contexts:
+                    # The peer took none of our SOP classes / syntaxes: a property of the data.
+                    for i in pending[pos:]:
+                        results[i] = _refused_context(images[i], assoc)
+                    return
+                reason = f"{self.name}: {_why_not(assoc)}"
+                if all(r is None for r in results):
+                    raise DestinationError(reason, retryable=True)
+                log.warning("%s; %d image(s) left for a retry", reason, len(pending) - pos)
+                for i in pending[pos:]:
+                    results[i] = SendResult(images[i].image_id, delivered=False, message=reason)
+                return
+            accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+            try:
+                while pos < len(pending):
+                    i = pending[pos]
+                    results[i] = self._store_one(assoc, accepted, images[i])
+                    pos += 1
+            except _Lost:
+                assoc.abort()  # never a polite release on a dead link: it would wait for acse_timeout
+                log.warning("%s: association lost while sending image %d", self.name, images[pending[pos]].image_id)
+                reconnects += 1
+                if reconnects > self.max_reconnects:
+                    reason = f"{self.name}: association lost {reconnects} times in one batch"
+                    for i in pending[pos:]:
+                        results[i] = SendResult(images[i].image_id, delivered=False, message=reason)
+                    return
+            finally:
+                _close(assoc)
+
+    def _store_one(self, assoc: Association, accepted: set[tuple[str, str]], image: OutgoingImage) -> SendResult:
+        sop = UID(image.sop_class_uid)
+        syntax = UID(image.transfer_syntax_uid)
+        payload: Path | Dataset
+        if (sop, syntax) in accepted:
+            payload = image.path
+        elif any(accepted_sop == sop for accepted_sop, _ in accepted):
+            try:
+                payload = _decoded(image.path)
+            except (OSError, InvalidDicomError) as exc:
+                return _unreadable(image, exc)
+            except Exception as exc:  # decoders raise many types; all mean "can't convert here"
+                return SendResult(
+                    image.image_id,
+                    delivered=False,
+                    permanent=True,
+                    message=f"peer does not accept transfer syntax {syntax.name} and it cannot be "
+                    f"decoded here ({type(exc).__name__})",
+                )
+        else:
+            return _refused_context(image, assoc)
+
+        try:
+            status = assoc.send_c_store(payload)
+        except (OSError, InvalidDicomError) as exc:
+            if not assoc.is_established:
+                raise _Lost from exc
+            return _unreadable(image, exc)
+        except RuntimeError as exc:  # "association must be established"
+            raise _Lost from exc
+        except (AttributeError, ValueError) as exc:
+            # pynetdicom's text can include the file path; keep ours path-free.
+            return SendResult(
+                image.image_id,
+                delivered=False,
+                permanent=True,
+                message=f"cannot send as {syntax.name}: file meta or encoding does not match ({type(exc).__name__})",
+            )
+        if not status or "Status" not in status:
+            raise _Lost
+        info = classify(int(status.Status))
+        message = "" if info.code == 0 else info.describe()
+        comment = status.get("ErrorComment")
+        if comment and info.code != 0:
+            message += f": {str(comment)[:200]}"
+        return SendResult(
+            image.image_id,
+            delivered=info.delivered,
+            permanent=info.permanent,
+            status=info.code,
+            message=message,
+        )
+
+
+def _plan(images: Sequence[OutgoingImage]) -> Iterator[_Group]:
+    """Contexts from what the batch holds: one per (SOP class, syntax) plus a native fallback per class."""
+    by_sop: dict[UID, dict[UID, list[int]]] = {}
+    for i, image in enumerate(images):
+        by_sop.setdefault(UID(image.sop_class_uid), {}).setdefault(UID(image.transfer_syntax_uid), []).append(i)
+    group = _Group()
+    for sop, syntaxes in by_sop.items():
+        contexts = [build_context(sop, [ts]) for ts in syntaxes]
+        contexts.append(build_context(sop, list(NATIVE_SYNTAXES)))
+        if group.contexts and len(group.contexts) + len(contexts) > MAX_CONTEXTS:
+            group.indices.sort()
+            yield group
+            group = _Group()
+        group.contexts.extend(contexts)
+        group.indices.extend(i for indices in syntaxes.values() for i in indices)
+    if group.indices:
+        group.indices.sort()
+        yield group
+
+
+def _decoded(path: Path) -> Dataset:
+    """The data set with its pixel data decompressed, for a peer that only takes native syntaxes."""
+    ds = dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    return ds
+
+
+def _refused_context(image: OutgoingImage, assoc: Association) -> SendResult:
+    sop = UID(image.sop_class_uid)
+    results = {cx.result for cx in assoc.rejected_contexts if cx.abstract_syntax == sop}
+    if results and results <= {0x04}:
+        why = "the peer accepts none of the proposed transfer syntaxes"
+        code: int | None = None
+    else:
+        why = "the peer rejected the presentation context"
+        code = SOP_CLASS_NOT_SUPPORTED
+    prefix = describe(code) if code is not None else "Presentation context rejected"
+    return SendResult(
+        image.image_id,
+        delivered=False,
+        permanent=True,
+        status=code,
+        message=f"{prefix}: {why} for {sop.name}",
+    )
+
+
+def _unreadable(image: OutgoingImage, exc: Exception) -> SendResult:
+    # str(OSError) names the path, which may carry PHI from the source folder; keep only the kind.
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+    return SendResult(
+        image.image_id, delivered=False, permanent=True, message=f"cannot read the file to send: {detail}"
+    )
+
+
+def _why_not(assoc: Association) -> str:
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        if rsp is not None:
+            kind = "permanently" if rsp.result == 0x01 else "transiently"
+            return (
+                f"association rejected {kind} by {rsp.source_str}: {rsp.reason_str} "
+                "(check the AE titles and the peer's allowed modalities)"
+            )
+        return "association rejected"
+    if assoc.is_aborted:
+        return "association aborted (peer unreachable, refused the connection, or timed out)"
+    return "could not establish an association"
+
+
+def _close(assoc: Association) -> None:
+    if assoc.is_established:
+        assoc.release()
+        if assoc.is_established:
+            assoc.abort()

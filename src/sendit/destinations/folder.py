@@ -1,0 +1,59 @@
+"""The embedded default destination: a plain folder, laid out by pseudonym / study / series.
+
+Every path component is a pseudonym or a de-identified UID, so no PHI can appear in a path. Files are
+written under a temporary name and renamed, so a crash never leaves a half file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from sendit.destinations.base import OutgoingImage, SendResult
+
+
+class FolderDestination:
+    name = "folder"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def target(self, image: OutgoingImage) -> Path:
+        return self.root / image.patient_id / image.study_uid / image.series_uid / f"{image.sop_instance_uid}.dcm"
+
+    def send(self, images: Sequence[OutgoingImage]) -> list[SendResult]:
+        results: list[SendResult] = []
+        for image in images:
+            target = self.target(image)
+            partial = target.with_name(target.name + ".part")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(image.path, partial)
+                os.replace(partial, target)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    partial.unlink(missing_ok=True)
+                reason = f"folder write failed: {exc.strerror}"
+                results.append(SendResult(image.image_id, delivered=False, message=reason))
+                continue
+            results.append(SendResult(image.image_id, delivered=True))
+        return results
+
+    def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
+        found = {path.stem for path in self.root.glob(f"*/*/{series_uid}/*.dcm")}
+        return sop_instance_uids - found
+
+    def check(self) -> str | None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"output folder cannot be created: {exc.strerror}"
+        if not os.access(self.root, os.W_OK):
+            return "output folder is not writable"
+        return None
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,199 @@
+"""Orthanc over its REST API: ``POST /instances`` to deliver, the series' instance list to verify.
+
+REST is the faster way into Orthanc on this machine kind (~400 vs ~150 CT files/s for pynetdicom)
+and stores the uploaded file byte for byte. Only de-identified UIDs go in request bodies and only
+Orthanc's own IDs go in URLs, so nothing from the original images can end up in an access log.
+
+Failure policy: HTTP 200 with Status Success or AlreadyStored is delivered (a re-send is
+idempotent); 400 means Orthanc cannot parse the file and is permanent; 5xx, time-outs and
+connection errors are retryable. When not one image of a batch reached Orthanc (unreachable, or
+credentials refused), ``send`` raises ``DestinationError(retryable=True)`` instead of returning a
+result per image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from sendit.destinations.base import DestinationError, OutgoingImage, SendResult
+
+log = logging.getLogger(__name__)
+
+_DELIVERED = frozenset({"Success", "AlreadyStored"})
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    result: SendResult
+    # Set when the failure is about the destination, not the image (unreachable, auth refused).
+    batch_reason: str | None = None
+
+
+class OrthancRestDestination:
+    """Uploads over a small pool of keep-alive connections (one httpx.Client shared by N threads)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        concurrency: int = 4,
+        timeout: float = 60.0,
+        connect_timeout: float = 5.0,
+        verify: bool = True,
+        name: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.url = url.rstrip("/")
+        self.concurrency = concurrency
+        self.name = name or f"orthanc-rest:{self.url}"
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        auth = httpx.BasicAuth(username, password or "") if username else None
+        self._client = httpx.Client(
+            base_url=self.url,
+            auth=auth,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            # retries=1 re-dials a failed connect once (e.g. a pooled connection to a restarted Orthanc).
+            transport=httpx.HTTPTransport(retries=1, limits=limits, verify=verify),
+            headers={"Accept": "application/json"},
+        )
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __repr__(self) -> str:
+        return f"OrthancRestDestination({self.name!r})"
+
+    # -- the Destination protocol -------------------------------------------------------------
+
+    def send(self, images: Sequence[OutgoingImage]) -> list[SendResult]:
+        """One result per image, in order; raises DestinationError if none could reach Orthanc."""
+        if not images:
+            return []
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sendit-orthanc-rest")
+        attempts = list(self._pool.map(self._post, images))
+        reasons = {a.batch_reason for a in attempts}
+        if None not in reasons:
+            raise DestinationError(f"{self.name}: {sorted(r for r in reasons if r)[0]}", retryable=True)
+        return [a.result for a in attempts]
+
+    def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
+        """``/tools/lookup`` then the series' instance list (index only, no file reads)."""
+        if not sop_instance_uids:
+            return set()
+        found = self._request("POST", "/tools/lookup", content=series_uid.encode())
+        series_ids = [m["ID"] for m in found if isinstance(m, dict) and m.get("Type") == "Series"]
+        if not series_ids:
+            return set(sop_instance_uids)
+        held: set[str] = set()
+        for series_id in series_ids:
+            instances = self._request("GET", f"/series/{series_id}/instances", missing_ok=True)
+            for instance in instances or []:
+                uid = instance.get("MainDicomTags", {}).get("SOPInstanceUID")
+                if uid:
+                    held.add(uid)
+        return set(sop_instance_uids) - held
+
+    def check(self) -> str | None:
+        """GET /system: None when Orthanc answers and our credentials are accepted."""
+        try:
+            self._request("GET", "/system")
+        except DestinationError as exc:
+            return str(exc)
+        return None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._client.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _post(self, image: OutgoingImage) -> _Attempt:
+        try:
+            body = image.path.read_bytes()
+        except OSError as exc:
+            # str(exc) names the path, which may carry PHI from the source folder.
+            return _Attempt(_failed(image, True, f"cannot read the file to send: {exc.strerror or 'error'}"))
+        headers = {"Content-Type": "application/dicom"}
+        response: httpx.Response | None = None
+        for attempt in range(2):  # a second try only for a keep-alive connection dropped under us
+            try:
+                response = self._client.post("/instances", content=body, headers=headers)
+                break
+            except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                if attempt:
+                    return _Attempt(_failed(image, False, f"connection dropped ({type(exc).__name__})"))
+            except httpx.TimeoutException:
+                return _Attempt(_failed(image, False, "timed out waiting for Orthanc"))
+            except httpx.TransportError as exc:
+                reason = f"cannot reach Orthanc ({type(exc).__name__})"
+                return _Attempt(_failed(image, False, reason), batch_reason=reason)
+        assert response is not None
+        return _classify(image, response)
+
+    def _request(self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise DestinationError(f"{self.name}: timed out on {method} {path.split('/')[1]}") from exc
+        except httpx.TransportError as exc:
+            raise DestinationError(f"{self.name}: cannot reach Orthanc ({type(exc).__name__})") from exc
+        if missing_ok and response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise DestinationError(f"{self.name}: {_http_reason(response)}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise DestinationError(f"{self.name}: Orthanc answered something that is not JSON") from exc
+
+
+def _classify(image: OutgoingImage, response: httpx.Response) -> _Attempt:
+    code = response.status_code
+    if code == 200:
+        try:
+            status = response.json().get("Status")
+        except (ValueError, AttributeError):
+            return _Attempt(_failed(image, False, "HTTP 200 without a JSON status"))
+        if status in _DELIVERED:
+            return _Attempt(SendResult(image.image_id, delivered=True, status=code))
+        if status == "FilteredOut":
+            return _Attempt(_failed(image, True, "Orthanc filtered the instance out (a Lua/plugin filter)", code))
+        return _Attempt(_failed(image, False, f"Orthanc answered Status {str(status)[:40]!r}", code))
+    reason = _http_reason(response)
+    if code == 400:
+        return _Attempt(_failed(image, True, f"Orthanc could not store the file: {reason}", code))
+    if code in (401, 403):
+        return _Attempt(_failed(image, False, reason, code), batch_reason=reason)
+    return _Attempt(_failed(image, False, reason, code))
+
+
+def _http_reason(response: httpx.Response) -> str:
+    code = response.status_code
+    text = f"HTTP {code} {response.reason_phrase}".rstrip()
+    if code in (401, 403):
+        return f"{text}: credentials refused (check the Orthanc user and password)"
+    if code == 404:
+        return f"{text}: is the URL Orthanc's root?"
+    try:
+        body = response.json()
+    except ValueError:
+        return text
+    if isinstance(body, dict):
+        details = "; ".join(str(body[k]) for k in ("Message", "Details") if body.get(k))
+        if details:
+            text += f": {details[:300]}"
+    return text
+
+
+def _failed(image: OutgoingImage, permanent: bool, message: str, status: int | None = None) -> SendResult:
+    return SendResult(image.image_id, delivered=False, permanent=permanent, status=status, message=message)

@@ -1,0 +1,120 @@
+"""Header-only reading of one file, and the checks that decide whether it can enter the pipeline.
+
+Pixel data is never loaded here; a truncated file is detected from the pixel element's declared
+length against the file size, which costs one small read instead of the whole image.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from sendit.identifiers.base import SeriesHeader
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """What ingest needs from one file; identifying values stay inside the database."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series: SeriesHeader
+    transfer_syntax_uid: str
+    size: int
+
+
+@dataclass(frozen=True)
+class RejectedFile:
+    """A file that cannot enter the pipeline; ``skip`` marks files that are fine but not images."""
+
+    reason: str
+    skip: bool = False
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def read_header(path: Path) -> FileHeader | RejectedFile:
+    """Read one file's header; never raises for bad content, returns the reason instead."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        return RejectedFile(f"cannot read file ({exc.strerror})")
+    if size == 0:
+        return RejectedFile("empty file")
+    try:
+        with open(path, "rb") as handle:
+            ds = dcmread(handle, stop_before_pixels=True)
+            pixel_start = handle.tell()
+            truncated = _pixel_data_truncated(handle, pixel_start, size, ds.is_little_endian, ds.is_implicit_VR)
+    except InvalidDicomError:
+        return RejectedFile("not a DICOM file (no DICM preamble or valid header)")
+    except (EOFError, struct.error):
+        return RejectedFile("truncated DICOM file (header ends early)")
+    except Exception as exc:  # pydicom raises many types for damaged headers
+        return RejectedFile(f"unreadable DICOM header ({type(exc).__name__})")
+    if truncated:
+        return RejectedFile("truncated DICOM file (pixel data shorter than declared)")
+    meta = getattr(ds, "file_meta", None)
+    sop_class = _text(ds.get("SOPClassUID")) or _text(meta.get("MediaStorageSOPClassUID") if meta else "")
+    if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+        return RejectedFile("DICOMDIR media directory, not an image", skip=True)
+    missing = [k for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID") if not _text(ds.get(k))]
+    if missing:
+        return RejectedFile("missing " + ", ".join(missing))
+    transfer = _text(meta.get("TransferSyntaxUID")) if meta is not None else ""
+    series = SeriesHeader(
+        series_uid=_text(ds.SeriesInstanceUID),
+        study_uid=_text(ds.StudyInstanceUID),
+        patient_id=_text(ds.get("PatientID")),
+        patient_name=_text(ds.get("PatientName")),
+        patient_birth_date=_text(ds.get("PatientBirthDate")),
+        accession_number=_text(ds.get("AccessionNumber")),
+        study_date=_text(ds.get("StudyDate")),
+        study_time=_text(ds.get("StudyTime")),
+        modality=_text(ds.get("Modality")),
+    )
+    return FileHeader(
+        sop_instance_uid=_text(ds.SOPInstanceUID),
+        sop_class_uid=sop_class,
+        series=series,
+        transfer_syntax_uid=transfer or "1.2.840.10008.1.2",
+        size=size,
+    )
+
+
+def _pixel_data_truncated(handle: object, start: int, size: int, little: bool | None, implicit: bool | None) -> bool:
+    """True when the pixel element that follows the header declares more bytes than the file holds."""
+    if start >= size:
+        return False  # no pixel data (SR, RT plans, ...)
+    read = handle.read  # type: ignore[attr-defined]
+    head = read(12)
+    if len(head) < 8:
+        return True
+    endian = "<" if little in (True, None) else ">"
+    group, element = struct.unpack(endian + "HH", head[:4])
+    if (group, element) not in PIXEL_TAGS:
+        return False  # trailing elements after the pixel group are read elsewhere
+    if implicit:
+        (length,) = struct.unpack(endian + "L", head[4:8])
+        header_length = 8
+    else:
+        if len(head) < 12:
+            return True
+        (length,) = struct.unpack(endian + "L", head[8:12])
+        header_length = 12
+    if length == UNDEFINED_LENGTH:
+        handle.seek(max(start, size - 4096))  # type: ignore[attr-defined]
+        return SEQUENCE_DELIMITER not in read(4096)
+    return start + header_length + length > size

@@ -1,0 +1,1 @@
+"""The Django app that moves data between the functional core and the database."""

@@ -1,0 +1,48 @@
+"""Admin views; identifier responses are visible only with their own permission."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.http import HttpRequest
+
+from sendit.relay.models import Delivery, Event, Image, ReceivedFile, Series, SeriesIdentifiers, Study, Summary
+
+
+@admin.register(Study)
+class StudyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("id", "created")
+
+
+@admin.register(Series)
+class SeriesAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("id", "modality", "status", "stage", "attempts", "last_error", "updated")
+    list_filter = ("status", "stage")
+    exclude = ("header",)
+
+
+@admin.register(Image)
+class ImageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("id", "series_id", "status", "reason", "path", "updated")
+    list_filter = ("status",)
+    raw_id_fields = ("series",)
+
+
+@admin.register(SeriesIdentifiers)
+class SeriesIdentifiersAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("id", "series_id", "provider", "created")
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.has_perm("relay.view_identifier_response"))
+
+
+@admin.register(Event)
+class EventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("created", "series_id", "image_id", "from_status", "to_status", "reason", "user")
+    list_filter = ("to_status",)
+
+
+admin.site.register(ReceivedFile)
+admin.site.register(Delivery)
+admin.site.register(Summary)

@@ -1,0 +1,84 @@
+"""Counts for status displays, manual retry, and pruning of old rows into PHI-free summaries."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db import transaction
+from django.db.models import Count, Max, Min
+from django.utils import timezone
+
+from sendit.relay.models import IN_FLIGHT, Image, ReceivedFile, Series, Status, Summary
+from sendit.relay.transitions import move_images
+
+
+def status_counts() -> dict[str, int]:
+    """Images per status, plus files that never became images (rejected, duplicates)."""
+    counts = {status.value: 0 for status in Status}
+    for row in Image.objects.values("status").annotate(n=Count("id")):
+        counts[row["status"]] += row["n"]
+    for row in ReceivedFile.objects.values("status").annotate(n=Count("id")):
+        counts[row["status"]] += row["n"]
+    return counts
+
+
+def problem_reasons(limit: int = 20) -> list[tuple[str, str, int]]:
+    """(status, reason, count) for everything that did not end DONE, most frequent first."""
+    rows = list(
+        Image.objects.filter(status__in=(Status.ERROR, Status.QUARANTINED, Status.SKIPPED))
+        .values("status", "reason")
+        .annotate(n=Count("id"))
+    )
+    rows += list(ReceivedFile.objects.values("status", "reason").annotate(n=Count("id")))
+    merged: dict[tuple[str, str], int] = {}
+    for row in rows:
+        key = (row["status"], row["reason"])
+        merged[key] = merged.get(key, 0) + row["n"]
+    ordered = sorted(merged.items(), key=lambda item: -item[1])[:limit]
+    return [(status, reason, n) for (status, reason), n in ordered]
+
+
+def retry_errors(series_ids: list[int] | None = None, user_id: int | None = None) -> list[int]:
+    """ERROR images go back to the step they failed in; returns the series to enqueue."""
+    queryset = Series.objects.filter(images__status=Status.ERROR).distinct()
+    if series_ids:
+        queryset = queryset.filter(pk__in=series_ids)
+    touched = []
+    for series in queryset:
+        errors = list(series.images.filter(status=Status.ERROR).values_list("id", "deid_sop_instance_uid"))
+        redo = [image_id for image_id, deid_uid in errors if not deid_uid]
+        resend = [image_id for image_id, deid_uid in errors if deid_uid]
+        move_images(series, redo, Status.NEW, "retry requested", user_id=user_id)
+        move_images(series, resend, Status.NEW, "retry requested", user_id=user_id)
+        Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None)
+        touched.append(series.pk)
+    return touched
+
+
+def prune(retention_days: int) -> int:
+    """Replace finished series older than the retention period by a Summary (counts and times only)."""
+    cutoff = timezone.now() - timedelta(days=retention_days)
+    old = (
+        Series.objects.filter(updated__lt=cutoff)
+        .exclude(images__status__in=IN_FLIGHT)
+        .annotate(first=Min("images__created"), last=Max("images__updated"))
+    )
+    pruned = 0
+    for series in old:
+        counts = {row["status"]: row["n"] for row in series.images.values("status").annotate(n=Count("id"))}
+        with transaction.atomic():
+            Summary.objects.create(
+                series_id_was=series.pk,
+                modality=series.modality,
+                images=sum(counts.values()),
+                counts=counts,
+                first_seen=series.first or series.created,
+                finished=series.last or series.updated,
+            )
+            study = series.study
+            series.delete()
+            if not study.series.exists():
+                study.delete()
+        pruned += 1
+    ReceivedFile.objects.filter(created__lt=cutoff).delete()
+    return pruned

@@ -1,0 +1,150 @@
+"""Study, Series, Image, their identifiers, deliveries and the event log of every status change.
+
+Original identifiers live here only while the work is in flight; pruning replaces finished rows with
+a PHI-free ``Summary``. Paths are stored relative to the input folder.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class Status(models.TextChoices):
+    NEW = "NEW", "The image was just added to the application."
+    PROCESSING = "PROCESSING", "The image is being de-identified."
+    DONEPROCESSING = "DONEPROCESSING", "The image is de-identified, but has not been sent."
+    SENT = "SENT", "The image has been sent, and verified received."
+    DONE = "DONE", "The image has been received, and is ready for cleanup."
+    ERROR = "ERROR", "A step failed after its retries; retry when the cause is fixed."
+    QUARANTINED = "QUARANTINED", "The image cannot be de-identified safely; a person must look."
+    SKIPPED = "SKIPPED", "A duplicate or a filtered file; nothing to do."
+
+
+TERMINAL = (Status.DONE, Status.SKIPPED, Status.QUARANTINED, Status.ERROR)
+IN_FLIGHT = (Status.NEW, Status.PROCESSING, Status.DONEPROCESSING, Status.SENT)
+
+
+class Study(models.Model):
+    study_uid = models.CharField(max_length=64, unique=True)
+    deid_study_uid = models.CharField(max_length=64, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "studies"
+
+    def __str__(self) -> str:
+        return f"study #{self.pk}"
+
+
+class Series(models.Model):
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="series")
+    series_uid = models.CharField(max_length=64, unique=True)
+    deid_series_uid = models.CharField(max_length=64, blank=True)
+    modality = models.CharField(max_length=16, blank=True)
+    # The identifying header values the identifier provider needs; PHI, pruned with the row.
+    header = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW, db_index=True)
+    stage = models.CharField(max_length=32, default="ingested")
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.CharField(max_length=500, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    lease_owner = models.CharField(max_length=64, blank=True)
+    lease_expires = models.DateTimeField(null=True, blank=True, db_index=True)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "series"
+
+    def __str__(self) -> str:
+        return f"series #{self.pk}"
+
+
+class Image(models.Model):
+    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="images")
+    sop_instance_uid = models.CharField(max_length=64, unique=True)
+    deid_sop_instance_uid = models.CharField(max_length=64, blank=True)
+    path = models.CharField(max_length=1024, db_index=True, help_text="Relative to the input folder.")
+    size = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW, db_index=True)
+    reason = models.CharField(max_length=500, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["series", "status"])]
+
+    def __str__(self) -> str:
+        return f"image #{self.pk}"
+
+
+class SeriesIdentifiers(models.Model):
+    """The identifier provider's answer for one series, stored before de-identification starts."""
+
+    series = models.OneToOneField(Series, on_delete=models.CASCADE, related_name="identifiers")
+    provider = models.CharField(max_length=200)
+    response = models.JSONField()
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "series identifiers"
+        permissions = [("view_identifier_response", "Can see identifier responses (maps people to pseudonyms)")]
+
+
+class Delivery(models.Model):
+    """One image confirmed by one destination; a re-send after a crash skips what is recorded here."""
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="deliveries")
+    destination = models.CharField(max_length=64)
+    status_code = models.IntegerField(null=True, blank=True)
+    note = models.CharField(max_length=300, blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["image", "destination"], name="one_delivery_per_destination")]
+        verbose_name_plural = "deliveries"
+
+
+class ReceivedFile(models.Model):
+    """A file that did not become an Image: not DICOM, truncated, a duplicate or a conflict."""
+
+    path = models.CharField(max_length=1024, db_index=True, help_text="Relative to the input folder.")
+    status = models.CharField(max_length=16, choices=Status.choices, db_index=True)
+    reason = models.CharField(max_length=500)
+    stored_at = models.CharField(max_length=1024, blank=True, help_text="Where the file was moved.")
+    image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.SET_NULL)
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    def __str__(self) -> str:
+        return f"file {self.path}"
+
+
+class Event(models.Model):
+    """A status change: when, what, from, to and why; no patient values."""
+
+    created = models.DateTimeField(auto_now_add=True, db_index=True)
+    series = models.ForeignKey(Series, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.CASCADE, related_name="events")
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16)
+    reason = models.CharField(max_length=500, blank=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+
+
+class Summary(models.Model):
+    """What remains of a pruned series: counts and times, no identifiers of any kind."""
+
+    series_id_was = models.BigIntegerField()
+    modality = models.CharField(max_length=16, blank=True)
+    images = models.PositiveIntegerField()
+    counts = models.JSONField(default=dict)
+    first_seen = models.DateTimeField()
+    finished = models.DateTimeField()
+    pruned = models.DateTimeField(auto_now_add=True)

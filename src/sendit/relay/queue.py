@@ -1,0 +1,16 @@
+"""The Huey instance: SqliteHuey in the data folder by default, RedisHuey for a `redis://` QUEUE_URL."""
+
+from __future__ import annotations
+
+from huey import RedisHuey, SqliteHuey
+from huey.api import Huey
+
+from sendit.config import Config
+
+
+def make_huey(cfg: Config, immediate: bool = False) -> Huey:
+    url: str = cfg.QUEUE_URL
+    if url.startswith("redis://"):
+        return RedisHuey("sendit", url=url, immediate=immediate)
+    filename = url[len("sqlite:///") :]
+    return SqliteHuey("sendit", filename=filename, immediate=immediate, timeout=30)

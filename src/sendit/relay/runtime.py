@@ -1,0 +1,77 @@
+"""Builds the core's objects (engine, identifier provider, destinations) from the configuration."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from sendit.config import Config
+from sendit.destinations.base import Destination
+from sendit.destinations.folder import FolderDestination
+from sendit.identifiers.base import IdentifierProvider
+from sendit.identifiers.local import LocalProvider
+
+
+def config() -> Config:
+    return settings.SENDIT  # type: ignore[no-any-return]
+
+
+@cache
+def deidentifier() -> Any:
+    from sendit.deid import Deidentifier
+
+    return Deidentifier(config().SECRET_KEY)
+
+
+@cache
+def identifier_provider() -> IdentifierProvider:
+    cfg = config()
+    if cfg.IDENTIFIER_PROVIDER:
+        from sendit.identifiers.loader import load_provider
+
+        return load_provider(cfg.IDENTIFIER_PROVIDER, dict(cfg.values))
+    if cfg.DEIDENTIFY_RESTFUL:
+        from sendit.identifiers.loader import load_provider
+
+        return load_provider("sendit.identifiers.dasher.DasherProvider", dict(cfg.values))
+    return LocalProvider(cfg.SECRET_KEY, cfg.DATE_SHIFT_MIN_DAYS, cfg.DATE_SHIFT_MAX_DAYS)
+
+
+def destinations() -> list[Destination]:
+    """Fresh adapters for one task; the caller closes them (they may hold associations)."""
+    cfg = config()
+    chosen: list[Destination] = []
+    if cfg.OUTPUT_FOLDER is not None:
+        chosen.append(FolderDestination(Path(cfg.OUTPUT_FOLDER)))
+    if cfg.SEND_TO_ORTHANC:
+        from sendit.destinations.dicom import DicomDestination
+
+        chosen.append(
+            DicomDestination(
+                host=cfg.ORTHANC_IPADDRESS,
+                port=cfg.ORTHANC_PORT,
+                called_aet=cfg.ORTHANC_AET,
+                calling_aet=cfg.SENDIT_AET,
+            )
+        )
+    if cfg.ORTHANC_URL:
+        from sendit.destinations.orthanc_rest import OrthancRestDestination
+
+        chosen.append(
+            OrthancRestDestination(
+                cfg.ORTHANC_URL, username=cfg.ORTHANC_USERNAME or None, password=cfg.ORTHANC_PASSWORD or None
+            )
+        )
+    return chosen
+
+
+def input_folder() -> Path:
+    return Path(config().INPUT_FOLDER)
+
+
+def display_path(stored: str) -> str:
+    """Files are named by their path inside the input folder (never by a patient value)."""
+    return stored

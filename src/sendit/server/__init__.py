@@ -1,0 +1,1 @@
+"""The Django project: settings and URLs of Sendit's shell."""

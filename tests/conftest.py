@@ -1,0 +1,52 @@
+"""Shared fixtures. Tests that touch the database are marked `db` and run again on PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.orthanc", "tests.dasher_server"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("django_db"):
+            item.add_marker(pytest.mark.db)
+
+
+@pytest.fixture
+def sendit_dirs(tmp_path: Path, settings: object) -> Iterator[dict[str, Path]]:
+    """Fresh input/work/quarantine/output folders for one test, wired into the live configuration."""
+    from django.conf import settings as dj
+
+    from sendit.config import Config
+    from sendit.relay import runtime
+
+    folders = {name: tmp_path / name.lower() for name in ("INPUT_FOLDER", "WORK_FOLDER", "QUARANTINE_FOLDER")}
+    folders["OUTPUT_FOLDER"] = tmp_path / "output"
+    folders["DATA_DIR"] = tmp_path
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    old = dj.SENDIT
+    dj.SENDIT = Config(values={**old.values, **folders}, source=old.source)
+    runtime.identifier_provider.cache_clear()
+    yield folders
+    dj.SENDIT = old
+    runtime.identifier_provider.cache_clear()
+
+
+@pytest.fixture
+def reconfigure(sendit_dirs: dict[str, Path]) -> Iterator[object]:
+    """Change configuration values for one test (restored by ``sendit_dirs``)."""
+    from django.conf import settings as dj
+
+    from sendit.config import Config
+    from sendit.relay import runtime
+
+    def apply(**values: object) -> None:
+        dj.SENDIT = Config(values={**dj.SENDIT.values, **values}, source=dj.SENDIT.source)
+        runtime.identifier_provider.cache_clear()
+
+    yield apply

@@ -1,0 +1,31 @@
+"""Small helpers shared by the pipeline tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sendit.demo import generate_demo
+from sendit.relay.ingest import IngestReport, ingest_folder
+from sendit.relay.inline import run_inline
+from sendit.relay.models import Image
+
+
+def demo_into(input_folder: Path, patients: int = 2, images: int = 3) -> list[Path]:
+    return generate_demo(input_folder, patients=patients, images_per_series=images, size=32)
+
+
+def ingest_and_run(input_folder: Path) -> IngestReport:
+    report = ingest_folder(input_folder)
+    run_inline(report.series_ids, workers=1)
+    return report
+
+
+def statuses() -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for status in Image.objects.values_list("status", flat=True):
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def all_bytes(folder: Path) -> bytes:
+    return b"".join(path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file())

@@ -1,0 +1,24 @@
+"""Test settings: Sendit's own settings on a throw-away data folder and secret.
+
+DATABASE_URL / SENDIT_QUEUE_URL from the environment switch the run to PostgreSQL + Redis.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+_data = Path(tempfile.mkdtemp(prefix="sendit-test-"))
+_config = _data / "sendit.toml"
+_config.write_text("", encoding="utf-8")
+os.environ["SENDIT_CONFIG"] = str(_config)
+os.environ.setdefault("SENDIT_SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
+os.environ["SENDIT_DATA_DIR"] = str(_data)
+os.environ.setdefault("SENDIT_RETRY_BASE_SECONDS", "0")
+os.environ.setdefault("SENDIT_LEASE_SECONDS", "10")
+
+from sendit.server.settings import *  # noqa: E402,F403
+from sendit.server.settings import DATABASES  # noqa: E402
+
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # a file, not memory: threads of the watcher test share it
+    DATABASES["default"]["TEST"] = {"NAME": str(_data / "test.sqlite3")}

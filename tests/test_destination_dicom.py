@@ -1,0 +1,432 @@
+"""DicomDestination against a real Orthanc; arrival is checked with DCMTK's findscu and Orthanc's REST API.
+
+Statuses Orthanc 1.10 never sends (warnings, 0xA9xx, 0xCxxx) and a peer abort mid-association are
+provoked with a tiny pynetdicom storage SCP on loopback instead.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
+
+from sendit.destinations import DestinationError, OutgoingImage
+from sendit.destinations.dicom import DicomDestination
+from sendit.destinations.dimse_status import Outcome, classify, describe
+from tests.orthanc import (
+    OrthancServer,
+    lua_error_on_modality,
+    make_series,
+    outgoing,
+    restamp,
+    write_ct,
+)
+
+pytestmark = pytest.mark.orthanc
+
+FINDSCU = "/usr/bin/findscu"  # DCMTK's, not pynetdicom's app of the same name in .venv/bin
+UNKNOWN_SOP_CLASS = "1.2.826.0.1.3680043.8.498.999.1"
+
+
+def dest_for(server: OrthancServer, **kwargs: Any) -> DicomDestination:
+    options: dict[str, Any] = {"called_aet": server.aet, "connect_timeout": 5, "acse_timeout": 10}
+    options |= {"dimse_timeout": 15, "network_timeout": 15}
+    return DicomDestination(server.host, server.dicom_port, **(options | kwargs))
+
+
+def findscu_sop_uids(server: OrthancServer, series_uid: str) -> set[str]:
+    """What the peer holds for a series, asked with DCMTK's findscu, independently of our code."""
+    if not shutil.which(FINDSCU):
+        pytest.skip("dcmtk's findscu is not installed")
+    cmd = [FINDSCU, "-v", "-S", "-aet", "FINDSCU", "-aec", server.aet]
+    cmd += ["-k", "QueryRetrieveLevel=IMAGE", "-k", f"SeriesInstanceUID={series_uid}", "-k", "SOPInstanceUID"]
+    out = subprocess.run(cmd + [server.host, str(server.dicom_port)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return set(re.findall(r"\(0008,0018\) UI \[([0-9.]+)\x00?\]", out.stdout + out.stderr))
+
+
+def dataset_part(data: bytes) -> bytes:
+    """The bytes after the file meta group: what travels in a C-STORE (Orthanc writes its own meta)."""
+    assert data[128:132] == b"DICM"
+    meta = dcmread(BytesIO(data), stop_before_pixels=True).file_meta
+    return data[132 + 12 + meta.FileMetaInformationGroupLength :]
+
+
+def stored(server: OrthancServer, image: OutgoingImage) -> bytes:
+    ids = server.instances_in_series(image.series_uid)
+    return server.stored_file(ids[image.sop_instance_uid])
+
+
+# -- success, byte fidelity, TCP_NODELAY -----------------------------------------------------
+
+
+def test_batch_is_delivered_and_stored_byte_for_byte(orthanc_server: OrthancServer, tmp_path: Path) -> None:
+    images = make_series(tmp_path, 3)
+    results = dest_for(orthanc_server).send(images)
+
+    assert [(r.image_id, r.delivered, r.status, r.message) for r in results] == [
+        (i.image_id, True, 0x0000, "") for i in images
+    ]
+    assert findscu_sop_uids(orthanc_server, images[0].series_uid) == {i.sop_instance_uid for i in images}
+    for image in images:
+        assert dataset_part(stored(orthanc_server, image)) == dataset_part(image.path.read_bytes())
+
+
+def test_resend_is_idempotent(orthanc_server: OrthancServer, tmp_path: Path) -> None:
+    images = make_series(tmp_path, 2)
+    dest = dest_for(orthanc_server)
+    assert all(r.delivered for r in dest.send(images))
+    assert all(r.delivered and not r.message for r in dest.send(images))
+    assert len(orthanc_server.instances_in_series(images[0].series_uid)) == 2
+
+
+def test_our_socket_has_tcp_nodelay(
+    orthanc_server: OrthancServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    original = AssociationSocket.send
+
+    def spy(self: AssociationSocket, data: bytes) -> None:
+        if self.socket is not None:
+            seen.append(self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        original(self, data)
+
+    monkeypatch.setattr(AssociationSocket, "send", spy)
+    assert all(r.delivered for r in dest_for(orthanc_server).send(make_series(tmp_path, 2)))
+    assert seen and all(seen), f"TCP_NODELAY off on {seen.count(0)} of {len(seen)} sends"
+
+
+# -- transfer syntaxes -----------------------------------------------------------------------
+
+
+def test_compressed_images_are_sent_as_they_are(orthanc_server: OrthancServer, tmp_path: Path) -> None:
+    series = generate_uid()
+    images = [
+        outgoing(restamp("JPEG2000.dcm", tmp_path / "j2k.dcm", series_uid=series), 1),
+        outgoing(restamp("SC_rgb_rle.dcm", tmp_path / "rle.dcm", series_uid=series), 2),
+    ]
+    results = dest_for(orthanc_server).send(images)
+
+    assert [r.delivered for r in results] == [True, True]
+    for image in images:
+        # Orthanc's DCMTK re-serialises what it receives (undefined-length sequences get lengths), so
+        # compare elements and the encapsulated pixel data rather than the file bytes here.
+        got, sent = dcmread(BytesIO(stored(orthanc_server, image))), dcmread(image.path)
+        assert got.file_meta.TransferSyntaxUID == image.transfer_syntax_uid
+        assert got.PixelData == sent.PixelData
+        assert got == sent
+
+
+def _decodable_here(path: Path) -> bool:
+    try:
+        dcmread(path).pixel_array  # noqa: B018
+    except Exception:
+        return False
+    return True
+
+
+def test_rejected_syntax_falls_back_to_native_when_decodable(
+    orthanc_factory: Callable[..., OrthancServer], tmp_path: Path
+) -> None:
+    native_only = orthanc_factory(accepted_transfer_syntaxes=[ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    series = generate_uid()
+    rle = outgoing(restamp("MR_small_RLE.dcm", tmp_path / "rle.dcm", series_uid=series), 1)
+    j2k = outgoing(restamp("JPEG2000.dcm", tmp_path / "j2k.dcm", series_uid=series), 2)
+    plain = make_series(tmp_path / "plain", 1, first_id=3)[0]
+
+    rle_result, j2k_result, plain_result = dest_for(native_only).send([rle, j2k, plain])
+
+    assert rle_result.delivered and plain_result.delivered
+    got = dcmread(BytesIO(stored(native_only, rle)))
+    assert not got.file_meta.TransferSyntaxUID.is_compressed
+    assert got.SOPInstanceUID == rle.sop_instance_uid
+    assert np.array_equal(got.pixel_array, dcmread(rle.path).pixel_array)
+    if _decodable_here(j2k.path):
+        assert j2k_result.delivered
+    else:  # no JPEG 2000 decoder in this environment (no Pillow/pylibjpeg): a clear permanent failure
+        assert (j2k_result.delivered, j2k_result.permanent) == (False, True)
+        assert "JPEG 2000" in j2k_result.message and "cannot be decoded" in j2k_result.message
+        assert j2k.sop_instance_uid not in native_only.instances_in_series(series)
+
+
+# -- refusals: permanent ---------------------------------------------------------------------
+
+
+def test_sop_class_the_peer_refuses_is_permanent(orthanc_server: OrthancServer, tmp_path: Path) -> None:
+    series = generate_uid()
+    odd = outgoing(write_ct(tmp_path / "odd.dcm", series_uid=series, sop_class_uid=UNKNOWN_SOP_CLASS), 1)
+    ok = outgoing(write_ct(tmp_path / "ok.dcm", series_uid=series), 2)
+    dest = dest_for(orthanc_server)
+
+    odd_result, ok_result = dest.send([odd, ok])
+    assert ok_result.delivered
+    assert (odd_result.delivered, odd_result.permanent, odd_result.status) == (False, True, 0x0122)
+    assert odd_result.message.startswith("0x0122 SOP Class not supported")
+
+    # A batch of nothing but refused classes: the peer accepts no context at all; still per image.
+    [alone] = dest.send([outgoing(write_ct(tmp_path / "odd2.dcm", series_uid=series, sop_class_uid=UNKNOWN_SOP_CLASS), 3)])
+    assert (alone.delivered, alone.permanent, alone.status) == (False, True, 0x0122)
+    assert findscu_sop_uids(orthanc_server, series) == {ok.sop_instance_uid}
+
+
+# -- refusals: retryable ---------------------------------------------------------------------
+
+
+def test_out_of_resources_is_retryable(orthanc_factory: Callable[..., OrthancServer], tmp_path: Path) -> None:
+    server = orthanc_factory(lua=lua_error_on_modality("XX"))
+    refused = make_series(tmp_path / "xx", 1, modality="XX")[0]
+    fine = make_series(tmp_path / "ct", 1, first_id=2)[0]
+
+    refused_result, fine_result = dest_for(server).send([refused, fine])
+
+    assert fine_result.delivered
+    assert (refused_result.delivered, refused_result.permanent, refused_result.status) == (False, False, 0xA700)
+    assert refused_result.message.startswith("0xA700 Refused: Out of resources")
+    assert findscu_sop_uids(server, refused.series_uid) == set()
+
+
+def test_called_aet_mismatch_is_a_clear_retryable_error(
+    orthanc_factory: Callable[..., OrthancServer], tmp_path: Path
+) -> None:
+    server = orthanc_factory(aet="PACS1", check_called_aet=True)
+    images = make_series(tmp_path, 1)
+    wrong = dest_for(server, called_aet="ORTHANC")
+
+    with pytest.raises(DestinationError) as info:
+        wrong.send(images)
+    assert info.value.retryable
+    assert "Called AE title not recognised" in str(info.value)
+    assert "Called AE title not recognised" in (wrong.check() or "")
+
+    right = dest_for(server)
+    assert right.check() is None
+    assert [r.delivered for r in right.send(images)] == [True]
+
+
+def test_unknown_calling_aet_is_rejected(orthanc_server: OrthancServer, tmp_path: Path) -> None:
+    with pytest.raises(DestinationError, match="Calling AE title not recognised"):
+        dest_for(orthanc_server, calling_aet="STRANGER").send(make_series(tmp_path, 1))
+
+
+def test_unreachable_peer_raises_retryable(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dest = DicomDestination("127.0.0.1", port, connect_timeout=2, acse_timeout=2)
+    with pytest.raises(DestinationError) as info:
+        dest.send(make_series(tmp_path, 1))
+    assert info.value.retryable
+    assert dest.check()
+    with pytest.raises(DestinationError):
+        dest.missing("1.2.3", {"1.2.3.4"})
+
+
+def test_outage_mid_batch_then_resend_delivers_without_duplicates(
+    orthanc_factory: Callable[..., OrthancServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = orthanc_factory()
+    images = make_series(tmp_path, 6)
+    dest = dest_for(server)
+    calls = 0
+    original = Association.send_c_store
+
+    def crash_before_fourth(self: Association, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            server.stop(kill=True)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Association, "send_c_store", crash_before_fourth)
+    results = dest.send(images)
+    monkeypatch.undo()
+
+    assert [r.delivered for r in results] == [True] * 3 + [False] * 3
+    assert not any(r.permanent for r in results)
+    assert all(r.message for r in results[3:])
+    with pytest.raises(DestinationError):  # still down: nothing can be tried
+        dest.send(images[3:])
+
+    server.start()
+    series = images[0].series_uid
+    assert dest.missing(series, {i.sop_instance_uid for i in images}) == {i.sop_instance_uid for i in images[3:]}
+    assert all(r.delivered for r in dest.send(images))
+    assert findscu_sop_uids(server, series) == {i.sop_instance_uid for i in images}
+    assert server.count_instances() == 6
+
+
+# -- verification and checks -----------------------------------------------------------------
+
+
+def test_missing_counts_what_the_peer_holds(orthanc_server: OrthancServer, tmp_path: Path) -> None:
+    images = make_series(tmp_path, 3)
+    dest = dest_for(orthanc_server)
+    dest.send(images[:2])
+    uids = {i.sop_instance_uid for i in images}
+    assert dest.missing(images[0].series_uid, uids) == {images[2].sop_instance_uid}
+    assert dest.missing(generate_uid(), uids) == uids
+    assert dest.check() is None
+
+
+def test_more_than_128_contexts_use_several_associations(
+    orthanc_server: OrthancServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 70 storage SOP classes that Orthanc knows → 140 contexts (own syntax + native fallback each).
+    classes = [str(cx.abstract_syntax) for cx in StoragePresentationContexts][:70]
+    series = generate_uid()
+    images = [
+        outgoing(write_ct(tmp_path / f"{k}.dcm", series_uid=series, sop_class_uid=uid), k)
+        for k, uid in enumerate(classes)
+    ]
+    opened = 0
+    original = AE.associate
+
+    def counting(self: AE, *args: Any, **kwargs: Any) -> Association:
+        nonlocal opened
+        opened += 1
+        assert len(kwargs["contexts"]) <= 128
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AE, "associate", counting)
+    results = dest_for(orthanc_server).send(images)
+    monkeypatch.undo()
+
+    assert opened == 2
+    delivered = {images[k].sop_instance_uid for k, r in enumerate(results) if r.delivered}
+    refused = [r for r in results if not r.delivered]
+    assert all(r.permanent and r.status == 0x0122 for r in refused)  # classes this Orthanc doesn't store
+    assert len(delivered) >= 60
+    assert findscu_sop_uids(orthanc_server, series) == delivered
+
+
+# -- statuses Orthanc never sends: a pynetdicom SCP that answers what we tell it -------------
+
+
+class StubSCP:
+    """Answers each C-STORE with ``statuses[SOPInstanceUID]`` (default Success); can abort once."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, int] = {}
+        self.abort_once: set[str] = set()
+        self.received: list[str] = []
+        self.ae = AE("STUB")
+        self.ae.supported_contexts = StoragePresentationContexts
+        handlers = [(evt.EVT_C_STORE, self._on_store)]
+        self.server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        self.port = int(self.server.server_address[1])
+
+    def _on_store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if uid in self.abort_once:
+            self.abort_once.discard(uid)
+            event.assoc.abort()
+            return 0xA700
+        self.received.append(uid)
+        return self.statuses.get(uid, 0x0000)
+
+
+@pytest.fixture
+def stub_scp() -> Iterator[StubSCP]:
+    stub = StubSCP()
+    yield stub
+    stub.server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("code", "delivered", "permanent", "words"),
+    [
+        (0xB000, True, False, "0xB000 Coercion of data elements"),
+        (0xB006, True, False, "0xB006 Elements discarded"),
+        (0xB007, True, False, "0xB007 Data Set does not match SOP Class"),
+        (0xA701, False, False, "0xA701 Refused: Out of resources"),
+        (0xA900, False, True, "0xA900 Data Set does not match SOP Class"),
+        (0xC123, False, True, "0xC123 Cannot understand"),
+        (0x0124, False, True, "0x0124 Not authorized"),
+    ],
+)
+def test_status_classes_reach_the_result(
+    stub_scp: StubSCP, tmp_path: Path, code: int, delivered: bool, permanent: bool, words: str
+) -> None:
+    target, other = make_series(tmp_path, 2)
+    stub_scp.statuses[target.sop_instance_uid] = code
+    dest = DicomDestination("127.0.0.1", stub_scp.port, called_aet="STUB", acse_timeout=5, dimse_timeout=5)
+
+    result, other_result = dest.send([target, other])
+
+    assert (result.delivered, result.permanent, result.status) == (delivered, permanent, code)
+    assert result.message.startswith(words)
+    assert result.warning == delivered
+    assert other_result.delivered and not other_result.message
+
+
+def test_peer_abort_mid_batch_reopens_the_association(stub_scp: StubSCP, tmp_path: Path) -> None:
+    images = make_series(tmp_path, 4)
+    stub_scp.abort_once.add(images[1].sop_instance_uid)
+    dest = DicomDestination("127.0.0.1", stub_scp.port, called_aet="STUB", acse_timeout=5, dimse_timeout=5)
+
+    results = dest.send(images)
+
+    assert [r.delivered for r in results] == [True] * 4
+    assert set(stub_scp.received) == {i.sop_instance_uid for i in images}
+
+
+def test_peer_that_keeps_aborting_gives_retryable_results(stub_scp: StubSCP, tmp_path: Path) -> None:
+    images = make_series(tmp_path, 2)
+    stub_scp.statuses[images[1].sop_instance_uid] = 0x0000
+    dest = DicomDestination(
+        "127.0.0.1", stub_scp.port, called_aet="STUB", acse_timeout=5, dimse_timeout=5, max_reconnects=1
+    )
+    # abort every time image 2 arrives (more often than we reconnect)
+    stub_scp.abort_once = _Always(images[1].sop_instance_uid)  # type: ignore[assignment]
+
+    first, second = dest.send(images)
+
+    assert first.delivered
+    assert (second.delivered, second.permanent) == (False, False)
+    assert "association lost" in second.message
+
+
+class _Always(set[str]):
+    """A set whose discard() is a no-op, so the stub aborts on every arrival of its member."""
+
+    def __init__(self, uid: str) -> None:
+        super().__init__({uid})
+
+    def discard(self, _element: str) -> None:
+        return None
+
+
+# -- the classifier on its own ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (0x0000, Outcome.DELIVERED),
+        (0xB006, Outcome.WARNING),
+        (0xBABE, Outcome.WARNING),
+        (0xA7FE, Outcome.RETRYABLE),
+        (0xA9FF, Outcome.PERMANENT),
+        (0xCFFF, Outcome.PERMANENT),
+        (0x0122, Outcome.PERMANENT),
+        (0x0117, Outcome.PERMANENT),
+        (0x0110, Outcome.RETRYABLE),
+        (0x1234, Outcome.RETRYABLE),  # unknown: keep the image, let a person see it after N tries
+    ],
+)
+def test_classifier(code: int, outcome: Outcome) -> None:
+    assert classify(code).outcome is outcome
+    assert describe(code).startswith(f"0x{code:04X} ")
