@@ -212,6 +212,11 @@ class OrthancServer:
                 pass
         self._reap()
 
+    def terminate(self) -> None:
+        """Send SIGTERM without waiting (Orthanc takes 2-4 s to stop; stop several in parallel)."""
+        if self.running and self._proc is not None:
+            self._proc.terminate()
+
     def restart(self) -> OrthancServer:
         self.stop()
         return self.start()
@@ -298,7 +303,9 @@ def write_ct(
 
 def restamp(testdata_name: str, path: Path, *, series_uid: str, modality: str | None = None) -> Path:
     """One of pydicom's bundled test files (compressed ones stay compressed) with fresh UIDs."""
-    ds = dcmread(get_testdata_file(testdata_name))
+    source = get_testdata_file(testdata_name)
+    assert isinstance(source, str), f"pydicom test file {testdata_name} not available"
+    ds = dcmread(source)
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[series_uid, "study"])
     ds.SeriesInstanceUID = series_uid
     ds.SOPInstanceUID = generate_uid()
@@ -354,6 +361,8 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
         return server.start()
 
     yield make
+    for server in servers:
+        server.terminate()
     for server in servers:
         server.stop()
 

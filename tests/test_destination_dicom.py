@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket
 
 from sendit.destinations import DestinationError, OutgoingImage
@@ -177,9 +178,22 @@ def test_sop_class_the_peer_refuses_is_permanent(orthanc_server: OrthancServer, 
     assert odd_result.message.startswith("0x0122 SOP Class not supported")
 
     # A batch of nothing but refused classes: the peer accepts no context at all; still per image.
-    [alone] = dest.send([outgoing(write_ct(tmp_path / "odd2.dcm", series_uid=series, sop_class_uid=UNKNOWN_SOP_CLASS), 3)])
+    [alone] = dest.send(
+        [outgoing(write_ct(tmp_path / "odd2.dcm", series_uid=series, sop_class_uid=UNKNOWN_SOP_CLASS), 3)]
+    )
     assert (alone.delivered, alone.permanent, alone.status) == (False, True, 0x0122)
     assert findscu_sop_uids(orthanc_server, series) == {ok.sop_instance_uid}
+
+
+def test_unreadable_file_is_permanent_and_named_by_id_only(orthanc_server: OrthancServer, tmp_path: Path) -> None:
+    gone, kept = make_series(tmp_path / "Doe^Jane 1960", 2)
+    gone.path.unlink()
+
+    gone_result, kept_result = dest_for(orthanc_server).send([gone, kept])
+
+    assert kept_result.delivered
+    assert (gone_result.delivered, gone_result.permanent) == (False, True)
+    assert "cannot read" in gone_result.message and "Doe" not in gone_result.message
 
 
 # -- refusals: retryable ---------------------------------------------------------------------
@@ -324,12 +338,16 @@ class StubSCP:
         self.received: list[str] = []
         self.ae = AE("STUB")
         self.ae.supported_contexts = StoragePresentationContexts
-        handlers = [(evt.EVT_C_STORE, self._on_store)]
-        self.server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
-        self.port = int(self.server.server_address[1])
+        handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store)]
+        server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        assert server is not None
+        self.server = server
+        self.port = int(server.server_address[1])
 
     def _on_store(self, event: evt.Event) -> int:
-        uid = str(event.request.AffectedSOPInstanceUID)
+        request = event.request
+        assert isinstance(request, C_STORE)
+        uid = str(request.AffectedSOPInstanceUID)
         if uid in self.abort_once:
             self.abort_once.discard(uid)
             event.assoc.abort()
@@ -338,11 +356,17 @@ class StubSCP:
         return self.statuses.get(uid, 0x0000)
 
 
-@pytest.fixture
-def stub_scp() -> Iterator[StubSCP]:
+@pytest.fixture(scope="module")
+def _stub_server() -> Iterator[StubSCP]:
     stub = StubSCP()
     yield stub
     stub.server.shutdown()
+
+
+@pytest.fixture
+def stub_scp(_stub_server: StubSCP) -> StubSCP:
+    _stub_server.statuses, _stub_server.abort_once, _stub_server.received = {}, set(), []
+    return _stub_server
 
 
 @pytest.mark.parametrize(
@@ -405,7 +429,7 @@ class _Always(set[str]):
     def __init__(self, uid: str) -> None:
         super().__init__({uid})
 
-    def discard(self, _element: str) -> None:
+    def discard(self, _element: object) -> None:
         return None
 
 

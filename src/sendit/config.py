@@ -82,6 +82,22 @@ KEYS: tuple[Key, ...] = (
         minimum=-36500,
         maximum=36500,
     ),
+    Key("DASHER_URL", str, "", "Identifier service base URL (requests go to {DASHER_URL}/uid/{DASHER_STUDY})."),
+    Key("DASHER_STUDY", str, "", "Study name in the identifier service."),
+    Key("DASHER_TOKEN", str, "", "Bearer token (prefer DASHER_TOKEN_FILE).", secret=True),
+    Key("DASHER_TOKEN_FILE", str, "", "File holding the bearer token, read before every call."),
+    Key("DASHER_TOKEN_URL", str, "", "OAuth2 token endpoint used to refresh the token after a 401."),
+    Key("DASHER_CLIENT_ID", str, "", "OAuth2 client id (client-credentials grant)."),
+    Key("DASHER_CLIENT_SECRET", str, "", "OAuth2 client secret.", secret=True),
+    Key("DASHER_REFRESH_TOKEN", str, "", "OAuth2 refresh token (refresh-token grant).", secret=True),
+    Key("DASHER_ID_SOURCE", str, "", "id_source sent with each PatientID (default \"Stanford MRN\")."),
+    Key("DASHER_ITEM_ID_SOURCE", str, "", "id_source sent with each AccessionNumber (default \"Stanford Accession\")."),
+    Key("DASHER_TIMEOUT", str, "", "Seconds: one number, or \"connect,read\" (default 5,30)."),
+    Key("DASHER_MAX_ATTEMPTS", str, "", "Tries per request on 5xx and time-outs (default 4)."),
+    Key("DASHER_MAX_ITEMS", str, "", "Items per request; a larger study is split (default 100)."),
+    Key("DASHER_JITTER_BOUND", str, "", "Largest accepted |jitter| in days (default 3650)."),
+    Key("PATIENT_NAME_FORMAT", str, "", "PatientName from the response, e.g. \"{suid}\" (the default)."),
+    Key("CUSTOM_FIELD_MAP", str, "", "JSON object: custom field name -> DICOM keyword."),
     Key("SEND_TO_ORTHANC", bool, False, "Deliver to Orthanc over DICOM (C-STORE)."),
     Key("ORTHANC_IPADDRESS", str, "127.0.0.1", "Orthanc's DICOM host."),
     Key("ORTHANC_PORT", int, 4242, "Orthanc's DICOM port.", minimum=1, maximum=65535, aliases=("ORTHAC_PORT",)),
@@ -257,6 +273,13 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
             problems.append(f"{name}: must start with one of {', '.join(s + '://' for s in schemes)}")
     if values["ORTHANC_URL"] and not values["ORTHANC_URL"].startswith(("http://", "https://")):
         problems.append("ORTHANC_URL: must start with http:// or https://")
+    if values["DEIDENTIFY_RESTFUL"] and not values["IDENTIFIER_PROVIDER"]:
+        from sendit.identifiers.dasher import DasherSettings
+
+        try:
+            DasherSettings.from_config(values)
+        except ValueError as exc:
+            problems.append(str(exc))
     if values["SEND_TO_GOOGLE"]:
         problems.append("SEND_TO_GOOGLE: Google delivery is not available in this version; set it to false")
     if values["RETRY_BASE_SECONDS"] > values["RETRY_CAP_SECONDS"]:

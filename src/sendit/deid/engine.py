@@ -6,7 +6,8 @@ nested sequence, and untouched elements stay in pydicom's raw form, so writing t
 
 What happens to an element (the table comes from :mod:`sendit.deid.profile`):
 
-* private (odd group), curves (50xx), overlays (60xx), group lengths (gggg,0000), and public tags
+* private (odd group), curves (50xx), overlays (60xx), group lengths (gggg,0000), command and file
+  meta groups inside the data set (0000, 0002: they do not belong there), and public tags
   that neither the table nor pydicom's data dictionary knows (we cannot tell what they hold) are
   removed;
 * table actions: X removes, Z empties (a sequence gets no items), D writes the dummy of the VR
@@ -32,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import logging
 import os
 import re
 import warnings
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.config import IGNORE
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -57,6 +60,7 @@ from pydicom.uid import (
 
 from sendit import __version__
 from sendit.deid.profile import BASIC_PROFILE_CODE, OPTIONS, Action, DeidOptions, build_action_table
+from sendit.deid.writer import write_part10
 from sendit.identifiers.base import Identifiers
 
 #: Registered DICOM UIDs are public knowledge and are never remapped.
@@ -112,6 +116,27 @@ _LONGITUDINAL_MODIFIED = 0x00280303
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 _DT_RE = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{6}(?:\.\d{1,6})?|\d{4}|\d{2})?([+-]\d{4})?$")
+
+
+class _RedactValues(logging.Filter):
+    """pydicom logs every invalid value it meets, quoted ("Invalid value for VR DA: '…'"): that text
+    is often PHI. Quoted parts are blanked before any handler sees the record."""
+
+    _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self._QUOTED.sub("'<redacted>'", record.getMessage())
+        record.args = None
+        return True
+
+
+def _redact_pydicom_logs() -> None:
+    logger = logging.getLogger("pydicom")
+    if not any(isinstance(f, _RedactValues) for f in logger.filters):
+        logger.addFilter(_RedactValues())
+
+
+_redact_pydicom_logs()
 
 
 class DeidError(Exception):
@@ -214,6 +239,12 @@ def shift_dt(value: str, days: int) -> str:
     return date_text + (time_part or "") + (offset or "")
 
 
+def _elem(tag: int, vr: str, value: Any) -> DataElement:
+    """A new element, skipping pydicom's per-value validation: every value written here is either
+    built valid by this module or checked once up front (the identifiers)."""
+    return DataElement(tag, vr, value, validation_mode=IGNORE)
+
+
 def _one_or_many(values: list[str]) -> str | list[str]:
     return values[0] if len(values) == 1 else values
 
@@ -290,7 +321,7 @@ class Deidentifier:
         for tag in list(ds.keys()):
             try:
                 group = tag >> 16
-                if group & 1 or (group >> 8) in self._removed_groups or not tag & 0xFFFF or group == 2:
+                if group & 1 or (group >> 8) in self._removed_groups or not tag & 0xFFFF or group <= 2:
                     del ds[tag]
                     continue
                 known_vr = _dictionary_vr(tag)
@@ -322,11 +353,11 @@ class Deidentifier:
                     if vr == "UI":
                         self._remap_element(ds, tag, elem)
                     elif vr == "SQ":
-                        ds[tag] = DataElement(tag, "SQ", Sequence([Dataset()]))
+                        ds[tag] = _elem(tag, "SQ", Sequence([Dataset()]))
                     else:
-                        ds[tag] = DataElement(tag, vr, DUMMY_VALUES.get(vr, b"\x00" * 8))
+                        ds[tag] = _elem(tag, vr, DUMMY_VALUES.get(vr, b"\x00" * 8))
                 else:  # EMPTY, or WALK on something that is not a sequence
-                    ds[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" else empty_value_for_VR(vr))
+                    ds[tag] = _elem(tag, vr, Sequence() if vr == "SQ" else empty_value_for_VR(vr))
             except DeidError as exc:
                 raise DeidError(f"{tag_text(tag)} > {exc.reason}") from None
             except _BadValue as exc:
@@ -345,7 +376,7 @@ class Deidentifier:
         values = _strings(elem)
         if values:
             remap = self._remap
-            ds[tag] = DataElement(tag, "UI", _one_or_many([remap(v) for v in values]))
+            ds[tag] = _elem(tag, "UI", _one_or_many([remap(v) for v in values]))
 
     def _shift_element(
         self, ds: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, jitter: int
@@ -354,7 +385,7 @@ class Deidentifier:
         if values:
             shift = shift_da if vr == "DA" else shift_dt
             shifted = [shift(v, jitter) if v else v for v in values]
-            ds[tag] = DataElement(tag, vr, _one_or_many(shifted))
+            ds[tag] = _elem(tag, vr, _one_or_many(shifted))
 
     def method_description(self, jitter_days: int) -> list[str]:
         """(0012,0063) values: each ≤ 64 characters, as LO requires."""
@@ -374,24 +405,24 @@ class Deidentifier:
 
     def _mark(self, ds: Dataset, ids: Identifiers) -> None:
         """Write the identifiers and say what was done (0012,0062/0063/0064; 0028,0303)."""
-        ds[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", ids.patient_id)
-        ds[_PATIENT_NAME] = DataElement(_PATIENT_NAME, "PN", ids.patient_name)
-        ds[_ACCESSION] = DataElement(_ACCESSION, "SH", ids.accession_number)
-        ds[_IDENTITY_REMOVED] = DataElement(_IDENTITY_REMOVED, "CS", "YES")
-        ds[_METHOD] = DataElement(_METHOD, "LO", _one_or_many(self.method_description(ids.jitter_days)))
+        ds[_PATIENT_ID] = _elem(_PATIENT_ID, "LO", ids.patient_id)
+        ds[_PATIENT_NAME] = _elem(_PATIENT_NAME, "PN", ids.patient_name)
+        ds[_ACCESSION] = _elem(_ACCESSION, "SH", ids.accession_number)
+        ds[_IDENTITY_REMOVED] = _elem(_IDENTITY_REMOVED, "CS", "YES")
+        ds[_METHOD] = _elem(_METHOD, "LO", _one_or_many(self.method_description(ids.jitter_days)))
         items = []
         for code, meaning in [(BASIC_PROFILE_CODE.code, BASIC_PROFILE_CODE.meaning)] + self._option_codes(
             ids.jitter_days
         ):
             item = Dataset()
-            item.CodeValue = code
-            item.CodingSchemeDesignator = "DCM"
-            item.CodeMeaning = meaning
+            item[0x00080100] = _elem(0x00080100, "SH", code)
+            item[0x00080102] = _elem(0x00080102, "SH", "DCM")
+            item[0x00080104] = _elem(0x00080104, "LO", meaning)
             items.append(item)
-        ds[_METHOD_CODES] = DataElement(_METHOD_CODES, "SQ", Sequence(items))
+        ds[_METHOD_CODES] = _elem(_METHOD_CODES, "SQ", Sequence(items))
         if self._shift:
             modified = "MODIFIED" if ids.jitter_days else "UNMODIFIED"
-            ds[_LONGITUDINAL_MODIFIED] = DataElement(_LONGITUDINAL_MODIFIED, "CS", modified)
+            ds[_LONGITUDINAL_MODIFIED] = _elem(_LONGITUDINAL_MODIFIED, "CS", modified)
 
     def _rebuild_file_meta(self, ds: Dataset) -> None:
         """A fresh file meta: only what Part 10 needs, SOP UIDs taken from the de-identified data set.
@@ -403,19 +434,20 @@ class Deidentifier:
             return
         transfer_syntax = old.get("TransferSyntaxUID") or _transfer_syntax_of(ds)
         meta = FileMetaDataset()
-        meta.FileMetaInformationVersion = b"\x00\x01"
+        meta[0x00020001] = _elem(0x00020001, "OB", b"\x00\x01")
         sop_class = _first(ds, _SOP_CLASS) or self.remap_uid(str(old.get("MediaStorageSOPClassUID", "")))
         sop_instance = _first(ds, _SOP_INSTANCE) or self.remap_uid(
             str(old.get("MediaStorageSOPInstanceUID", ""))
         )
-        if sop_class:
-            meta.MediaStorageSOPClassUID = sop_class
-        if sop_instance:
-            meta.MediaStorageSOPInstanceUID = sop_instance
-        if transfer_syntax:
-            meta.TransferSyntaxUID = transfer_syntax
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = f"SENDIT_{__version__}"[:16]
+        for tag, vr, value in (
+            (0x00020002, "UI", sop_class),
+            (0x00020003, "UI", sop_instance),
+            (0x00020010, "UI", transfer_syntax),
+            (0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID),
+            (0x00020013, "SH", f"SENDIT_{__version__}"[:16]),
+        ):
+            if value:
+                meta[tag] = _elem(tag, vr, value)
         ds.file_meta = meta
 
     # -- files --------------------------------------------------------------------------------
@@ -437,7 +469,7 @@ class Deidentifier:
             part = dst.with_suffix(".part")
             try:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                ds.save_as(part, enforce_file_format=True)
+                write_part10(ds, part)
                 os.replace(part, dst)
             except BaseException as exc:
                 part.unlink(missing_ok=True)

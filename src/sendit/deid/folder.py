@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -137,9 +138,12 @@ def _group(in_dir: Path, out_dir: Path, summary: FolderSummary) -> dict[str, dic
         except DeidError as exc:
             summary.problems.append((rel, exc.reason))
             continue
-        values = {}
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            values[keyword] = str(ds.get(keyword, "") or "").strip(" \x00")
+        with warnings.catch_warnings():  # pydicom's warnings quote the (PHI) values they complain about
+            warnings.simplefilter("ignore")
+            values = {}
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                values[keyword] = str(ds.get(keyword, "") or "").strip(" \x00")
+            header = _header(ds, values)
         missing = [k for k, v in values.items() if not v]
         if missing:
             summary.problems.append((rel, f"missing {', '.join(missing)}"))
@@ -147,7 +151,7 @@ def _group(in_dir: Path, out_dir: Path, summary: FolderSummary) -> dict[str, dic
         study = studies.setdefault(values["StudyInstanceUID"], {})
         series = study.get(values["SeriesInstanceUID"])
         if series is None:
-            series = study[values["SeriesInstanceUID"]] = _Series(_header(ds, values))
+            series = study[values["SeriesInstanceUID"]] = _Series(header)
         series.files.append((path, rel, values["SOPInstanceUID"]))
     return studies
 

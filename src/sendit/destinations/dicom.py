@@ -116,7 +116,9 @@ class DicomDestination:
         results: list[SendResult | None] = [None] * len(images)
         for group in _plan(images):
             self._send_group(images, group, results)
-        return [r for r in results if r is not None]
+        return [
+            r or SendResult(images[i].image_id, delivered=False, message="not attempted") for i, r in enumerate(results)
+        ]
 
     def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
         """C-FIND (Study Root, IMAGE level) by SeriesInstanceUID: what the peer does not hold."""
@@ -340,6 +342,8 @@ def _why_not(assoc: Association) -> str:
                 "(check the AE titles and the peer's allowed modalities)"
             )
         return "association rejected"
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        return "the peer accepted none of the proposed presentation contexts"
     if assoc.is_aborted:
         return "association aborted (peer unreachable, refused the connection, or timed out)"
     return "could not establish an association"

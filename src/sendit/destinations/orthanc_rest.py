@@ -54,7 +54,8 @@ class OrthancRestDestination:
             raise ValueError("concurrency must be at least 1")
         self.url = url.rstrip("/")
         self.concurrency = concurrency
-        self.name = name or f"orthanc-rest:{self.url}"
+        # The name shows up in messages and logs: never with credentials embedded in the URL.
+        self.name = name or f"orthanc-rest:{httpx.URL(self.url).copy_with(username=None, password=None)}"
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         auth = httpx.BasicAuth(username, password or "") if username else None
         self._client = httpx.Client(

@@ -55,6 +55,7 @@ def destinations() -> list[Destination]:
                 port=cfg.ORTHANC_PORT,
                 called_aet=cfg.ORTHANC_AET,
                 calling_aet=cfg.SENDIT_AET,
+                name="orthanc-dicom",
             )
         )
     if cfg.ORTHANC_URL:
@@ -62,16 +63,10 @@ def destinations() -> list[Destination]:
 
         chosen.append(
             OrthancRestDestination(
-                cfg.ORTHANC_URL, username=cfg.ORTHANC_USERNAME or None, password=cfg.ORTHANC_PASSWORD or None
+                cfg.ORTHANC_URL,
+                username=cfg.ORTHANC_USERNAME or None,
+                password=cfg.ORTHANC_PASSWORD or None,
+                name="orthanc-rest",
             )
         )
     return chosen
-
-
-def input_folder() -> Path:
-    return Path(config().INPUT_FOLDER)
-
-
-def display_path(stored: str) -> str:
-    """Files are named by their path inside the input folder (never by a patient value)."""
-    return stored

@@ -1,0 +1,536 @@
+"""The de-identification engine on real DICOM: what every Annex E action does, UIDs, dates, failures.
+
+Builders here (``make_ct``, ``write``) are reused by the canary and folder tests.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.config import RAISE
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
+from pydicom.valuerep import validate_value
+
+from sendit.deid import DeidError, Deidentifier, DeidOptions
+from sendit.deid import engine as engine_module
+from sendit.deid.engine import read_dicom, shift_da, shift_dt
+from sendit.deid.profile import Action, build_action_table, load_rows, resolve
+from sendit.deid.writer import write_part10
+from sendit.identifiers import Identifiers
+
+KEY = "test-secret-key"
+IDS = Identifiers(patient_id="SIDPSEUDO1", patient_name="SIDPSEUDO1", accession_number="ACCPSEUDO1", jitter_days=-45)
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+MAX_LEN = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "UI": 64, "DS": 16, "IS": 12, "AS": 4}
+
+
+# -- builders ---------------------------------------------------------------------------------------
+
+
+def make_ct(
+    *,
+    study_uid: str = "1.2.826.0.1.3680043.9.7777.1",
+    series_uid: str = "1.2.826.0.1.3680043.9.7777.1.1",
+    sop_uid: str | None = None,
+    patient_id: str = "MRN0012345",
+    patient_name: str = "Smith^Alice",
+    referenced_sop: str = "1.2.826.0.1.3680043.9.7777.1.1.999",
+    rows: int = 16,
+) -> Dataset:
+    """A CT with pixels, file meta, nested and private sequences, overlays and curves."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.InstanceCreationDate = "20240115"
+    ds.InstanceCreationTime = "101010"
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyDate = "20240115"
+    ds.SeriesDate = "20240115"
+    ds.AcquisitionDateTime = "20240115083000.123456+0100"
+    ds.StudyTime = "083000"
+    ds.AccessionNumber = "ACC998877"
+    ds.Modality = "CT"
+    ds.Manufacturer = "ACME"
+    ds.InstitutionName = "General Hospital"
+    ds.InstitutionAddress = "1 Main Street"
+    ds.ReferringPhysicianName = "Doe^John"
+    ds.StationName = "CT01"
+    ds.StudyDescription = "CT CHEST"
+    ds.OperatorsName = "Tech^Terry"
+    code = Dataset()
+    code.CodeValue = "GH1"
+    code.CodingSchemeDesignator = "99LOCAL"
+    code.CodeMeaning = "General Hospital"
+    ds.InstitutionCodeSequence = Sequence([code])
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = CTImageStorage
+    ref.ReferencedSOPInstanceUID = referenced_sop
+    ref.StudyDate = "20231231"  # a date inside a kept sequence is shifted too
+    nested_block = ref.private_block(0x0011, "ACME NESTED", create=True)
+    nested_block.add_new(0x01, "LO", "Smith^Alice nested")
+    ds.ReferencedImageSequence = Sequence([ref])
+    req = Dataset()
+    req.RequestedProcedureID = "RP1"
+    req.AccessionNumber = "ACC998877"
+    ds.RequestAttributesSequence = Sequence([req])
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19600101"
+    ds.PatientSex = "F"
+    ds.OtherPatientIDs = "OTHER123"
+    ds.SliceThickness = "1.0"
+    ds.DeviceSerialNumber = "SN12345"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "S1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.FrameOfReferenceUID = study_uid + ".0"
+    block = ds.private_block(0x0009, "ACME 1.0", create=True)
+    block.add_new(0x10, "LO", "Smith^Alice private")
+    inner = Dataset()
+    inner.PatientName = "Smith^Alice in private sequence"
+    block.add_new(0x11, "SQ", Sequence([inner]))
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = rows
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.add_new(0x60000010, "US", rows)
+    ds.add_new(0x60000011, "US", rows)
+    ds.add_new(0x60000022, "LO", "overlay about Smith")
+    ds.add_new(0x60003000, "OW", b"\x01\x00" * (rows * rows // 16))
+    ds.add_new(0x60004000, "LT", "overlay comment Smith")
+    ds.add_new(0x50003000, "OW", b"\x02\x00" * 8)
+    ds.PixelData = bytes(range(256)) * (rows * rows * 2 // 256)
+    ds["PixelData"].VR = "OW"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.SourceApplicationEntityTitle = "HOSPITAL_AE"
+    ds.file_meta = meta
+    return ds
+
+
+def write(ds: Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def elements(ds: Dataset) -> Iterator[pydicom.DataElement]:
+    """Every element, in every nested sequence."""
+    for elem in ds:
+        yield elem
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from elements(item)
+
+
+def assert_vr_valid(ds: Dataset) -> None:
+    """Every element's value is valid for its VR (pydicom's validators plus real calendar dates)."""
+    for elem in elements(ds):
+        if elem.VR == "SQ" or elem.tag.is_private or elem.is_empty:
+            continue
+        values = elem.value if elem.VM > 1 else [elem.value]
+        for value in values:
+            validate_value(elem.VR, str(value) if elem.VR in TEXT_VRS else value, RAISE)
+            if elem.VR in MAX_LEN and isinstance(value, str):
+                assert len(value) <= MAX_LEN[elem.VR], elem.tag
+            if elem.VR == "UI":
+                assert UID_RE.match(str(value)), elem.tag
+            if elem.VR == "DA":
+                assert shift_da(str(value), 0) == str(value)
+            if elem.VR == "DT":
+                assert shift_dt(str(value), 0) == str(value)
+
+
+@pytest.fixture
+def engine() -> Deidentifier:
+    return Deidentifier(KEY)
+
+
+@pytest.fixture
+def ct_file(tmp_path: Path) -> Path:
+    return write(make_ct(), tmp_path / "in" / "ct.dcm")
+
+
+def deid(engine: Deidentifier, src: Path, tmp_path: Path, ids: Identifiers = IDS) -> Dataset:
+    result = engine.deidentify_file(src, tmp_path / "out" / f"{src.stem}.dcm", ids)
+    return pydicom.dcmread(result.path)
+
+
+# -- the action table --------------------------------------------------------------------------------
+
+
+def test_table_is_built_from_the_shipped_standard_data() -> None:
+    rows = load_rows()
+    assert len(rows) == 621
+    table = build_action_table(DeidOptions().columns())
+    assert table.exact[0x00100010] is Action.EMPTY  # Patient's Name: Z
+    assert table.exact[0x00080080] is Action.DUMMY  # Institution Name: X/Z/D
+    assert table.exact[0x00081140] is Action.WALK  # Referenced Image Sequence: X/Z/U*
+    assert table.exact[0x00200010] is Action.EMPTY  # Study ID: Z
+    assert table.exact[0x00100030] is Action.EMPTY  # Birth Date: Z, not covered by the dates option
+    assert table.exact[0x00080022] is Action.SHIFT_DATE  # Acquisition Date: X/Z, option C
+    assert table.exact[0x00080032] is Action.KEEP  # Acquisition Time: a whole-day shift keeps times
+    assert table.exact[0x0020000D] is Action.REMAP_UID
+    assert table.removed_groups == {0x50, 0x60}
+    assert table.private is Action.REMOVE
+    # The Basic Profile column itself never says K or C: those come only from options.
+    assert not {code for row in rows for code in row.basic.split("/")} & {"K", "C"}
+
+
+def test_without_the_dates_option_dates_get_the_basic_profile_action() -> None:
+    table = build_action_table(DeidOptions(retain_long_modified_dates=False).columns())
+    assert table.exact[0x00080022] is Action.EMPTY  # X/Z → Z
+    assert table.exact[0x00080012] is Action.DUMMY  # X/D → D
+    assert table.exact[0x00080020] is Action.EMPTY  # Study Date: Z
+
+
+@pytest.mark.parametrize(
+    ("code", "vr", "action"),
+    [
+        ("X/Z", "LO", Action.EMPTY),
+        ("X/D", "LO", Action.DUMMY),
+        ("Z/D", "PN", Action.DUMMY),
+        ("X/Z/D", "SQ", Action.DUMMY),
+        ("X/Z/U*", "SQ", Action.WALK),
+        ("X/Z/U*", "LO", Action.EMPTY),
+        ("X", "LO", Action.REMOVE),
+        ("U", "UI", Action.REMAP_UID),
+    ],
+)
+def test_combined_codes_resolve_to_the_least_destructive_valid_action(code: str, vr: str, action: Action) -> None:
+    assert resolve(code, vr) is action
+
+
+def test_options_not_implemented_yet_are_refused_not_ignored() -> None:
+    with pytest.raises(ValueError, match="retain_uids"):
+        DeidOptions(retain_uids=True)
+    with pytest.raises(ValueError):
+        Deidentifier("")
+
+
+# -- every action on real data -----------------------------------------------------------------------
+
+
+def test_each_action_on_a_real_ct(engine: Deidentifier, ct_file: Path, tmp_path: Path) -> None:
+    original = pydicom.dcmread(ct_file)
+    out = deid(engine, ct_file, tmp_path)
+    # X: removed
+    for keyword in ("InstitutionAddress", "OtherPatientIDs", "RequestAttributesSequence", "StudyDescription"):
+        assert keyword not in out, keyword
+    # Z: present, empty
+    for keyword in ("ReferringPhysicianName", "PatientBirthDate", "PatientSex", "StudyID"):
+        assert keyword in out and out[keyword].is_empty, keyword
+    # D: a dummy valid for the VR; a sequence keeps one item but none of its content
+    assert out.InstitutionName == "ANONYMIZED"
+    assert out.StationName == "ANONYMIZED"
+    assert out.OperatorsName == "ANONYMIZED"
+    assert out.DeviceSerialNumber == "ANONYMIZED"
+    assert len(out.InstitutionCodeSequence) == 1 and len(out.InstitutionCodeSequence[0]) == 0
+    # U: remapped everywhere
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        assert out[keyword].value == engine.remap_uid(original[keyword].value) != original[keyword].value
+        assert out[keyword].value.startswith("2.25.")
+    # U* (walked sequence): kept, UIDs inside remapped, dates inside shifted, private tags inside gone
+    item = out.ReferencedImageSequence[0]
+    assert item.ReferencedSOPInstanceUID == engine.remap_uid("1.2.826.0.1.3680043.9.7777.1.1.999")
+    assert item.ReferencedSOPClassUID == CTImageStorage
+    assert item.StudyDate == "20231116"
+    assert not any(elem.tag.is_private for elem in item)
+    # K: untouched (values and pixel bytes)
+    for keyword in ("Modality", "Manufacturer", "SliceThickness", "ImageType", "Rows", "StudyTime", "SOPClassUID"):
+        assert out[keyword].value == original[keyword].value, keyword
+    assert out.PixelData == original.PixelData
+    # identifiers
+    assert (out.PatientID, out.PatientName, out.AccessionNumber) == ("SIDPSEUDO1", "SIDPSEUDO1", "ACCPSEUDO1")
+    assert_vr_valid(out)
+
+
+def test_private_tags_overlays_and_curves_are_gone_at_every_level(
+    engine: Deidentifier, ct_file: Path, tmp_path: Path
+) -> None:
+    out = deid(engine, ct_file, tmp_path)
+    tags = [elem.tag for elem in elements(out)]
+    assert tags and not [tag for tag in tags if tag.is_private]
+    assert not [tag for tag in tags if tag.group >> 8 in (0x50, 0x60)]
+
+
+@pytest.mark.parametrize("name", ["nested_priv_SQ.dcm", "priv_SQ.dcm", "examples_overlay.dcm", "rtplan.dcm"])
+def test_private_and_overlay_removal_on_pydicom_files(engine: Deidentifier, name: str) -> None:
+    ds = pydicom.dcmread(get_testdata_file(name))
+    engine.deidentify(ds, IDS)
+    tags = [elem.tag for elem in elements(ds)]
+    assert not [tag for tag in tags if tag.is_private or tag.group >> 8 in (0x50, 0x60)]
+
+
+def test_deidentification_is_recorded(engine: Deidentifier, ct_file: Path, tmp_path: Path) -> None:
+    out = deid(engine, ct_file, tmp_path)
+    assert out.PatientIdentityRemoved == "YES"
+    method = list(out.DeidentificationMethod)
+    assert method[0].startswith("Sendit") and "PS3.15 Basic Profile" in method[0]
+    assert "Retain Longitudinal Temporal Information Modified Dates Option" in method
+    codes = [(item.CodeValue, item.CodingSchemeDesignator) for item in out.DeidentificationMethodCodeSequence]
+    assert codes == [("113100", "DCM"), ("113107", "DCM")]
+    assert out.LongitudinalTemporalInformationModified == "MODIFIED"
+    assert_vr_valid(out)
+
+
+def test_a_zero_shift_is_not_claimed_as_modified(engine: Deidentifier, ct_file: Path, tmp_path: Path) -> None:
+    ids = Identifiers("SIDX", "SIDX", "ACCX", jitter_days=0)
+    out = deid(engine, ct_file, tmp_path, ids)
+    assert out.StudyDate == "20240115"
+    assert out.LongitudinalTemporalInformationModified == "UNMODIFIED"
+    assert [item.CodeValue for item in out.DeidentificationMethodCodeSequence] == ["113100", "113106"]
+
+
+# -- pydicom's own test files: every element valid for its VR, pixels untouched ----------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "rtplan.dcm",
+        "rtdose.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_rle_2frame.dcm",
+        "image_dfl.dcm",
+        "waveform_ecg.dcm",
+        "test-SR.dcm",
+        "examples_overlay.dcm",
+    ],
+)
+def test_pydicom_files_deidentify_to_valid_objects(engine: Deidentifier, name: str, tmp_path: Path) -> None:
+    src = Path(get_testdata_file(name))
+    original = pydicom.dcmread(src)
+    out = deid(engine, src, tmp_path)
+    assert out.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID == engine.remap_uid(
+        original.SOPInstanceUID
+    )
+    assert out.file_meta.MediaStorageSOPClassUID == out.SOPClassUID == original.SOPClassUID
+    if "PixelData" in original:
+        assert out.PixelData == original.PixelData
+    changed = Dataset()
+    for elem in elements(out):
+        if elem.VR in ("UI", "DA", "DT", "PN", "LO", "SH", "CS", "AE", "AS"):
+            changed.add(elem)
+    assert_vr_valid(changed)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm", "rtplan.dcm", "test-SR.dcm"])
+def test_fast_writer_matches_pydicom_byte_for_byte(engine: Deidentifier, name: str, tmp_path: Path) -> None:
+    ours = engine.deidentify(read_dicom(Path(get_testdata_file(name))), IDS)
+    theirs = engine.deidentify(read_dicom(Path(get_testdata_file(name))), IDS)
+    write_part10(ours, tmp_path / "ours.dcm")
+    theirs.preamble = b"\x00" * 128
+    theirs.save_as(tmp_path / "theirs.dcm", enforce_file_format=True)
+    assert (tmp_path / "ours.dcm").read_bytes() == (tmp_path / "theirs.dcm").read_bytes()
+
+
+def test_preamble_and_file_meta_extras_are_not_copied(engine: Deidentifier, tmp_path: Path) -> None:
+    ds = make_ct()
+    ds.preamble = b"Smith^Alice MRN0012345".ljust(128, b"\x00")
+    out_path = engine.deidentify_file(write(ds, tmp_path / "a.dcm"), tmp_path / "out.dcm", IDS).path
+    data = out_path.read_bytes()
+    assert data[:128] == b"\x00" * 128 and b"Smith" not in data and b"HOSPITAL_AE" not in data
+
+
+# -- UIDs ---------------------------------------------------------------------------------------------
+
+
+def test_uids_are_consistent_across_series_references_and_file_meta(engine: Deidentifier, tmp_path: Path) -> None:
+    target_uid = "1.2.826.0.1.3680043.9.7777.1.1.5"
+    first = write(make_ct(sop_uid=target_uid), tmp_path / "in" / "a.dcm")
+    second = write(
+        make_ct(series_uid="1.2.826.0.1.3680043.9.7777.1.2", referenced_sop=target_uid), tmp_path / "in" / "b.dcm"
+    )
+    a = deid(engine, first, tmp_path)
+    b = deid(engine, second, tmp_path)
+    assert a.StudyInstanceUID == b.StudyInstanceUID
+    assert a.FrameOfReferenceUID == b.FrameOfReferenceUID
+    assert a.SeriesInstanceUID != b.SeriesInstanceUID
+    assert b.ReferencedImageSequence[0].ReferencedSOPInstanceUID == a.SOPInstanceUID
+    for out in (a, b):
+        assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+        assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert out.file_meta.MediaStorageSOPClassUID == CTImageStorage
+
+
+def test_uid_remap_is_keyed_deterministic_and_valid() -> None:
+    uid = "1.2.826.0.1.3680043.9.7777.1"
+    one, two, other = Deidentifier(KEY), Deidentifier(KEY.encode()), Deidentifier("another key")
+    assert one.remap_uid(uid) == two.remap_uid(uid) == one.remap_uid(uid + "\x00")
+    assert one.remap_uid(uid) != other.remap_uid(uid)
+    assert one.remap_uid(uid) != one.remap_uid(uid + ".1")
+    remapped = one.remap_uid(uid)
+    assert remapped.startswith("2.25.") and len(remapped) <= 64 and UID_RE.match(remapped)
+    assert uid not in remapped
+    for registered in (CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, "1.2.840.10008.1.2.4.50"):
+        assert one.remap_uid(registered) == registered
+    assert "test-secret-key" not in repr(one)
+
+
+def test_a_pickled_engine_remaps_the_same(engine: Deidentifier) -> None:
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(engine))
+    assert clone.remap_uid("1.2.3.4") == engine.remap_uid("1.2.3.4")
+
+
+# -- dates --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "days", "expected"),
+    [
+        ("20240115", -45, "20231201"),  # across a year
+        ("20231220", 15, "20240104"),
+        ("20240301", -1, "20240229"),  # leap day
+        ("20230301", -1, "20230228"),
+        ("2024.01.15", -45, "20231201"),  # legacy ACR-NEMA form, written back as DICOM
+    ],
+)
+def test_da_shift(value: str, days: int, expected: str) -> None:
+    assert shift_da(value, days) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "days", "expected"),
+    [
+        ("20240101083000.123456+0100", -1, "20231231083000.123456+0100"),  # precision and timezone kept
+        ("20240131235959-0500", 1, "20240201235959-0500"),
+        ("20240115", -45, "20231201"),
+        ("2024011508", 30, "2024021408"),
+        ("202403", -45, "202401"),  # reduced precision: shifted from the first of the month
+        ("2024", 10, "2024"),
+    ],
+)
+def test_dt_shift(value: str, days: int, expected: str) -> None:
+    assert shift_dt(value, days) == expected
+
+
+def test_dates_everywhere_are_shifted_and_times_kept(engine: Deidentifier, tmp_path: Path) -> None:
+    ds = make_ct()
+    ds.ContentDate = "20240301"
+    ds.CalibrationDate = ["20240101", "20231231"]  # multi-valued DA, not in the table
+    ds.ContentTime = "235959.5"
+    src = write(ds, tmp_path / "a.dcm")
+    for days, content in ((-1, "20240229"), (31, "20240401")):
+        out = deid(engine, src, tmp_path, Identifiers("SIDX", "SIDX", "ACCX", days))
+        assert out.ContentDate == content
+        assert out.ContentTime == "235959.5"
+        assert out.StudyTime == "083000"
+        assert out.AcquisitionDateTime == ("20240114" if days < 0 else "20240215") + "083000.123456+0100"
+        assert list(out.CalibrationDate) == (["20231231", "20231230"] if days < 0 else ["20240201", "20240131"])
+        assert_vr_valid(out)
+
+
+# -- failing closed -----------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@pytest.mark.parametrize("bad", ["2021-13-45", "20211345", "2021", "Jan 5 2021"])
+def test_a_malformed_date_fails_without_output(engine: Deidentifier, tmp_path: Path, bad: str) -> None:
+    ds = make_ct()
+    ds.ContentDate = bad
+    src = write(ds, tmp_path / "a.dcm")
+    dst = tmp_path / "out" / "a.dcm"
+    with pytest.raises(DeidError) as info:
+        engine.deidentify_file(src, dst, IDS)
+    assert "(0008,0023) ContentDate" in info.value.reason
+    assert bad not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert not dst.parent.exists() or not any(dst.parent.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_a_malformed_date_inside_a_sequence_names_the_path(engine: Deidentifier) -> None:
+    ds = make_ct()
+    ds.ReferencedImageSequence[0].StudyDate = "notadate"
+    with pytest.raises(DeidError, match=r"\(0008,1140\) ReferencedImageSequence > item 0 > \(0008,0020\)"):
+        engine.deidentify(ds, IDS)
+
+
+def test_a_failing_write_leaves_nothing_behind(
+    engine: Deidentifier, ct_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def half_write(ds: Dataset, path: Path) -> None:
+        path.write_bytes(b"half a file")
+        raise OSError("disk full at /secret/Smith^Alice")
+
+    monkeypatch.setattr(engine_module, "write_part10", half_write)
+    dst = tmp_path / "out" / "a.dcm"
+    with pytest.raises(DeidError, match="could not write") as info:
+        engine.deidentify_file(ct_file, dst, IDS)
+    assert "Smith" not in str(info.value)
+    assert list(dst.parent.iterdir()) == []
+
+
+def test_an_internal_failure_is_a_deid_error(
+    engine: Deidentifier, ct_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(uid: str) -> str:
+        raise RuntimeError("boom Smith^Alice")
+
+    monkeypatch.setattr(engine, "_remap", broken)
+    with pytest.raises(DeidError) as info:
+        engine.deidentify_file(ct_file, tmp_path / "out" / "a.dcm", IDS)
+    assert "RuntimeError" in info.value.reason and "Smith" not in info.value.reason
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_non_dicom_and_truncated_files_are_refused(engine: Deidentifier, ct_file: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("Smith^Alice MRN0012345 " * 20)
+    with pytest.raises(DeidError, match="not a DICOM file"):
+        engine.deidentify_file(text, tmp_path / "out" / "x.dcm", IDS)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(ct_file.read_bytes()[:-100])
+    with pytest.raises(DeidError, match="truncated"):
+        engine.deidentify_file(cut, tmp_path / "out" / "y.dcm", IDS)
+    with pytest.raises(DeidError, match="truncated"):
+        engine.deidentify_file(Path(get_testdata_file("rtplan_truncated.dcm")), tmp_path / "out" / "z.dcm", IDS)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_invalid_replacement_identifiers_are_refused(engine: Deidentifier, ct_file: Path, tmp_path: Path) -> None:
+    for ids in (Identifiers("", "X", "A", 1), Identifiers("P", "X", "A" * 17, 1), Identifiers("P\\Q", "X", "A", 1)):
+        with pytest.raises(DeidError, match="replacement"):
+            engine.deidentify_file(ct_file, tmp_path / "out" / "a.dcm", ids)
+
+
+def test_implicit_vr_input_stays_implicit(engine: Deidentifier, tmp_path: Path) -> None:
+    ds = make_ct()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    src = tmp_path / "implicit.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    out = deid(engine, src, tmp_path)
+    assert out.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert out.InstitutionName == "ANONYMIZED" and out.PixelData == ds.PixelData
+    assert not [elem for elem in elements(out) if elem.tag.is_private]
+    assert_vr_valid(out)

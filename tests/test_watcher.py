@@ -1,0 +1,64 @@
+"""The watcher: nothing under a `.tmp` name is touched; after the rename it is ingested within 2 s."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from sendit.relay.ingest import IngestReport
+from sendit.relay.models import Image
+from sendit.relay.watcher import Watcher
+from tests.helpers import demo_into
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def wait_for(predicate: object, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_renamed_folder_is_ingested_within_two_seconds_and_tmp_never(sendit_dirs: dict[str, Path]) -> None:
+    staging = sendit_dirs["DATA_DIR"] / "staging"
+    written = demo_into(staging, patients=1, images=2)
+    study = written[0].parents[1]
+    reports: list[IngestReport] = []
+    watcher = Watcher(sendit_dirs["INPUT_FOLDER"], rescan_seconds=60, on_ingest=reports.append)
+    watcher.start()
+    try:
+        partial = sendit_dirs["INPUT_FOLDER"] / "ST-X.tmp4711"
+        study.rename(partial)  # the producer fills a .tmp folder ...
+        time.sleep(1.0)
+        assert Image.objects.count() == 0
+        assert all(path.exists() for path in partial.rglob("*.dcm"))  # untouched
+        started = time.monotonic()
+        partial.rename(sendit_dirs["INPUT_FOLDER"] / "ST-X")  # ... and renames it when complete
+        assert wait_for(lambda: Image.objects.count() == len(written), 2.0)
+        assert time.monotonic() - started < 2.0
+        assert any(report.series_ids for report in reports)
+    finally:
+        watcher.stop()
+
+
+def test_restarted_watcher_finds_what_arrived_while_it_was_down(sendit_dirs: dict[str, Path]) -> None:
+    written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=2)
+    reports: list[IngestReport] = []
+    watcher = Watcher(sendit_dirs["INPUT_FOLDER"], rescan_seconds=60, on_ingest=reports.append)
+    watcher.start()
+    try:
+        assert wait_for(lambda: Image.objects.count() == len(written), 5.0)
+    finally:
+        watcher.stop()
+    second = Watcher(sendit_dirs["INPUT_FOLDER"], rescan_seconds=60, on_ingest=reports.append)
+    second.start()
+    try:
+        time.sleep(0.5)
+        assert Image.objects.count() == len(written)  # nothing ingested twice
+    finally:
+        second.stop()
