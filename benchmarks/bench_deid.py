@@ -163,9 +163,7 @@ def main() -> None:
         paths = generate(src, args.files)
         size_kb = statistics.mean(p.stat().st_size for p in paths) / 1024
         deidentifier = Deidentifier(b"benchmark-key")
-        ids = BenchProvider().identify(
-            [SeriesHeader(series_uid="x", study_uid="y", patient_id="MRN")]
-        )["x"]
+        ids = BenchProvider().identify([SeriesHeader(series_uid="x", study_uid="y", patient_id="MRN")])["x"]
 
         out = work / "out"  # emptied before every timed step: every step creates new files
 

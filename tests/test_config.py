@@ -18,7 +18,7 @@ def test_init_writes_a_fresh_secret_and_loads(tmp_path: Path) -> None:
     b = load_config(second, env={})
     assert len(a.SECRET_KEY) >= 32 and a.SECRET_KEY != b.SECRET_KEY
     assert a.WORKERS == 5
-    assert a.INPUT_FOLDER == (tmp_path / "a" / "sendit-data" / "input").resolve()
+    assert (tmp_path / "a" / "sendit-data" / "input").resolve() == a.INPUT_FOLDER
     assert a.DATABASE_URL.startswith("sqlite:///") and a.QUEUE_URL.startswith("sqlite:///")
     with pytest.raises(FileExistsError):
         write_config(tmp_path / "a")

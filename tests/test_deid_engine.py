@@ -24,7 +24,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import validate_value
 
-from sendit.deid import DeidError, Deidentifier, DeidOptions
+from sendit.deid import Deidentifier, DeidError, DeidOptions
 from sendit.deid import engine as engine_module
 from sendit.deid.engine import read_dicom, shift_da, shift_dt
 from sendit.deid.profile import Action, build_action_table, load_rows, resolve
@@ -128,6 +128,13 @@ def make_ct(
     meta.SourceApplicationEntityTitle = "HOSPITAL_AE"
     ds.file_meta = meta
     return ds
+
+
+def pydicom_file(name: str) -> Path:
+    """One of pydicom's bundled test files (never downloaded)."""
+    path = get_testdata_file(name, download=False)
+    assert isinstance(path, str), name
+    return Path(path)
 
 
 def write(ds: Dataset, path: Path) -> Path:
@@ -278,7 +285,7 @@ def test_private_tags_overlays_and_curves_are_gone_at_every_level(
 
 @pytest.mark.parametrize("name", ["nested_priv_SQ.dcm", "priv_SQ.dcm", "examples_overlay.dcm", "rtplan.dcm"])
 def test_private_and_overlay_removal_on_pydicom_files(engine: Deidentifier, name: str) -> None:
-    ds = pydicom.dcmread(get_testdata_file(name))
+    ds = pydicom.dcmread(pydicom_file(name))
     engine.deidentify(ds, IDS)
     tags = [elem.tag for elem in elements(ds)]
     assert not [tag for tag in tags if tag.is_private or tag.group >> 8 in (0x50, 0x60)]
@@ -325,13 +332,11 @@ def test_a_zero_shift_is_not_claimed_as_modified(engine: Deidentifier, ct_file: 
     ],
 )
 def test_pydicom_files_deidentify_to_valid_objects(engine: Deidentifier, name: str, tmp_path: Path) -> None:
-    src = Path(get_testdata_file(name))
+    src = pydicom_file(name)
     original = pydicom.dcmread(src)
     out = deid(engine, src, tmp_path)
     assert out.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
-    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID == engine.remap_uid(
-        original.SOPInstanceUID
-    )
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID == engine.remap_uid(original.SOPInstanceUID)
     assert out.file_meta.MediaStorageSOPClassUID == out.SOPClassUID == original.SOPClassUID
     if "PixelData" in original:
         assert out.PixelData == original.PixelData
@@ -344,8 +349,8 @@ def test_pydicom_files_deidentify_to_valid_objects(engine: Deidentifier, name: s
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm", "rtplan.dcm", "test-SR.dcm"])
 def test_fast_writer_matches_pydicom_byte_for_byte(engine: Deidentifier, name: str, tmp_path: Path) -> None:
-    ours = engine.deidentify(read_dicom(Path(get_testdata_file(name))), IDS)
-    theirs = engine.deidentify(read_dicom(Path(get_testdata_file(name))), IDS)
+    ours = engine.deidentify(read_dicom(pydicom_file(name)), IDS)
+    theirs = engine.deidentify(read_dicom(pydicom_file(name)), IDS)
     write_part10(ours, tmp_path / "ours.dcm")
     theirs.preamble = b"\x00" * 128
     theirs.save_as(tmp_path / "theirs.dcm", enforce_file_format=True)
@@ -514,7 +519,7 @@ def test_non_dicom_and_truncated_files_are_refused(engine: Deidentifier, ct_file
     with pytest.raises(DeidError, match="truncated"):
         engine.deidentify_file(cut, tmp_path / "out" / "y.dcm", IDS)
     with pytest.raises(DeidError, match="truncated"):
-        engine.deidentify_file(Path(get_testdata_file("rtplan_truncated.dcm")), tmp_path / "out" / "z.dcm", IDS)
+        engine.deidentify_file(pydicom_file("rtplan_truncated.dcm"), tmp_path / "out" / "z.dcm", IDS)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

@@ -103,11 +103,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from django.core.wsgi import get_wsgi_application
 
+    from sendit.relay.ingest import IngestReport
     from sendit.relay.tasks import enqueue
     from sendit.relay.watcher import Watcher
 
     worker = subprocess.Popen([sys.executable, "-m", "sendit", "worker"], env=os.environ.copy())
-    watcher = Watcher(Path(cfg.INPUT_FOLDER), cfg.RESCAN_SECONDS, lambda report: enqueue(report.series_ids))
+
+    def enqueue_ingested(report: IngestReport) -> None:
+        enqueue(report.series_ids)
+
+    watcher = Watcher(Path(cfg.INPUT_FOLDER), cfg.RESCAN_SECONDS, enqueue_ingested)
     watcher.start()
 
     class Server(ThreadingMixIn, WSGIServer):
@@ -243,7 +248,9 @@ def cmd_deid(args: argparse.Namespace) -> int:
     from sendit.identifiers.local import LocalProvider
 
     provider = LocalProvider(cfg.SECRET_KEY, cfg.DATE_SHIFT_MIN_DAYS, cfg.DATE_SHIFT_MAX_DAYS)
-    summary = deid_folder(Path(args.input), Path(args.output), Deidentifier(cfg.SECRET_KEY), provider)
+    summary = deid_folder(
+        Path(args.input), Path(args.output), Deidentifier(cfg.SECRET_KEY), provider, workers=args.workers or cfg.WORKERS
+    )
     for name, reason in summary.problems:
         print(f"{name}: {reason}", file=sys.stderr)
     print(f"de-identified {summary.written} file(s); {len(summary.problems)} problem(s)")
@@ -309,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deid", help="de-identify a folder into another, no database")
     p.add_argument("input")
     p.add_argument("output")
+    p.add_argument("--workers", type=int, help="processes (default WORKERS)")
     p.set_defaults(func=cmd_deid)
     p = sub.add_parser("demo", help="generate a demo data set and take it to DONE")
     p.add_argument("directory", nargs="?", default="sendit-demo")

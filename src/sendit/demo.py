@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 SOP_CLASSES = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",
@@ -84,10 +84,10 @@ def make_image(
     """One image of a series; ``study`` carries the study-level values shared by its series."""
     sop_uid = generate_uid(prefix=UID_ROOT)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SOP_CLASSES[modality]
+    meta.MediaStorageSOPClassUID = UID(SOP_CLASSES[modality])
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = UID_ROOT + "1"
+    meta.ImplementationClassUID = UID(UID_ROOT + "1")
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"

@@ -4,7 +4,7 @@ A functional core with no Django: ``Deidentifier(secret_key).deidentify_file(src
 notebook needs; :func:`deid_folder` runs the engine over a folder with an identifier provider.
 """
 
-from sendit.deid.engine import DeidError, Deidentifier, DeidResult
+from sendit.deid.engine import Deidentifier, DeidError, DeidResult
 from sendit.deid.folder import FolderSummary, deid_folder
 from sendit.deid.profile import DeidOptions
 

@@ -52,10 +52,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
-    UID_dictionary,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    UID_dictionary,
 )
 
 from sendit import __version__
@@ -114,6 +114,9 @@ _METHOD = 0x00120063
 _METHOD_CODES = 0x00120064
 _LONGITUDINAL_MODIFIED = 0x00280303
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD) sequence delimitation item
+_DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float / Double Float Pixel Data
 
 _DT_RE = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{6}(?:\.\d{1,6})?|\d{4}|\d{2})?([+-]\d{4})?$")
 
@@ -378,9 +381,7 @@ class Deidentifier:
             remap = self._remap
             ds[tag] = _elem(tag, "UI", _one_or_many([remap(v) for v in values]))
 
-    def _shift_element(
-        self, ds: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, jitter: int
-    ) -> None:
+    def _shift_element(self, ds: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, jitter: int) -> None:
         values = _strings(elem)
         if values:
             shift = shift_da if vr == "DA" else shift_dt
@@ -436,9 +437,7 @@ class Deidentifier:
         meta = FileMetaDataset()
         meta[0x00020001] = _elem(0x00020001, "OB", b"\x00\x01")
         sop_class = _first(ds, _SOP_CLASS) or self.remap_uid(str(old.get("MediaStorageSOPClassUID", "")))
-        sop_instance = _first(ds, _SOP_INSTANCE) or self.remap_uid(
-            str(old.get("MediaStorageSOPInstanceUID", ""))
-        )
+        sop_instance = _first(ds, _SOP_INSTANCE) or self.remap_uid(str(old.get("MediaStorageSOPInstanceUID", "")))
         for tag, vr, value in (
             (0x00020002, "UI", sop_class),
             (0x00020003, "UI", sop_instance),
@@ -500,23 +499,38 @@ def read_dicom(path: Path, *, headers_only: bool = False) -> Dataset:
         reason = "not a DICOM file" if name == "InvalidDicomError" else f"unreadable DICOM file ({name})"
         raise DeidError(reason) from None
     if not headers_only:
-        _check_complete(ds)
+        _check_complete(ds, Path(path))
     return ds
 
 
-def _check_complete(ds: Dataset) -> None:
-    """pydicom reads a file cut short without complaint; its last element then comes up short."""
+def _check_complete(ds: Dataset, path: Path) -> None:
+    """pydicom reads a file cut short without complaint; catch the cuts that leave a trace.
+
+    A cut inside an element leaves it shorter than its declared length; a cut inside an
+    undefined-length sequence or encapsulated pixel data leaves no closing delimiter at the end of the
+    file; a cut anywhere before the pixel data leaves an image without pixels. (A non-image object
+    cut exactly between two top-level elements is indistinguishable from a shorter object.)
+    """
     keys = list(ds.keys())
     if not keys:
-        raise DeidError("no data elements (empty or truncated file)")
-    last = ds.get_item(keys[-1])
-    if (
-        isinstance(last, RawDataElement)
-        and last.length != _UNDEFINED_LENGTH
-        and last.value is not None
-        and len(last.value) < last.length
-    ):
-        raise DeidError(f"truncated file: {tag_text(keys[-1])} is shorter than its declared length")
+        raise DeidError("truncated file: no data elements")
+    last_tag = keys[-1]
+    last = ds.get_item(last_tag)
+    if isinstance(last, RawDataElement):
+        declared, value = last.length, last.value
+        if declared != _UNDEFINED_LENGTH and value is not None and len(value) < declared:
+            raise DeidError(f"truncated file: {tag_text(last_tag)} is shorter than its declared length")
+    else:
+        declared = _UNDEFINED_LENGTH if last.is_undefined_length else 0
+    if declared == _UNDEFINED_LENGTH:
+        little = ds.original_encoding[1] is not False
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 8))
+            tail = handle.read(8)
+        if tail != (_DELIMITER_LE if little else _DELIMITER_BE):
+            raise DeidError(f"truncated file: {tag_text(last_tag)} has no closing delimiter")
+    if 0x00280010 in ds and not any(tag in ds for tag in _PIXEL_TAGS):
+        raise DeidError("truncated file: image attributes but no pixel data")
 
 
 def _first(ds: Dataset, tag: int) -> str:

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sendit.deid.engine import DeidError, Deidentifier, DeidResult, read_dicom
+from sendit.deid.engine import Deidentifier, DeidError, DeidResult, read_dicom
 from sendit.identifiers.base import IdentifierError, IdentifierProvider, Identifiers, SeriesHeader
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -80,8 +80,9 @@ def deid_folder(
     summary.studies = len(studies)
     summary.series = sum(len(series) for series in studies.values())
 
-    jobs: list[_Job] = []
-    claimed: set[Path] = set()
+    # Several files may claim one output (the same SOPInstanceUID twice): try them in order until one
+    # is written, so a truncated copy found first does not cost the good one.
+    candidates: dict[Path, list[_Job]] = {}
     for study in studies.values():
         headers = [s.header for s in study.values()]
         try:
@@ -105,23 +106,26 @@ def deid_folder(
             )
             for path, rel, sop_uid in series.files:
                 dst = base / f"{deidentifier.remap_uid(sop_uid)}.dcm"
-                if dst in claimed:
-                    summary.problems.append((rel, "duplicate SOPInstanceUID in the input; skipped"))
-                    continue
-                claimed.add(dst)
-                jobs.append(_Job(path, dst, rel, ids))
+                candidates.setdefault(dst, []).append(_Job(path, dst, rel, ids))
 
-    total = len(jobs)
+    total = len(candidates)
     done = 0
-    for rel, outcome in _run(jobs, deidentifier, workers):
-        if isinstance(outcome, DeidResult):
-            summary.written += 1
-            summary.results.append(outcome)
-        else:
-            summary.problems.append((rel, outcome))
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    while candidates:
+        batch = [jobs.pop(0) for jobs in candidates.values()]
+        for job, outcome in zip(batch, _run(batch, deidentifier, workers), strict=True):
+            if isinstance(outcome, DeidResult):
+                summary.written += 1
+                summary.results.append(outcome)
+                rest = candidates.pop(job.dst)
+                summary.problems.extend((dup.rel, "duplicate SOPInstanceUID in the input; skipped") for dup in rest)
+            else:
+                summary.problems.append((job.rel, outcome))
+                if not candidates[job.dst]:
+                    del candidates[job.dst]
+            if job.dst not in candidates:
+                done += 1
+                if progress is not None:
+                    progress(done, total)
     summary.problems.sort()
     return summary
 
@@ -189,12 +193,11 @@ def _fail_study(summary: FolderSummary, study: dict[str, _Series], reason: str) 
         summary.problems.extend((rel, reason) for _, rel, _ in series.files)
 
 
-def _run(
-    jobs: list[_Job], deidentifier: Deidentifier, workers: int
-) -> Iterator[tuple[str, DeidResult | str]]:
+def _run(jobs: list[_Job], deidentifier: Deidentifier, workers: int) -> Iterator[DeidResult | str]:
+    """Outcomes in the order of ``jobs``: the result, or the reason it failed."""
     if workers <= 1 or len(jobs) <= _CHUNK:
         for job in jobs:
-            yield job.rel, _one(deidentifier, job)
+            yield _one(deidentifier, job)
         return
     chunks = [jobs[i : i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(deidentifier,)) as pool:
@@ -217,6 +220,6 @@ def _init_worker(deidentifier: Deidentifier) -> None:
     _worker_deidentifier = deidentifier
 
 
-def _worker_chunk(chunk: list[_Job]) -> list[tuple[str, DeidResult | str]]:
+def _worker_chunk(chunk: list[_Job]) -> list[DeidResult | str]:
     assert _worker_deidentifier is not None, "worker not initialised"
-    return [(job.rel, _one(_worker_deidentifier, job)) for job in chunk]
+    return [_one(_worker_deidentifier, job) for job in chunk]

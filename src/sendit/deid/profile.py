@@ -111,12 +111,8 @@ OPTIONS: Mapping[str, OptionInfo] = {
     "retain_safe_private": OptionInfo("rtnSafePrivOpt", "113111", "Retain Safe Private Option"),
     "retain_uids": OptionInfo("rtnUIDsOpt", "113110", "Retain UIDs Option"),
     "retain_device_identity": OptionInfo("rtnDevIdOpt", "113109", "Retain Device Identity Option"),
-    "retain_institution_identity": OptionInfo(
-        "rtnInstIdOpt", "113112", "Retain Institution Identity Option"
-    ),
-    "retain_patient_characteristics": OptionInfo(
-        "rtnPatCharsOpt", "113108", "Retain Patient Characteristics Option"
-    ),
+    "retain_institution_identity": OptionInfo("rtnInstIdOpt", "113112", "Retain Institution Identity Option"),
+    "retain_patient_characteristics": OptionInfo("rtnPatCharsOpt", "113108", "Retain Patient Characteristics Option"),
     "retain_long_full_dates": OptionInfo(
         "rtnLongFullDatesOpt", "113106", "Retain Longitudinal Temporal Information Full Dates Option"
     ),

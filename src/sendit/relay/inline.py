@@ -13,22 +13,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 
 from django.db import connections
 
+from sendit.relay import child
 from sendit.relay.pipeline import Outcome, process_series
 
 BUSY_RETRY_SECONDS = 1.0
-
-
-def _child_setup() -> None:
-    import django
-
-    django.setup()
-
-
-def _child_process(series_id: int) -> Outcome:
-    try:
-        return process_series(series_id)
-    finally:
-        connections.close_all()
 
 
 def _run_here(due: dict[int, float], on_progress: Callable[[], None] | None) -> None:
@@ -58,13 +46,13 @@ def run_inline(
         return
     connections.close_all()
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context, initializer=_child_setup) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context, initializer=child.setup) as pool:
         running: dict[Future[Outcome], int] = {}
         while due or running:
             now = time.monotonic()
             for series_id in [sid for sid, at in due.items() if at <= now]:
                 del due[series_id]
-                running[pool.submit(_child_process, series_id)] = series_id
+                running[pool.submit(child.process, series_id)] = series_id
             if running:
                 finished, _ = wait(list(running), timeout=poll, return_when=FIRST_COMPLETED)
             else:

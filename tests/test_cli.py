@@ -1,0 +1,156 @@
+"""The `sendit` command as a user runs it: its own config, data folder, processes and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from sendit.demo import generate_demo
+
+SECRET = "cli-test-secret-key-0123456789-abcdefghijkl"
+
+
+def sendit(
+    tmp: Path, *args: str, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sendit", *args],
+        cwd=tmp,
+        env=env or cli_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """A user's environment: no test settings, no DATABASE_URL leaking in from the test run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDIT_", "DJANGO_")) and k != "DATABASE_URL"}
+    env.update({"SENDIT_CONFIG": str(tmp / "sendit.toml"), "SENDIT_WORKERS": "2", **extra})
+    return env
+
+
+@pytest.fixture
+def configured(tmp_path: Path) -> Path:
+    (tmp_path / "sendit.toml").write_text(f'SECRET_KEY = "{SECRET}"\nDATA_DIR = "data"\nRETRY_BASE_SECONDS = 0\n')
+    return tmp_path
+
+
+def test_demo_command_takes_the_demo_to_done(tmp_path: Path) -> None:
+    result = sendit(tmp_path, "demo", str(tmp_path / "demo"), env=cli_env(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    assert "DONE" in result.stderr
+    outputs = list((tmp_path / "demo" / "sendit-data" / "output").rglob("*.dcm"))
+    assert len(outputs) > 20
+    modalities = {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in outputs}
+    assert len(modalities) >= 3
+
+
+def test_import_wait_exits_nonzero_with_a_summary_by_reason(configured: Path) -> None:
+    folder = configured / "incoming"
+    written = generate_demo(folder, patients=1, images_per_series=2, size=32)
+    (written[0].parent / "junk.bin").write_bytes(b"\x00" * 300)
+    result = sendit(configured, "import", str(folder), "--wait")
+    assert result.returncode == 1
+    assert "junk.bin" in result.stderr and "not a DICOM file" in result.stderr
+    assert "did not end DONE or SKIPPED" in result.stderr
+    for path in written:  # a folder outside the input folder is the user's: never deleted
+        assert path.exists()
+    status = sendit(configured, "status", "--json")
+    counts = json.loads(status.stdout)["counts"]
+    assert counts["DONE"] == len(written) and counts["QUARANTINED"] == 1
+
+
+def test_import_wait_exits_zero_when_all_done(configured: Path) -> None:
+    folder = configured / "incoming"
+    written = generate_demo(folder, patients=1, images_per_series=2, size=32)
+    result = sendit(configured, "import", str(folder), "--wait")
+    assert result.returncode == 0, result.stderr
+    assert len(list((configured / "data" / "output").rglob("*.dcm"))) == len(written)
+
+
+def test_check_masks_secrets_and_reports_bad_values(configured: Path) -> None:
+    result = sendit(configured, "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert SECRET not in result.stdout and "SECRET_KEY = ****** (set)" in result.stdout
+    bad = sendit(configured, "check", env=cli_env(configured, SENDIT_WORKERS="zero", SENDIT_ORTHANC_PORT="0"))
+    assert bad.returncode == 2
+    assert "SENDIT_WORKERS" in bad.stderr and "SENDIT_ORTHANC_PORT" in bad.stderr
+
+
+def test_deid_command_needs_no_database(configured: Path) -> None:
+    source = configured / "in"
+    written = generate_demo(source, patients=1, images_per_series=2, size=32)
+    result = sendit(configured, "deid", str(source), str(configured / "out"))
+    assert result.returncode == 0, result.stderr
+    outputs = list((configured / "out").rglob("*.dcm"))
+    assert len(outputs) == len(written)
+    original = pydicom.dcmread(written[0])
+    blob = b"".join(p.read_bytes() for p in outputs)
+    assert str(original.PatientID).encode() not in blob
+    assert not (configured / "data" / "sendit.sqlite3").exists()
+
+
+def test_run_watches_processes_and_serves_status(configured: Path) -> None:
+    """`sendit run`: watcher + Huey workers + web server; a dropped folder ends DONE without a manual step."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sendit", "run", "--port", str(port)],
+        cwd=configured,
+        env=cli_env(configured),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        staging = configured / "staging"
+        written = generate_demo(staging, patients=1, images_per_series=2, size=32)
+        input_folder = configured / "data" / "input"
+        assert _wait(lambda: input_folder.exists(), 30)
+        for study in staging.iterdir():
+            study.rename(input_folder / study.name)
+        assert _wait(lambda: len(list((configured / "data" / "output").rglob("*.dcm"))) == len(written), 90)
+        assert _wait(lambda: _counts(configured).get("DONE") == len(written), 30)
+        import httpx
+
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json() == {"status": "ok"}
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert page.status_code == 302 and "/admin/login/" in page.headers["location"]  # login required
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def _counts(tmp: Path) -> dict[str, int]:
+    result = sendit(tmp, "status", "--json")
+    return json.loads(result.stdout)["counts"] if result.returncode == 0 else {}
+
+
+def _wait(predicate: object, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

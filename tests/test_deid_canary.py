@@ -1,0 +1,194 @@
+"""PHI canary: a unique marker in every attribute Table E.1-1 names, at several nesting levels and in
+private tags, file meta and preamble; after de-identification no output byte may hold any of them.
+
+Markers are looked for in the raw bytes of the written file, so nothing the engine leaves behind —
+in any element, any sequence, the file meta or the preamble — can hide from the check.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from sendit.deid import Deidentifier, DeidOptions
+from sendit.deid.profile import OPTIONS, load_rows
+from sendit.identifiers import Identifiers
+
+IDS = Identifiers("SIDPSEUDO1", "SIDPSEUDO1", "ACCPSEUDO1", jitter_days=-45)
+TEXT_VRS = {"AE", "CS", "SH", "LO", "LT", "ST", "UT", "UC", "PN"}
+BYTES_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+WALKED = {0x00081140, 0x00082112}  # X/Z/U*: kept and walked, so they carry the next level
+DEPTH = 3
+BASE_DATE = datetime.date(1000, 1, 1)
+
+
+@dataclass
+class Canaries:
+    """Hands out unique marker values per VR and remembers every one of them."""
+
+    keep_dated_times: bool
+    markers: list[bytes] = field(default_factory=list)
+    covered: set[int] = field(default_factory=set)
+    skipped: dict[str, set[int]] = field(default_factory=dict)
+    counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def skip(self, tag: int, reason: str) -> None:
+        self.skipped.setdefault(reason, set()).add(tag)
+
+    def value(self, vr: str) -> object | None:
+        k = next(self.counter)
+        if vr in TEXT_VRS:
+            text = f"CANARY{k}XYZ"
+        elif vr == "UR":
+            text = f"http://example.org/CANARY{k}XYZ"
+        elif vr == "UI":
+            text = f"1.2.3.999.{k}"
+        elif vr == "DA":  # 97-day steps: no date shifted by 45 days lands on another canary
+            text = (BASE_DATE + datetime.timedelta(days=k * 97)).strftime("%Y%m%d")
+        elif vr == "DT":
+            text = (BASE_DATE + datetime.timedelta(days=k * 97)).strftime("%Y%m%d") + "121314"
+        elif vr == "TM":
+            text = f"235958.{k:06d}"
+        elif vr == "DS":
+            text = f"9{k:05d}.5"
+        elif vr == "IS":
+            text = f"8{k:06d}"
+        elif vr in BYTES_VRS:
+            data = f"CANARY{k}XYZ".encode()
+            self.markers.append(data)
+            return data + b"\x00" * (-len(data) % 8)
+        else:
+            return None
+        self.markers.append(text.encode())
+        return text
+
+
+def _rows() -> list[tuple[int, str, dict[str, str], str]]:
+    rows = []
+    for row in load_rows():
+        if not row.is_exact:
+            continue
+        rows.append((row.value, row.basic, dict(row.options), row.name))
+    return rows
+
+
+def fill(ds: Dataset, canaries: Canaries, level: int) -> None:
+    """Put a canary in every PHI-bearing attribute of the table, and private ones, into ``ds``."""
+    for tag, _basic, options, _name in _rows():
+        group = tag >> 16
+        if group in (0x0000, 0x0002):
+            canaries.skip(tag, "command or file meta group: cannot be in a stored data set")
+            continue
+        vr = str(dictionary_VR(tag))
+        if " or " in vr:
+            canaries.skip(tag, "ambiguous VR")
+            continue
+        if vr == "TM" and canaries.keep_dated_times and options.get("rtnLongModifDatesOpt") == "C":
+            # Retained on purpose by the modified-dates option (a whole-day shift keeps times).
+            canaries.skip(tag, "time kept by the modified-dates option")
+            continue
+        if vr == "SQ":
+            item = Dataset()
+            if tag in WALKED:
+                if level < DEPTH:
+                    fill(item, canaries, level + 1)
+                else:
+                    item.ReferencedSOPInstanceUID = canaries.value("UI")
+                    item.PatientName = canaries.value("PN")
+            else:
+                item.CodeValue = canaries.value("SH")
+                item.CodeMeaning = canaries.value("LO")
+                deeper = Dataset()
+                deeper.CodeMeaning = canaries.value("LO")
+                item.ConceptNameCodeSequence = Sequence([deeper])
+                _private(item, canaries)
+            ds.add_new(tag, "SQ", Sequence([item]))
+            canaries.covered.add(tag)
+            continue
+        value = canaries.value(vr)
+        if value is None:
+            canaries.skip(tag, f"VR {vr} cannot hold a marker")
+            continue
+        ds.add_new(tag, vr, value)
+        canaries.covered.add(tag)
+    _private(ds, canaries)
+    # Wildcard rows: overlay data and comments (60xx,3000/4000), curves (50xx,xxxx); and the
+    # overlay's free-text attributes, which go with the rest of the group.
+    for tag, vr in (
+        (0x60003000, "OW"),
+        (0x60024000, "LT"),
+        (0x60040022, "LO"),
+        (0x60001500, "LO"),
+        (0x50003000, "OW"),
+        (0x50102500, "LO"),
+    ):
+        ds.add_new(tag, vr, canaries.value(vr))
+
+
+def _private(ds: Dataset, canaries: Canaries) -> None:
+    block = ds.private_block(0x0029, "CANARY CREATOR", create=True)
+    block.add_new(0x01, "LO", canaries.value("LO"))
+    block.add_new(0x02, "UN", canaries.value("UN"))
+    inner = Dataset()
+    inner.PatientName = canaries.value("PN")
+    inner_block = inner.private_block(0x0031, "CANARY INNER", create=True)
+    inner_block.add_new(0x01, "LO", canaries.value("LO"))
+    block.add_new(0x03, "SQ", Sequence([inner]))
+    canaries.markers.append(b"CANARY CREATOR")
+
+
+def canary_file(path: Path, canaries: Canaries, transfer_syntax: str) -> Path:
+    ds = Dataset()
+    fill(ds, canaries, 1)
+    ds.SOPClassUID = CTImageStorage
+    ds.preamble = b"CANARYPREAMBLE".ljust(128, b"\x00")
+    canaries.markers.append(b"CANARYPREAMBLE")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.SourceApplicationEntityTitle = "CANARYMETAAE"
+    canaries.markers.append(b"CANARYMETAAE")
+    ds.file_meta = meta
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize("options", [DeidOptions(), DeidOptions(retain_long_modified_dates=False)])
+def test_no_canary_survives(tmp_path: Path, transfer_syntax: str, options: DeidOptions) -> None:
+    canaries = Canaries(keep_dated_times=options.retain_long_modified_dates)
+    src = canary_file(tmp_path / "canary.dcm", canaries, transfer_syntax)
+    source = src.read_bytes()
+    assert all(marker in source for marker in canaries.markers)  # they really were written
+
+    result = Deidentifier("canary-key", options).deidentify_file(src, tmp_path / "out.dcm", IDS)
+    output = result.path.read_bytes()
+    survivors = sorted({m.decode() for m in canaries.markers if m in output})
+    assert survivors == []
+
+    # Most of the table carries a canary; every other row is accounted for with its reason.
+    skipped = set().union(*canaries.skipped.values())
+    assert canaries.covered | skipped == {row[0] for row in _rows()}
+    assert not canaries.covered & skipped
+    counts = {reason: len(tags) for reason, tags in canaries.skipped.items()}
+    assert len(canaries.covered) >= (550 if options.retain_long_modified_dates else 600), counts
+
+    out = pydicom.dcmread(result.path)  # still a readable DICOM object, every sequence parses
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+    assert sum(1 for _ in out.iterall()) > 100
+    assert out.PatientIdentityRemoved == "YES"
+
+
+def test_option_names_match_the_table_columns() -> None:
+    columns = {column for row in load_rows() for column in row.options}
+    assert {info.column for info in OPTIONS.values()} == columns
