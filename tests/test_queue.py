@@ -43,7 +43,9 @@ def test_each_series_is_one_task_and_runs_to_done(sendit_dirs: dict[str, Path], 
     assert statuses() == {Status.DONE: len(written)}
 
 
-def test_a_retry_is_scheduled_with_back_off(sendit_dirs: dict[str, Path], reconfigure: object, empty_queue: None) -> None:
+def test_a_retry_is_scheduled_with_back_off(
+    sendit_dirs: dict[str, Path], reconfigure: object, empty_queue: None
+) -> None:
     from sendit.relay.ingest import ingest_folder
 
     reconfigure(IDENTIFIER_PROVIDER="tests.test_pipeline.FailingProvider", RETRY_BASE_SECONDS=30)  # type: ignore[operator]
@@ -52,7 +54,9 @@ def test_a_retry_is_scheduled_with_back_off(sendit_dirs: dict[str, Path], reconf
     run_series.call_local(series_id)
     task = huey.dequeue()
     assert task is not None and task.args == (series_id,)
-    assert task.eta is not None and (task.eta - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds() > 20  # back in 30 s, not spinning
+    assert (
+        task.eta is not None and (task.eta - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds() > 20
+    )  # back in 30 s, not spinning
     series = Series.objects.get(pk=series_id)
     assert series.stage == "retrying" and series.attempts == 1 and series.next_attempt_at is not None
     assert "retrying" in series.last_error
