@@ -150,6 +150,9 @@ def canary_file(path: Path, canaries: Canaries, transfer_syntax: str) -> Path:
     ds = Dataset()
     fill(ds, canaries, 1)
     ds.SOPClassUID = CTImageStorage
+    ds.SamplesPerPixel, ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 4, 4, 16, 16, 15
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, "MONOCHROME2"
+    ds.PixelData = bytes(32)
     ds.preamble = b"CANARYPREAMBLE".ljust(128, b"\x00")
     canaries.markers.append(b"CANARYPREAMBLE")
     meta = FileMetaDataset()

@@ -539,3 +539,15 @@ def test_implicit_vr_input_stays_implicit(engine: Deidentifier, tmp_path: Path) 
     assert out.InstitutionName == "ANONYMIZED" and out.PixelData == ds.PixelData
     assert not [elem for elem in elements(out) if elem.tag.is_private]
     assert_vr_valid(out)
+
+
+@pytest.mark.parametrize("name", ["ct", "JPEG2000.dcm", "MR_small_bigendian.dcm"])
+def test_an_image_cut_anywhere_is_refused(engine: Deidentifier, tmp_path: Path, name: str) -> None:
+    src = write(make_ct(), tmp_path / "ct.dcm") if name == "ct" else pydicom_file(name)
+    data = src.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    for end in range(160, len(data) - 1, max(1, len(data) // 80)):
+        cut.write_bytes(data[:end])
+        with pytest.raises(DeidError):
+            engine.deidentify_file(cut, tmp_path / "out" / "cut.dcm", IDS)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

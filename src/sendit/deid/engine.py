@@ -529,8 +529,13 @@ def _check_complete(ds: Dataset, path: Path) -> None:
             tail = handle.read(8)
         if tail != (_DELIMITER_LE if little else _DELIMITER_BE):
             raise DeidError(f"truncated file: {tag_text(last_tag)} has no closing delimiter")
-    if 0x00280010 in ds and not any(tag in ds for tag in _PIXEL_TAGS):
-        raise DeidError("truncated file: image attributes but no pixel data")
+    if not any(tag in ds for tag in _PIXEL_TAGS) and (0x00280010 in ds or _is_image_class(ds)):
+        raise DeidError("truncated file: an image without pixel data")
+
+
+def _is_image_class(ds: Dataset) -> bool:
+    values = _strings(ds.get_item(_SOP_CLASS)) if _SOP_CLASS in ds else []
+    return bool(values) and "Image Storage" in UID_dictionary.get(values[0], ("",))[0]
 
 
 def _first(ds: Dataset, tag: int) -> str:
