@@ -337,7 +337,7 @@ class Deidentifier:
                     vr = known_vr
                 action = exact.get(tag, Action.KEEP)
                 if action is Action.KEEP:
-                    if vr == "UI":
+                    if vr == "UI" or known_vr == "UI":  # also a UID a vendor encoded with another VR
                         self._remap_element(ds, tag, elem)
                     elif vr == "SQ":
                         self._walk_sequence(ds, tag, jitter)
