@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,17 @@ def _text(value: object) -> str:
 
 
 def read_header(path: Path) -> FileHeader | RejectedFile:
-    """Read one file's header; never raises for bad content, returns the reason instead."""
+    """Read one file's header; never raises for bad content, returns the reason instead.
+
+    pydicom's warnings quote the offending value (a patient's name, a date): they are silenced here so
+    that no such value reaches a log.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read_header(path)
+
+
+def _read_header(path: Path) -> FileHeader | RejectedFile:
     try:
         size = os.path.getsize(path)
     except OSError as exc:
@@ -72,7 +83,8 @@ def read_header(path: Path) -> FileHeader | RejectedFile:
         return RejectedFile("DICOMDIR media directory, not an image", skip=True)
     missing = [k for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID") if not _text(ds.get(k))]
     if missing:
-        return RejectedFile("missing " + ", ".join(missing))
+        ended_early = pixel_start >= size
+        return RejectedFile("missing " + ", ".join(missing) + (" (the file may be truncated)" if ended_early else ""))
     transfer = _text(meta.get("TransferSyntaxUID")) if meta is not None else ""
     series = SeriesHeader(
         series_uid=_text(ds.SeriesInstanceUID),

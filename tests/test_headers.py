@@ -1,0 +1,64 @@
+"""Header reading for ingest: one clear, PHI-free reason per bad file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from sendit.demo import generate_demo
+from sendit.dicomio import FileHeader, RejectedFile, read_header
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Path:
+    return generate_demo(tmp_path / "in", patients=1, images_per_series=1, size=32)[0]
+
+
+def test_good_file_gives_grouping_values(sample: Path) -> None:
+    header = read_header(sample)
+    ds = pydicom.dcmread(sample)
+    assert isinstance(header, FileHeader)
+    assert header.series.series_uid == ds.SeriesInstanceUID and header.sop_instance_uid == ds.SOPInstanceUID
+    assert header.series.patient_id == ds.PatientID and header.size == sample.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda data: b"", "empty file"),
+        (lambda data: b"plain text, not an image" * 20, "not a DICOM file"),
+        (lambda data: data[:-700], "truncated DICOM file"),
+        (lambda data: data[:200], "may be truncated"),
+    ],
+)
+def test_bad_files_get_a_reason(sample: Path, tmp_path: Path, damage: object, reason: str) -> None:
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(damage(sample.read_bytes()))  # type: ignore[operator]
+    result = read_header(bad)
+    assert isinstance(result, RejectedFile) and reason in result.reason
+
+
+def test_missing_uids_are_named(sample: Path, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(sample)
+    del ds.SeriesInstanceUID
+    ds.save_as(tmp_path / "nouid.dcm")
+    result = read_header(tmp_path / "nouid.dcm")
+    assert isinstance(result, RejectedFile) and result.reason == "missing SeriesInstanceUID"
+
+
+def test_bad_values_do_not_leak_into_logs_or_warnings(
+    sample: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    ds = pydicom.dcmread(sample)
+    ds.PatientBirthDate = "SECRETDATE"
+    ds.save_as(tmp_path / "odd.dcm")
+    caplog.clear()
+    recwarn.clear()
+    with caplog.at_level(logging.DEBUG):
+        result = read_header(tmp_path / "odd.dcm")
+    assert isinstance(result, FileHeader)
+    assert "SECRETDATE" not in caplog.text
+    assert not [w for w in recwarn if "SECRETDATE" in str(w.message)]
