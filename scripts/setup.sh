@@ -9,6 +9,7 @@ need_apt=()
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${need_apt[*]} from Debian" >&2

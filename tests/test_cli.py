@@ -154,3 +154,33 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_killed_import_is_finished_by_running_it_again(configured: Path) -> None:
+    """kill -9 in the middle of work; the same command again finishes everything, nothing doubled."""
+    folder = configured / "data" / "input" / "batch"
+    written = generate_demo(folder, patients=8, images_per_series=12, size=256)
+    env = cli_env(configured, SENDIT_WORKERS="1", SENDIT_BATCH_SIZE="5")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sendit", "import", str(folder), "--wait"],
+        cwd=configured,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    output = configured / "data" / "output"
+    try:
+        assert _wait(lambda: len(list(output.rglob("*.dcm"))) >= 5, 60)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    interrupted = _counts(configured)
+    assert interrupted["DONE"] < len(written)  # really killed in the middle
+    again = sendit(configured, "import", str(folder), "--wait", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    assert _counts(configured)["DONE"] == len(written)
+    outputs = list(output.rglob("*"))
+    assert len([p for p in outputs if p.suffix == ".dcm"]) == len(written)
+    assert not [p for p in outputs if p.name.endswith(".part")]

@@ -144,7 +144,6 @@ def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) ->
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sendit.relay.housekeeping import problem_reasons
     from sendit.relay.ingest import IngestReport, complete_files, ingest_paths
     from sendit.relay.inline import run_inline
     from sendit.relay.models import TERMINAL, Image, Status
@@ -156,19 +155,22 @@ def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) ->
             console.print(f"[red]{path}: no such file or folder[/red]")
             return 2
         report.add(ingest_paths([path] if path.is_file() else complete_files(path)))
-    for name, reason in report.problems:
+    for name, _, reason in report.problems:
         console.print(f"[yellow]{name}: {reason}[/yellow]")
     console.print(
         f"ingested {report.images} image(s) in {len(report.series_ids)} series"
         f" ({report.rejected} rejected, {report.skipped} skipped, {report.quarantined} quarantined,"
         f" {report.reprocessed} again)"
     )
+    series_ids = report.series_ids | report.resumable
     if not wait:
         from sendit.relay.tasks import enqueue
 
-        enqueue(report.series_ids)
+        enqueue(series_ids)
         return 0
-    images = Image.objects.filter(series_id__in=report.series_ids)
+    if report.resumable:
+        console.print(f"resuming {len(report.resumable)} series recorded earlier and still in flight")
+    images = Image.objects.filter(series_id__in=series_ids)
     total = images.count()
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -178,7 +180,7 @@ def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) ->
         def update() -> None:
             progress.update(task, completed=images.filter(status__in=TERMINAL).count())
 
-        run_inline(report.series_ids, workers, on_progress=update)
+        run_inline(series_ids, workers, on_progress=update)
         update()
     counts: dict[str, int] = {}
     for status in images.values_list("status", flat=True):
@@ -186,16 +188,16 @@ def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) ->
     console.print(
         "result: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "result: nothing"
     )
-    bad = (
-        sum(n for status, n in counts.items() if status not in (Status.DONE, Status.SKIPPED))
-        + report.rejected
-        + report.quarantined
-    )
-    if bad:
-        console.print(f"[red]{bad} file(s) did not end DONE or SKIPPED:[/red]")
-        for status, reason, n in problem_reasons():
-            if status != Status.SKIPPED:
-                console.print(f"  {n:6d}  {status:12s} {reason}")
+    reasons: dict[tuple[str, str], int] = {}
+    for status, reason in images.exclude(status__in=(Status.DONE, Status.SKIPPED)).values_list("status", "reason"):
+        reasons[(status, reason)] = reasons.get((status, reason), 0) + 1
+    for _, status, reason in report.problems:
+        if status != Status.SKIPPED:
+            reasons[(status, reason)] = reasons.get((status, reason), 0) + 1
+    if reasons:
+        console.print(f"[red]{sum(reasons.values())} file(s) did not end DONE or SKIPPED:[/red]")
+        for (status, reason), n in sorted(reasons.items(), key=lambda item: -item[1]):
+            console.print(f"  {n:6d}  {status:12s} {reason}")
         return 1
     return 0
 

@@ -41,15 +41,17 @@ def complete_files(root: Path) -> Iterator[Path]:
 class IngestReport:
     images: int = 0
     series_ids: set[int] = field(default_factory=set)
+    resumable: set[int] = field(default_factory=set)  # series of files recorded earlier, still in flight
     rejected: int = 0
     skipped: int = 0
     quarantined: int = 0
     reprocessed: int = 0
-    problems: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[tuple[str, Status, str]] = field(default_factory=list)  # (path, status, reason)
 
     def add(self, other: IngestReport) -> None:
         self.images += other.images
         self.series_ids |= other.series_ids
+        self.resumable |= other.resumable
         self.rejected += other.rejected
         self.skipped += other.skipped
         self.quarantined += other.quarantined
@@ -57,22 +59,30 @@ class IngestReport:
         self.problems.extend(other.problems)
 
 
-def known_paths() -> set[str]:
-    """Paths already recorded; a rescan after a restart skips them.
+def known_paths() -> dict[str, tuple[int, str]]:
+    """Paths already recorded → (series id, status); a rescan after a restart skips them.
 
     DONE images are left out: their originals are gone, so a file at the same path is a new arrival.
     """
-    return set(Image.objects.exclude(status=Status.DONE).values_list("path", flat=True))
+    rows = Image.objects.exclude(status=Status.DONE).values_list("path", "series_id", "status")
+    return {path: (series_id, status) for path, series_id, status in rows}
 
 
 def ingest_paths(paths: Iterable[Path], chunk: int = 500) -> IngestReport:
-    """Ingest the given files (chunked so that a huge folder does not hold one long transaction)."""
+    """Ingest the given files (chunked so that a huge folder does not hold one long transaction).
+
+    Files recorded earlier and still in flight are not read again, but their series are reported, so
+    that `sendit import --wait` run again after a crash finishes them.
+    """
     report = IngestReport()
     known = known_paths()
     batch: list[tuple[str, Path]] = []
     for path in paths:
         name = files.stored_name(path)
         if name in known:
+            series_id, status = known[name]
+            if status in IN_FLIGHT:
+                report.resumable.add(series_id)
             continue
         batch.append((name, path))
         if len(batch) >= chunk:
@@ -192,7 +202,7 @@ def _record_duplicate(name: str, same: bool, image: Image | None, report: Ingest
         report.quarantined += 1
     stored = files.set_aside(name, folder)
     ReceivedFile.objects.create(path=name, status=status, reason=clip(reason), stored_at=stored, image=image)
-    report.problems.append((name, reason))
+    report.problems.append((name, status, reason))
     log.warning("%s: %s", name, reason)
 
 
@@ -204,7 +214,7 @@ def _record_rejected(name: str, rejected: RejectedFile, report: IngestReport) ->
         report.skipped += 1
     else:
         report.rejected += 1
-    report.problems.append((name, rejected.reason))
+    report.problems.append((name, status, rejected.reason))
     log.warning("%s: %s", name, rejected.reason)
 
 

@@ -50,7 +50,7 @@ class Series(models.Model):
     last_error = models.CharField(max_length=500, blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     enqueued_at = models.DateTimeField(null=True, blank=True)
-    lease_owner = models.CharField(max_length=64, blank=True)
+    lease_owner = models.CharField(max_length=255, blank=True)
     lease_expires = models.DateTimeField(null=True, blank=True, db_index=True)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)

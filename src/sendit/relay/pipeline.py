@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,11 +46,38 @@ class Outcome:
     busy: bool = False
 
 
+def lease_owner_name() -> str:
+    """host:pid:random, so that a lease left by a dead process on this host can be taken at once."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def holder_is_dead(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another machine's worker: only the expiry can tell
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def acquire_lease(series_id: int, owner: str) -> bool:
+    """Take the series if nobody holds it, the lease expired, or its holder died on this host."""
     now = timezone.now()
     expires = now + timedelta(seconds=runtime.config().LEASE_SECONDS)
     free = Q(lease_expires__isnull=True) | Q(lease_expires__lt=now)
-    return Series.objects.filter(Q(pk=series_id) & free).update(lease_owner=owner, lease_expires=expires) == 1
+    if Series.objects.filter(Q(pk=series_id) & free).update(lease_owner=owner, lease_expires=expires) == 1:
+        return True
+    holder = Series.objects.filter(pk=series_id).values_list("lease_owner", flat=True).first()
+    if holder and holder_is_dead(holder):
+        log.warning("series #%s: its worker died; taking it over", series_id)
+        taken = Series.objects.filter(pk=series_id, lease_owner=holder).update(lease_owner=owner, lease_expires=expires)
+        return taken == 1
+    return False
 
 
 def renew_lease(series_id: int, owner: str) -> None:
@@ -66,7 +95,7 @@ def backoff_seconds(attempts: int) -> float:
 
 
 def process_series(series_id: int) -> Outcome:
-    owner = uuid.uuid4().hex
+    owner = lease_owner_name()
     if not acquire_lease(series_id, owner):
         return Outcome(finished=False, busy=True)
     try:

@@ -13,7 +13,7 @@ from huey import crontab
 
 from sendit.relay import runtime
 from sendit.relay.models import IN_FLIGHT, Series
-from sendit.relay.pipeline import process_series
+from sendit.relay.pipeline import holder_is_dead, process_series
 from sendit.relay.queue import make_huey
 
 log = logging.getLogger("sendit.tasks")
@@ -41,17 +41,25 @@ def run_series(series_id: int) -> None:
 
 
 def stale_series() -> list[int]:
-    """Series with work in flight, no live lease, due, and not enqueued within a lease period."""
+    """Series with work in flight and due, whose worker is gone: lease expired or holder dead on this
+    host, or never leased and not enqueued within a lease period (the queue lost it)."""
     now = timezone.now()
     lease = timedelta(seconds=runtime.config().LEASE_SECONDS)
-    return list(
+    rows = (
         Series.objects.filter(images__status__in=IN_FLIGHT)
-        .filter(Q(lease_expires__isnull=True) | Q(lease_expires__lt=now))
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - lease))
-        .values_list("id", flat=True)
+        .values_list("id", "lease_owner", "lease_expires", "enqueued_at")
         .distinct()
     )
+    stale = []
+    for series_id, owner, expires, enqueued in rows:
+        leased = expires is not None and expires >= now
+        if leased:
+            if holder_is_dead(owner):
+                stale.append(series_id)
+        elif enqueued is None or enqueued < now - lease or owner:
+            stale.append(series_id)
+    return sorted(set(stale))
 
 
 def requeue_stale() -> int:

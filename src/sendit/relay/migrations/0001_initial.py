@@ -44,7 +44,7 @@ class Migration(migrations.Migration):
                 ('last_error', models.CharField(blank=True, max_length=500)),
                 ('next_attempt_at', models.DateTimeField(blank=True, null=True)),
                 ('enqueued_at', models.DateTimeField(blank=True, null=True)),
-                ('lease_owner', models.CharField(blank=True, max_length=64)),
+                ('lease_owner', models.CharField(blank=True, max_length=255)),
                 ('lease_expires', models.DateTimeField(blank=True, db_index=True, null=True)),
                 ('created', models.DateTimeField(auto_now_add=True)),
                 ('updated', models.DateTimeField(auto_now=True)),
