@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sendit.demo import generate_demo
@@ -29,3 +31,13 @@ def statuses() -> dict[str, int]:
 
 def all_bytes(folder: Path) -> bytes:
     return b"".join(path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file())
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float, every: float = 0.05) -> bool:
+    """Poll until ``predicate`` holds; bounded in time."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False

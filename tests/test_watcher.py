@@ -10,18 +10,9 @@ import pytest
 from sendit.relay.ingest import IngestReport
 from sendit.relay.models import Image
 from sendit.relay.watcher import Watcher
-from tests.helpers import demo_into
+from tests.helpers import demo_into, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def wait_for(predicate: object, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_renamed_folder_is_ingested_within_two_seconds_and_tmp_never(sendit_dirs: dict[str, Path]) -> None:

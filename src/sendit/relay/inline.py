@@ -19,17 +19,21 @@ from sendit.relay.pipeline import Outcome, process_series
 BUSY_RETRY_SECONDS = 1.0
 
 
+def _reschedule(due: dict[int, float], series_id: int, outcome: Outcome) -> None:
+    """A busy series (another worker holds it) is tried again soon; a failed step after its back-off."""
+    if outcome.busy:
+        due[series_id] = time.monotonic() + BUSY_RETRY_SECONDS
+    elif outcome.retry_in is not None:
+        due[series_id] = time.monotonic() + outcome.retry_in
+
+
 def _run_here(due: dict[int, float], on_progress: Callable[[], None] | None) -> None:
     """One worker needs no pool: run in this process (also what the tests use)."""
     while due:
         series_id, at = min(due.items(), key=lambda item: item[1])
         time.sleep(max(0.0, at - time.monotonic()))
         del due[series_id]
-        outcome = process_series(series_id)
-        if outcome.busy:
-            due[series_id] = time.monotonic() + BUSY_RETRY_SECONDS
-        elif outcome.retry_in is not None:
-            due[series_id] = time.monotonic() + outcome.retry_in
+        _reschedule(due, series_id, process_series(series_id))
         if on_progress is not None:
             on_progress()
 
@@ -59,11 +63,6 @@ def run_inline(
                 finished = set()
                 time.sleep(poll)
             for future in finished:
-                series_id = running.pop(future)
-                outcome = future.result()
-                if outcome.busy:
-                    due[series_id] = time.monotonic() + BUSY_RETRY_SECONDS
-                elif outcome.retry_in is not None:
-                    due[series_id] = time.monotonic() + outcome.retry_in
+                _reschedule(due, running.pop(future), future.result())
             if on_progress is not None:
                 on_progress()
