@@ -136,6 +136,8 @@ class Event(models.Model):
 
     class Meta:
         ordering = ["-created", "-id"]
+        # the dashboard's throughput chart and /metrics count recent events by target status
+        indexes = [models.Index(fields=["to_status", "created"], name="event_to_status_created")]
 
 
 class Summary(models.Model):
@@ -148,3 +150,28 @@ class Summary(models.Model):
     first_seen = models.DateTimeField()
     finished = models.DateTimeField()
     pruned = models.DateTimeField(auto_now_add=True)
+
+
+class ApiToken(models.Model):
+    """A script's bearer token for the API and /metrics; only its SHA-256 is stored."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True)
+    key_hash = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=12, help_text="The first characters, to tell tokens apart.")
+    created = models.DateTimeField(auto_now_add=True)
+    last_used = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"token {self.prefix}… of user #{self.user_id}"
+
+
+class WorkerHeartbeat(models.Model):
+    """Each queue worker process writes here every few seconds; the dashboard counts the recent ones."""
+
+    name = models.CharField(max_length=255, unique=True, help_text="host:pid")
+    started = models.DateTimeField()
+    seen = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.name

@@ -250,6 +250,15 @@ def _outgoing(series: Series, images: list[Image], ids: Identifiers) -> list[Out
     return outgoing
 
 
+def _about(destination: Destination, exc: DestinationError, doing: str = "") -> str:
+    """``name: [doing: ]reason``, naming the destination once (adapters already prefix their name)."""
+    text = str(exc)
+    prefix = f"{destination.name}: "
+    if text.startswith(prefix):
+        text = text[len(prefix) :]
+    return prefix + (f"{doing}: " if doing else "") + text
+
+
 def deliver_and_verify(series: Series, owner: str) -> None:
     destinations = runtime.destinations()
     try:
@@ -289,8 +298,8 @@ def deliver_pending(series: Series, destinations: list[Destination], owner: str)
                 results = destination.send(todo)
             except DestinationError as exc:
                 if exc.retryable:
-                    raise RetryableFailure(f"{destination.name}: {exc}") from exc
-                raise PermanentFailure(f"{destination.name}: {exc}") from exc
+                    raise RetryableFailure(_about(destination, exc)) from exc
+                raise PermanentFailure(_about(destination, exc)) from exc
             Delivery.objects.bulk_create(
                 [
                     Delivery(
@@ -334,7 +343,7 @@ def verify_sent(series: Series, destinations: list[Destination]) -> bool:
         try:
             missing = destination.missing(series.deid_series_uid, set(by_uid))
         except DestinationError as exc:
-            raise RetryableFailure(f"{destination.name}: verification failed: {exc}") from exc
+            raise RetryableFailure(_about(destination, exc, "verification failed")) from exc
         for uid in missing:
             image = by_uid[uid]
             missing_ids.add(image.pk)

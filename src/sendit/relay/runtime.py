@@ -55,6 +55,11 @@ def destinations() -> list[Destination]:
                 port=cfg.ORTHANC_PORT,
                 called_aet=cfg.ORTHANC_AET,
                 calling_aet=cfg.SENDIT_AET,
+                max_pdu=cfg.ORTHANC_MAX_PDU,
+                connect_timeout=min(10.0, cfg.ORTHANC_TIMEOUT),
+                acse_timeout=cfg.ORTHANC_TIMEOUT,
+                dimse_timeout=cfg.ORTHANC_TIMEOUT,
+                network_timeout=cfg.ORTHANC_TIMEOUT,
                 name="orthanc-dicom",
             )
         )
@@ -66,6 +71,8 @@ def destinations() -> list[Destination]:
                 cfg.ORTHANC_URL,
                 username=cfg.ORTHANC_USERNAME or None,
                 password=cfg.ORTHANC_PASSWORD or None,
+                timeout=cfg.ORTHANC_TIMEOUT,
+                connect_timeout=min(5.0, cfg.ORTHANC_TIMEOUT),
                 name="orthanc-rest",
             )
         )
