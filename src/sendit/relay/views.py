@@ -1,27 +1,108 @@
-"""The status page (counts, recent series, problems) and a health check; no patient values shown."""
+"""The operator's pages: dashboard, series list, series page, actions, /metrics and /health.
+
+Every page needs a login (the API and /metrics also take a bearer token); only /health answers
+anyone, with nothing but "ok". URLs carry database ids only, never a patient value.
+"""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import render
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_POST
 
-from sendit.relay.housekeeping import problem_reasons, status_counts
-from sendit.relay.models import Series
+from sendit.relay.models import Series, SeriesIdentifiers, Status
+from sendit.web import actions, metrics, overview
+from sendit.web.api import login_or_token_required
+
+IDENTIFIER_PERMISSION = "relay.view_identifier_response"
+IMAGES_PER_PAGE = 50
+EVENTS_PER_PAGE = 50
 
 
 @login_required
 def status_page(request: HttpRequest) -> HttpResponse:
-    recent = Series.objects.select_related("study").order_by("-updated")[:50]
+    """The dashboard; its script renders the embedded snapshot, then polls /api/dashboard."""
     return render(
         request,
-        "relay/status.html",
-        {"counts": status_counts(), "recent": recent, "problems": problem_reasons()},
+        "relay/dashboard.html",
+        {"snapshot": overview.dashboard(), "statuses": [s.value for s in Status]},
     )
 
 
+@login_required
+def series_list(request: HttpRequest) -> HttpResponse:
+    status = request.GET.get("status", "")
+    status = status if status in Status.values else ""
+    page = overview.paginate(overview.series_queryset(status), request.GET.get("page", 1), 50)
+    return render(
+        request,
+        "relay/series_list.html",
+        {"page": page, "rows": overview.series_rows(page.items), "status": status, "statuses": Status.values},
+    )
+
+
+@login_required
+def series_page(request: HttpRequest, series_id: int) -> HttpResponse:
+    series = get_object_or_404(Series.objects.only(*overview.SERIES_FIELDS), pk=series_id)
+    images = overview.paginate(overview.image_queryset(series.pk), request.GET.get("page", 1), IMAGES_PER_PAGE)
+    events = overview.paginate(overview.event_queryset(series.pk), request.GET.get("events", 1), EVENTS_PER_PAGE)
+    detail = overview.series_detail(series)
+    identifiers: dict[str, Any] | None = None
+    may_see = request.user.has_perm(IDENTIFIER_PERMISSION)
+    if may_see:
+        stored = SeriesIdentifiers.objects.filter(series=series).only("provider", "response", "created").first()
+        if stored is not None:
+            identifiers = {
+                "provider": stored.provider,
+                "created": stored.created,
+                "response": json.dumps(stored.response, indent=2, sort_keys=True),
+            }
+    return render(
+        request,
+        "relay/series.html",
+        {
+            "series": series,
+            "detail": detail,
+            "images": images,
+            "image_rows": [overview.image_row(i) for i in images.items],
+            "events": events,
+            "event_rows": [overview.event_row(e) for e in events.items],
+            "may_see_identifiers": may_see,
+            "identifiers": identifiers,
+            "actions": actions.ACTIONS,
+        },
+    )
+
+
+@login_required
+@require_POST
+def series_action(request: HttpRequest, series_id: int, action: str) -> HttpResponse:
+    """retry / release / discard from a form (CSRF-checked by the middleware); back to where it came from."""
+    if action not in actions.ACTIONS:
+        return HttpResponseBadRequest("unknown action")
+    series = get_object_or_404(Series, pk=series_id)
+    outcome = actions.perform(action, series, request.user)
+    (messages.warning if outcome.problems or not outcome.changed else messages.success)(request, outcome.message())
+    target = request.POST.get("next", "")
+    if not url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
+        target = f"/series/{series.pk}/"
+    return redirect(target)
+
+
+@login_or_token_required
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(metrics.render(), content_type=metrics.CONTENT_TYPE)
+
+
 def health(request: HttpRequest) -> JsonResponse:
+    """For load balancers: no login, no data; 200 when the database answers."""
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")

@@ -1,12 +1,34 @@
-"""URL map: the admin and the status page; no patient value ever appears in a URL."""
+"""URL map: pages, the API, /metrics and /health; no patient value ever appears in a URL (database ids only)."""
 
 from django.contrib import admin
-from django.urls import path
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.contrib.staticfiles.views import serve
+from django.urls import path, re_path
 
 from sendit.relay import views
+from sendit.web.api import api
+
+
+def _static(request, path):  # type: ignore[no-untyped-def]
+    """The dashboard's script and the API docs' assets, straight from the packages (no collectstatic)."""
+    return serve(request, path, insecure=True)
+
 
 urlpatterns = [
     path("", views.status_page, name="status"),
+    path("series/", views.series_list, name="series-list"),
+    path("series/<int:series_id>/", views.series_page, name="series"),
+    path("series/<int:series_id>/<str:action>", views.series_action, name="series-action"),
+    path(
+        "login/",
+        auth_views.LoginView.as_view(template_name="relay/login.html", redirect_authenticated_user=True),
+        name="login",
+    ),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("api/", api.urls),
+    path("metrics", views.metrics_view, name="metrics"),
     path("health", views.health, name="health"),
     path("admin/", admin.site.urls),
+    re_path(r"^static/(?P<path>.*)$", login_required(_static), name="static"),
 ]

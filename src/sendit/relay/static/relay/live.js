@@ -1,0 +1,179 @@
+/* Sendit's live pages: render a JSON snapshot, then poll the API every few seconds. No build step. */
+"use strict";
+var Sendit = (function () {
+  var EVERY_MS = 2000;
+  var ACTIONS = ["retry", "release", "discard"];
+  var CONFIRM = "Discard the ERROR and QUARANTINED images of this series? Their files are deleted.";
+
+  function esc(value) {
+    return String(value === null || value === undefined ? "" : value).replace(/[&<>"']/g, function (c) {
+      return { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c];
+    });
+  }
+  function $(id) { return document.getElementById(id); }
+  function badge(status) { return '<span class="badge ' + esc(status) + '">' + esc(status) + "</span>"; }
+  function clock(iso) { return iso ? iso.slice(11, 19) : ""; }
+  function cap(word) { return word.charAt(0).toUpperCase() + word.slice(1); }
+  function bytes(n) {
+    if (n === null || n === undefined) return "unknown";
+    var units = ["B", "KB", "MB", "GB", "TB"], i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return n.toFixed(i ? 1 : 0) + " " + units[i];
+  }
+  function csrf() {
+    var input = document.querySelector("input[name=csrfmiddlewaretoken]");
+    return input ? input.value : "";
+  }
+
+  async function get(url) {
+    var response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+    if (response.status === 401) {
+      window.location.href = "/login/?next=" + encodeURIComponent(window.location.pathname);
+      throw new Error("logged out");
+    }
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    return response.json();
+  }
+
+  function poll(step) {
+    var busy = false;
+    async function tick() {
+      if (busy) return;
+      busy = true;
+      try {
+        await step();
+        $("updated").textContent = "live · updated " + new Date().toLocaleTimeString();
+      } catch (error) {
+        $("updated").textContent = "connection lost (" + error.message + "); retrying";
+      } finally {
+        busy = false;
+      }
+    }
+    window.setInterval(tick, EVERY_MS);
+  }
+
+  document.addEventListener("submit", function (event) {
+    var message = event.target.getAttribute("data-confirm");
+    if (message && !window.confirm(message)) event.preventDefault();
+  });
+
+  function progressBar(row) {
+    var c = row.counts || {}, total = row.total || 0;
+    function part(n, cls) { return n && total ? '<span class="' + cls + '" style="width:' + (100 * n / total) + '%"></span>' : ""; }
+    var problems = (c.ERROR || 0) + (c.QUARANTINED || 0);
+    var flight = total - (c.DONE || 0) - (c.SKIPPED || 0) - problems;
+    return '<div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="' + total + '" aria-valuenow="' +
+      row.finished + '" title="' + row.finished + " of " + total + ' finished">' +
+      part(c.DONE, "done") + part(c.SKIPPED, "skip") + part(problems, "prob") + part(flight, "flight") + "</div>";
+  }
+
+  function chart(points, tickEvery, label) {
+    var width = 600, height = 90, top = 6, bottom = 16, n = points.length;
+    var max = Math.max.apply(null, points.map(function (p) { return p.n; }).concat([1]));
+    var w = width / n, svg = ['<svg class="chart" viewBox="0 0 ' + width + " " + (height + bottom) +
+      '" width="100%" height="' + (height + bottom) + '" role="img">'];
+    points.forEach(function (p, i) {
+      var h = (height - top) * p.n / max;
+      svg.push('<rect x="' + (i * w + 1) + '" y="' + (height - h) + '" width="' + Math.max(1, w - 2) + '" height="' + h +
+        '"><title>' + esc(label(p.t)) + ": " + p.n + "</title></rect>");
+      if (i % tickEvery === 0) svg.push('<text x="' + i * w + '" y="' + (height + 12) + '">' + esc(label(p.t)) + "</text>");
+    });
+    svg.push('<text x="2" y="10">max ' + max + "</text></svg>");
+    return svg.join("");
+  }
+  function sum(points) { return points.reduce(function (a, p) { return a + p.n; }, 0); }
+
+  function forms(seriesId, next) {
+    return ACTIONS.map(function (action) {
+      return '<form class="inline" method="post" action="/series/' + seriesId + "/" + action + '"' +
+        (action === "discard" ? ' data-confirm="' + esc(CONFIRM) + '"' : "") + ">" +
+        '<input type="hidden" name="csrfmiddlewaretoken" value="' + esc(csrf()) + '">' +
+        '<input type="hidden" name="next" value="' + esc(next) + '">' +
+        '<button class="act ' + action + '" type="submit">' + cap(action) + "</button></form>";
+    }).join(" ");
+  }
+
+  function renderDashboard(d) {
+    $("counts").innerHTML = Object.keys(d.counts).map(function (status) {
+      return '<div data-status="' + esc(status) + '">' + badge(status) + "<b>" + d.counts[status] + "</b></div>";
+    }).join("");
+    $("chart-hour").innerHTML = chart(d.throughput.hour, 10, function (t) { return t.slice(11, 16); });
+    $("chart-day").innerHTML = chart(d.throughput.day, 4, function (t) { return t.slice(11, 16); });
+    $("hour-total").textContent = sum(d.throughput.hour) + " images";
+    $("day-total").textContent = sum(d.throughput.day) + " images";
+    var q = d.queue;
+    $("queue").textContent = (q.pending_tasks === null ? "queue unreadable" : q.pending_tasks + " task(s) waiting, " +
+      q.scheduled_tasks + " scheduled") + "; " + q.series_in_flight + " series in flight";
+    var alive = d.workers.alive.length;
+    $("workers").innerHTML = '<span class="' + (alive ? "ok" : "bad") + '">' + alive + "</span>" +
+      ' <span class="muted small">seen in the last ' + d.workers.alive_seconds + " s</span>";
+    $("disk").textContent = d.disk.free_bytes === null ? "unknown" :
+      bytes(d.disk.free_bytes) + " free of " + bytes(d.disk.total_bytes);
+    $("destinations").innerHTML = d.destinations.length ? d.destinations.map(function (dest) {
+      return '<div><span class="' + (dest.reachable ? "ok" : "bad") + '">' + (dest.reachable ? "reachable" : "unreachable") +
+        "</span> " + esc(dest.name) + (dest.problem ? ' <span class="muted small">' + esc(dest.problem) + "</span>" : "") + "</div>";
+    }).join("") : '<span class="muted">none configured</span>';
+    $("recent").tBodies[0].innerHTML = d.recent.length ? d.recent.map(function (s) {
+      return '<tr data-series="' + s.id + '"><td><a href="/series/' + s.id + '/">#' + s.id + "</a></td><td>" + esc(s.modality) +
+        '</td><td class="status">' + badge(s.status) + "</td><td>" + esc(s.stage) + "</td><td>" + progressBar(s) +
+        '</td><td class="n">' + s.finished + "/" + s.total + '</td><td class="small">' + clock(s.updated) + "</td></tr>";
+    }).join("") : '<tr><td colspan="7" class="muted">No series yet.</td></tr>';
+    $("attention-count").textContent = d.attention.count + " series";
+    $("attention").tBodies[0].innerHTML = d.attention.series.length ? d.attention.series.map(function (s) {
+      return '<tr data-series="' + s.id + '"><td><a href="/series/' + s.id + '/">#' + s.id + "</a></td><td>" + esc(s.modality) +
+        '</td><td class="n">' + s.errors + '</td><td class="n">' + s.quarantined + '</td><td class="small">' + esc(s.reason) +
+        "</td><td>" + forms(s.id, "/") + "</td></tr>";
+    }).join("") : '<tr><td colspan="6" class="muted">Nothing needs attention.</td></tr>';
+    $("problems").tBodies[0].innerHTML = d.problems.length ? d.problems.map(function (p) {
+      return "<tr><td>" + badge(p.status) + '</td><td class="small">' + esc(p.reason) + '</td><td class="n">' + p.n + "</td></tr>";
+    }).join("") : '<tr><td colspan="3" class="muted">None.</td></tr>';
+  }
+
+  function dashboard(snapshot) {
+    renderDashboard(snapshot);
+    poll(async function () { renderDashboard(await get("/api/dashboard")); });
+  }
+
+  function renderSeries(s, images, events, eventsPage) {
+    var status = $("series-status");
+    status.className = "badge " + s.status;
+    status.textContent = s.status;
+    $("series-stage").textContent = s.stage;
+    $("series-progress").textContent = s.finished + "/" + s.total + " finished, " + s.done + " DONE";
+    $("series-counts").innerHTML = Object.keys(s.counts).map(function (k) { return badge(k) + " " + s.counts[k]; }).join(" ");
+    $("series-attempts").textContent = s.attempts;
+    $("series-error").textContent = s.last_error;
+    $("series-actions").hidden = !(s.counts.ERROR || s.counts.QUARANTINED);
+    function secs(v) { return v === null || v === undefined ? "" : v.toFixed(2); }
+    $("stages").tBodies[0].innerHTML = s.stages.map(function (st) {
+      return "<tr><td>" + esc(st.stage) + '</td><td class="n">' + (st.images === null ? "" : st.images) +
+        '</td><td class="n">' + secs(st.mean) + '</td><td class="n">' + secs(st.max) + "</td></tr>";
+    }).join("");
+    $("images").tBodies[0].innerHTML = images.items.map(function (i) {
+      return '<tr data-image="' + i.id + '"><td>#' + i.id + "</td><td>" + badge(i.status) + '</td><td class="small">' +
+        esc(i.reason) + '</td><td class="n">' + i.attempts + '</td><td class="small">' + clock(i.updated) + "</td></tr>";
+    }).join("");
+    $("images-count").textContent = images.count;
+    if (eventsPage === 1) {
+      $("events-count").textContent = events.count;
+      $("events").tBodies[0].innerHTML = events.items.map(function (e) {
+        return '<tr><td class="small">' + esc((e.created || "").slice(0, 19)) + "</td><td>" + (e.image_id ? "#" + e.image_id : "series") +
+          "</td><td>" + esc(e.from_status) + "</td><td>" + esc(e.to_status) + '</td><td class="small">' + esc(e.reason) +
+          "</td><td>" + esc(e.user || "") + "</td></tr>";
+      }).join("");
+    }
+  }
+
+  function series(id, imagesPage, eventsPage, imagesSize, eventsSize) {
+    poll(async function () {
+      var results = await Promise.all([
+        get("/api/series/" + id),
+        get("/api/images?series=" + id + "&page=" + imagesPage + "&size=" + imagesSize),
+        eventsPage === 1 ? get("/api/series/" + id + "/events?page=1&size=" + eventsSize) : Promise.resolve(null),
+      ]);
+      renderSeries(results[0], results[1], results[2], eventsPage);
+    });
+  }
+
+  return { dashboard: dashboard, series: series };
+})();

@@ -1,0 +1,122 @@
+"""The operator's actions on a series: retry, release, discard — each an event with the user who did it.
+
+- **retry**: images in ERROR, and in QUARANTINED, go back to NEW and the series is queued again. A
+  quarantined original is put back where it arrived first. Retrying a quarantine only helps after a
+  person fixed its cause (a recipe, a corrupt file replaced); otherwise the image is quarantined again.
+- **release**: the same for QUARANTINED images only: de-identification runs again on them. It never
+  delivers an image as it is — fail closed: an image that cannot be de-identified is quarantined again.
+- **discard**: images in ERROR or QUARANTINED become SKIPPED with the reason "discarded by <user>";
+  the quarantined file, the working copy and an original left in the input folder are deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sendit.relay import files, runtime
+from sendit.relay.models import Image, Series, Status
+from sendit.relay.transitions import move_images
+
+log = logging.getLogger("sendit.web.actions")
+
+ACTIONS = ("retry", "release", "discard")
+
+
+@dataclass
+class Outcome:
+    action: str
+    series_id: int
+    changed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def message(self) -> str:
+        verb = {"retry": "retried", "release": "released", "discard": "discarded"}[self.action]
+        text = f"series #{self.series_id}: {verb} {self.changed} image(s)"
+        if self.problems:
+            text += "; " + "; ".join(self.problems)
+        return text
+
+    def as_json(self) -> dict[str, Any]:
+        return {"action": self.action, "series_id": self.series_id, "changed": self.changed, "problems": self.problems}
+
+
+def quarantined_copy(stored: str) -> Path:
+    """Where the pipeline moved a quarantined original (files.set_aside keeps the relative path)."""
+    return Path(runtime.config().QUARANTINE_FOLDER) / stored
+
+
+def _restore(image: Image) -> str | None:
+    """Put a quarantined original back for de-identification; returns a problem, or None when it is in place."""
+    target = files.original(image.path)
+    if target.exists():
+        return None
+    if not files.inside_input(image.path):
+        return f"image #{image.pk}: its original is gone"
+    source = quarantined_copy(image.path)
+    if not source.exists():
+        return f"image #{image.pk}: the quarantined file is gone"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(source), str(target))  # a rename: the watcher skips a path it knows
+    return None
+
+
+def _targets(series: Series, statuses: tuple[str, ...], image_ids: list[int] | None) -> list[Image]:
+    queryset = series.images.filter(status__in=statuses).only("id", "path", "status").order_by("id")
+    if image_ids is not None:
+        queryset = queryset.filter(pk__in=image_ids)
+    return list(queryset)
+
+
+def _requeue(series: Series, images: list[Image], action: str, user: Any, outcome: Outcome) -> None:
+    ready = []
+    for image in images:
+        problem = _restore(image) if image.status == Status.QUARANTINED else None
+        if problem:
+            outcome.problems.append(problem)
+        else:
+            ready.append(image.pk)
+    reason = f"{action} by {user.get_username()}"
+    outcome.changed = move_images(series, ready, Status.NEW, reason, user_id=user.pk)
+    if outcome.changed:
+        Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None, stage="requeued")
+        from sendit.relay import tasks
+
+        tasks.enqueue([series.pk])
+
+
+def retry(series: Series, user: Any, image_ids: list[int] | None = None) -> Outcome:
+    outcome = Outcome("retry", series.pk)
+    _requeue(series, _targets(series, (Status.ERROR, Status.QUARANTINED), image_ids), "retry", user, outcome)
+    return outcome
+
+
+def release(series: Series, user: Any, image_ids: list[int] | None = None) -> Outcome:
+    outcome = Outcome("release", series.pk)
+    _requeue(series, _targets(series, (Status.QUARANTINED,), image_ids), "release", user, outcome)
+    return outcome
+
+
+def discard(series: Series, user: Any, image_ids: list[int] | None = None) -> Outcome:
+    outcome = Outcome("discard", series.pk)
+    images = _targets(series, (Status.ERROR, Status.QUARANTINED), image_ids)
+    outcome.changed = move_images(
+        series, [i.pk for i in images], Status.SKIPPED, f"discarded by {user.get_username()}", user_id=user.pk
+    )
+    for image in images:
+        if files.inside_input(image.path):
+            quarantined_copy(image.path).unlink(missing_ok=True)
+        files.remove_original(image.path)
+        files.working_copy(series.pk, image.pk).unlink(missing_ok=True)
+    log.info("series #%s: %s image(s) discarded by user #%s", series.pk, outcome.changed, user.pk)
+    return outcome
+
+
+def perform(action: str, series: Series, user: Any, image_ids: list[int] | None = None) -> Outcome:
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}")
+    result: Outcome = {"retry": retry, "release": release, "discard": discard}[action](series, user, image_ids)
+    return result

@@ -1,0 +1,198 @@
+"""The JSON API (django-ninja; OpenAPI at /api/docs): series, images, counts, the dashboard, actions.
+
+Authentication: a bearer token (``Authorization: Bearer sndt_…``, made with `sendit createuser
+--token`) for scripts, or the browser's session (then unsafe methods need the CSRF token). Every
+list is paginated (``page``, ``size`` ≤ 500). No identifier response is ever served here.
+"""
+
+from __future__ import annotations
+
+from functools import wraps
+from typing import Any
+
+from django.contrib.auth.views import redirect_to_login
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404
+from ninja import NinjaAPI, Query, Schema
+from ninja.security import HttpBearer, django_auth
+
+from sendit.relay.models import Series, Status
+from sendit.web import actions, overview, tokens
+
+
+class TokenAuth(HttpBearer):
+    def authenticate(self, request: HttpRequest, token: str) -> Any | None:
+        user = tokens.user_for(token)
+        if user is not None:
+            request.user = user
+        return user
+
+
+def login_or_token_required(view: Any) -> Any:
+    """For plain Django views (docs, /metrics): a session or a bearer token; else login page or 401."""
+
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not request.user.is_authenticated:
+            user = tokens.bearer_user(request)
+            if user is None:
+                if "text/html" in request.headers.get("Accept", ""):
+                    return redirect_to_login(request.get_full_path())
+                response = JsonResponse({"detail": "Unauthorized"}, status=401)
+                response["WWW-Authenticate"] = "Bearer"
+                return response
+            request.user = user
+        result: HttpResponse = view(request, *args, **kwargs)
+        return result
+
+    return wrapped
+
+
+api = NinjaAPI(
+    title="Sendit",
+    version="1",
+    description=__doc__ or "",
+    auth=[TokenAuth(), django_auth],
+    docs_decorator=login_or_token_required,
+    urls_namespace="api",
+)
+
+
+class PageMeta(Schema):
+    page: int
+    pages: int
+    count: int
+    size: int
+
+
+class SeriesOut(Schema):
+    id: int
+    modality: str
+    status: str
+    stage: str
+    attempts: int
+    last_error: str
+    created: str | None
+    updated: str | None
+    counts: dict[str, int]
+    total: int
+    finished: int
+    done: int
+
+
+class StageOut(Schema):
+    stage: str
+    status: str
+    images: int | None
+    mean: float | None
+    max: float | None
+
+
+class SeriesDetailOut(SeriesOut):
+    stages: list[StageOut]
+
+
+class SeriesPage(PageMeta):
+    items: list[SeriesOut]
+
+
+class ImageOut(Schema):
+    id: int
+    series_id: int
+    status: str
+    reason: str
+    attempts: int
+    size: int
+    updated: str | None
+
+
+class ImagePage(PageMeta):
+    items: list[ImageOut]
+
+
+class EventOut(Schema):
+    id: int
+    created: str | None
+    image_id: int | None
+    from_status: str
+    to_status: str
+    reason: str
+    user: str | None
+
+
+class EventPage(PageMeta):
+    items: list[EventOut]
+
+
+class ActionOut(Schema):
+    action: str
+    series_id: int
+    changed: int
+    problems: list[str]
+
+
+def _status(value: str) -> str:
+    return value if value in Status.values else ""
+
+
+@api.get("/status", response=dict[str, int], summary="Images (and rejected files) per status")
+def status(request: HttpRequest) -> dict[str, int]:
+    from sendit.relay.housekeeping import status_counts
+
+    return status_counts()
+
+
+@api.get("/dashboard", summary="Everything the dashboard shows, for its live updates")
+def dashboard(request: HttpRequest) -> dict[str, Any]:
+    return overview.dashboard()
+
+
+@api.get("/series", response=SeriesPage, summary="Series, newest first; filter by status, modality, stage")
+def list_series(
+    request: HttpRequest, status: str = "", modality: str = "", stage: str = "", page: int = 1, size: int = 50
+) -> dict[str, Any]:
+    result = overview.paginate(overview.series_queryset(_status(status), modality, stage), page, size)
+    return {**result.meta(), "items": overview.series_rows(result.items)}
+
+
+@api.get("/series/{series_id}", response=SeriesDetailOut, summary="One series: counts and time in each stage")
+def get_series(request: HttpRequest, series_id: int) -> dict[str, Any]:
+    return overview.series_detail(get_object_or_404(Series.objects.only(*overview.SERIES_FIELDS), pk=series_id))
+
+
+@api.get("/series/{series_id}/events", response=EventPage, summary="The event log of one series, newest first")
+def series_events(request: HttpRequest, series_id: int, page: int = 1, size: int = 50) -> dict[str, Any]:
+    get_object_or_404(Series.objects.only("id"), pk=series_id)
+    result = overview.paginate(overview.event_queryset(series_id), page, size)
+    return {**result.meta(), "items": [overview.event_row(e) for e in result.items]}
+
+
+@api.get("/images", response=ImagePage, summary="Images in id order; filter by series and status")
+def list_images(
+    request: HttpRequest, series: int | None = None, status: str = "", page: int = 1, size: int = 50
+) -> dict[str, Any]:
+    result = overview.paginate(overview.image_queryset(series, _status(status)), page, size)
+    return {**result.meta(), "items": [overview.image_row(i) for i in result.items]}
+
+
+def _act(action: str, request: HttpRequest, series_id: int, image_ids: list[int] | None) -> dict[str, Any]:
+    series = get_object_or_404(Series, pk=series_id)
+    return actions.perform(action, series, request.user, image_ids or None).as_json()
+
+
+ONLY = Query(None, description="Only these images of the series (repeat the parameter); default all that apply")
+
+
+@api.post("/series/{series_id}/retry", response=ActionOut, summary="ERROR and QUARANTINED images back to NEW")
+def retry(request: HttpRequest, series_id: int, image_ids: list[int] | None = ONLY) -> dict[str, Any]:
+    return _act("retry", request, series_id, image_ids)
+
+
+@api.post("/series/{series_id}/release", response=ActionOut, summary="De-identify QUARANTINED images again")
+def release(request: HttpRequest, series_id: int, image_ids: list[int] | None = ONLY) -> dict[str, Any]:
+    return _act("release", request, series_id, image_ids)
+
+
+@api.post("/series/{series_id}/discard", response=ActionOut, summary="ERROR and QUARANTINED images to SKIPPED")
+def discard(request: HttpRequest, series_id: int, image_ids: list[int] | None = ONLY) -> dict[str, Any]:
+    return _act("discard", request, series_id, image_ids)
