@@ -7,7 +7,18 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from sendit.relay.models import Delivery, Event, Image, ReceivedFile, Series, SeriesIdentifiers, Study, Summary
+from sendit.relay.models import (
+    ApiToken,
+    Delivery,
+    Event,
+    Image,
+    ReceivedFile,
+    Series,
+    SeriesIdentifiers,
+    Study,
+    Summary,
+    WorkerHeartbeat,
+)
 
 
 @admin.register(Study)
@@ -46,3 +57,16 @@ class EventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 admin.site.register(ReceivedFile)
 admin.site.register(Delivery)
 admin.site.register(Summary)
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Tokens can be revoked (deleted) here; the secret itself was shown once and is not stored."""
+
+    list_display = ("prefix", "user", "name", "created", "last_used")
+    readonly_fields = ("key_hash", "prefix", "created", "last_used")
+
+
+@admin.register(WorkerHeartbeat)
+class WorkerHeartbeatAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("name", "started", "seen")
