@@ -69,6 +69,7 @@ class Image(models.Model):
     path = models.CharField(max_length=1024, db_index=True, help_text="Relative to the input folder.")
     size = models.BigIntegerField(default=0)
     sha256 = models.CharField(max_length=64, blank=True)
+    set_aside_at = models.CharField(max_length=1024, blank=True, help_text="Where a quarantined original was moved.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW, db_index=True)
     reason = models.CharField(max_length=500, blank=True)
     attempts = models.PositiveIntegerField(default=0)

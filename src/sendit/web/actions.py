@@ -44,9 +44,11 @@ class Outcome:
         return {"action": self.action, "series_id": self.series_id, "changed": self.changed, "problems": self.problems}
 
 
-def quarantined_copy(stored: str) -> Path:
-    """Where the pipeline moved a quarantined original (files.set_aside keeps the relative path)."""
-    return Path(runtime.config().QUARANTINE_FOLDER) / stored
+def quarantined_copy(image: Image) -> Path:
+    """Where the pipeline moved a quarantined original (recorded; files.set_aside may add a suffix)."""
+    if image.set_aside_at:
+        return Path(image.set_aside_at)
+    return Path(runtime.config().QUARANTINE_FOLDER) / image.path
 
 
 def _restore(image: Image) -> str | None:
@@ -56,11 +58,12 @@ def _restore(image: Image) -> str | None:
         return None
     if not files.inside_input(image.path):
         return f"image #{image.pk}: its original is gone"
-    source = quarantined_copy(image.path)
+    source = quarantined_copy(image)
     if not source.exists():
         return f"image #{image.pk}: the quarantined file is gone"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(source), str(target))  # a rename: the watcher skips a path it knows
+    Image.objects.filter(pk=image.pk).update(set_aside_at="")
     return None
 
 
@@ -108,7 +111,7 @@ def discard(series: Series, user: Any, image_ids: list[int] | None = None) -> Ou
     )
     for image in images:
         if files.inside_input(image.path):
-            quarantined_copy(image.path).unlink(missing_ok=True)
+            quarantined_copy(image).unlink(missing_ok=True)
         files.remove_original(image.path)
         files.working_copy(series.pk, image.pk).unlink(missing_ok=True)
     log.info("series #%s: %s image(s) discarded by user #%s", series.pk, outcome.changed, user.pk)
