@@ -4,8 +4,9 @@ Generates synthetic 512x512 16-bit CT files (~527 KB each, several studies and s
 block and nested sequences like a real scanner's), then in ONE run measures:
 
   a) floor: pydicom dcmread + save_as of each file, unchanged
-  b) Deidentifier.deidentify_file, one process
-  c) deid_folder (header grouping + identifiers + de-id), 1 and 2 processes
+  b) Deidentifier.deidentify_file, one process: the full Basic Profile with the default options
+     (modified dates) and the default burned-in text filter
+  c) deid_folder (header grouping + identifiers + de-id + series.json), 1 and 2 processes
 
 Compare ratios within one run, never absolutes across runs (DESIGN.md, "Measured").
 
@@ -205,6 +206,8 @@ def main() -> None:
             print(f"{name:<34} {rate:>9.0f} {rate / floor_rate:>9.2f}")
         ratio = (args.files / best[steps[1][0]]) / floor_rate
         print(f"ratio b/a = {ratio:.2f} (target >= 0.7)")
+        scaling = best[steps[2][0]] / best[steps[3][0]]
+        print(f"deid_folder 2 processes / 1 process = {scaling:.2f} (target >= 1.7)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -20,7 +20,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from sendit.deid import Deidentifier, DeidOptions
-from sendit.deid.profile import OPTIONS, load_rows
+from sendit.deid.profile import OPTIONS, Action, build_action_table, load_rows
+from sendit.deid.recipe import parse_recipe
 from sendit.identifiers import Identifiers
 
 IDS = Identifiers("SIDPSEUDO1", "SIDPSEUDO1", "ACCPSEUDO1", jitter_days=-45)
@@ -37,6 +38,8 @@ class Canaries:
 
     keep_dated_times: bool
     markers: list[bytes] = field(default_factory=list)
+    chain: list[int] = field(default_factory=list)  # the tags enclosing the value being made
+    origin: dict[bytes, tuple[int, ...]] = field(default_factory=dict)  # marker → its tag chain
     covered: set[int] = field(default_factory=set)
     skipped: dict[str, set[int]] = field(default_factory=dict)
     counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -51,7 +54,7 @@ class Canaries:
         elif vr == "UR":
             text = f"http://example.org/CANARY{k}XYZ"
         elif vr == "UI":
-            text = f"1.2.3.999.{k}"
+            text = f"1.2.3.999.{k}.999"  # no marker is a prefix of another
         elif vr == "DA":  # 97-day steps: no date shifted by 45 days lands on another canary
             text = (BASE_DATE + datetime.timedelta(days=k * 97)).strftime("%Y%m%d")
         elif vr == "DT":
@@ -65,11 +68,29 @@ class Canaries:
         elif vr in BYTES_VRS:
             data = f"CANARY{k}XYZ".encode()
             self.markers.append(data)
+            self.origin[data] = tuple(self.chain)
             return data + b"\x00" * (-len(data) % 8)
         else:
             return None
         self.markers.append(text.encode())
+        self.origin[text.encode()] = tuple(self.chain)
         return text
+
+    def within(self, tag: int) -> _Within:
+        return _Within(self, tag)
+
+
+class _Within:
+    """``with canaries.within(tag):`` — values made inside belong to ``tag``."""
+
+    def __init__(self, canaries: Canaries, tag: int) -> None:
+        self.canaries, self.tag = canaries, tag
+
+    def __enter__(self) -> None:
+        self.canaries.chain.append(self.tag)
+
+    def __exit__(self, *exc: object) -> None:
+        self.canaries.chain.pop()
 
 
 def _rows() -> list[tuple[int, str, dict[str, str], str]]:
@@ -97,30 +118,18 @@ def fill(ds: Dataset, canaries: Canaries, level: int) -> None:
             canaries.skip(tag, "time kept by the modified-dates option")
             continue
         if vr == "SQ":
-            item = Dataset()
-            if tag in WALKED:
-                if level < DEPTH:
-                    fill(item, canaries, level + 1)
-                else:
-                    item.ReferencedSOPInstanceUID = canaries.value("UI")
-                    item.PatientName = canaries.value("PN")
-            else:
-                item.CodeValue = canaries.value("SH")
-                item.CodeMeaning = canaries.value("LO")
-                deeper = Dataset()
-                deeper.CodeMeaning = canaries.value("LO")
-                item.ConceptNameCodeSequence = Sequence([deeper])
-                _private(item, canaries)
-            ds.add_new(tag, "SQ", Sequence([item]))
-            canaries.covered.add(tag)
+            with canaries.within(tag):
+                _fill_sequence(ds, tag, canaries, level)
             continue
-        value = canaries.value(vr)
+        with canaries.within(tag):
+            value = canaries.value(vr)
         if value is None:
             canaries.skip(tag, f"VR {vr} cannot hold a marker")
             continue
         ds.add_new(tag, vr, value)
         canaries.covered.add(tag)
-    _private(ds, canaries)
+    with canaries.within(0x00090000):  # private, top level
+        _private(ds, canaries)
     # Wildcard rows: overlay data and comments (60xx,3000/4000), curves (50xx,xxxx); and the
     # overlay's free-text attributes, which go with the rest of the group.
     for tag, vr in (
@@ -131,12 +140,33 @@ def fill(ds: Dataset, canaries: Canaries, level: int) -> None:
         (0x50003000, "OW"),
         (0x50102500, "LO"),
     ):
-        ds.add_new(tag, vr, canaries.value(vr))
+        with canaries.within(tag):
+            ds.add_new(tag, vr, canaries.value(vr))
+
+
+def _fill_sequence(ds: Dataset, tag: int, canaries: Canaries, level: int) -> None:
+    item = Dataset()
+    if tag in WALKED:
+        if level < DEPTH:
+            fill(item, canaries, level + 1)
+        else:
+            item.ReferencedSOPInstanceUID = canaries.value("UI")
+            item.PatientName = canaries.value("PN")
+    else:
+        item.CodeValue = canaries.value("SH")
+        item.CodeMeaning = canaries.value("LO")
+        deeper = Dataset()
+        deeper.CodeMeaning = canaries.value("LO")
+        item.ConceptNameCodeSequence = Sequence([deeper])
+        _private(item, canaries)
+    ds.add_new(tag, "SQ", Sequence([item]))
+    canaries.covered.add(tag)
 
 
 def _private(ds: Dataset, canaries: Canaries) -> None:
     block = ds.private_block(0x0029, "CANARY CREATOR", create=True)
-    block.add_new(0x01, "LO", canaries.value("LO"))
+    with canaries.within(0x00291001):
+        block.add_new(0x01, "LO", canaries.value("LO"))
     block.add_new(0x02, "UN", canaries.value("UN"))
     inner = Dataset()
     inner.PatientName = canaries.value("PN")
@@ -195,3 +225,75 @@ def test_no_canary_survives(tmp_path: Path, transfer_syntax: str, options: DeidO
 def test_option_names_match_the_table_columns() -> None:
     columns = {column for row in load_rows() for column in row.options}
     assert {info.column for info in OPTIONS.values()} == columns
+
+
+# -- options: a marker survives only where an option keeps its attribute on purpose --------------
+
+REMOVING = [(), ("retain_safe_private", "retain_long_modified_dates")]
+KEEPING = [
+    ("clean_descriptors", "clean_structured_content", "clean_graphics", "retain_long_modified_dates"),
+    ("retain_patient_characteristics",),
+    ("retain_device_identity", "retain_institution_identity"),
+    ("retain_uids",),
+    ("retain_long_full_dates",),
+]
+_KEPT_ACTIONS = {Action.KEEP, Action.RETAIN, Action.CLEAN, Action.WALK}
+
+
+def _on_purpose(options: DeidOptions) -> set[int]:
+    """Tags whose values the options keep (or clean and keep) where the Basic Profile would not."""
+    base = build_action_table(frozenset()).exact
+    chosen = build_action_table(options.columns()).exact
+    return {tag for tag, action in chosen.items() if action in _KEPT_ACTIONS and base.get(tag) not in _KEPT_ACTIONS}
+
+
+def _run_canary(tmp_path: Path, deidentifier: Deidentifier, keep_times: bool) -> tuple[Canaries, bytes, Path]:
+    canaries = Canaries(keep_dated_times=keep_times)
+    src = canary_file(tmp_path / "canary.dcm", canaries, ExplicitVRLittleEndian)
+    result = deidentifier.deidentify_file(src, tmp_path / "out.dcm", IDS)
+    return canaries, result.path.read_bytes(), result.path
+
+
+@pytest.mark.parametrize("names", REMOVING + KEEPING, ids=lambda names: "+".join(names) or "basic-only")
+def test_canaries_under_option_combinations(tmp_path: Path, names: tuple[str, ...]) -> None:
+    options = DeidOptions.from_names(names)
+    keep_times = options.retain_long_modified_dates or options.retain_long_full_dates
+    canaries, output, path = _run_canary(tmp_path, Deidentifier("canary-key", options), keep_times)
+    survivors = {m for m in canaries.markers if m in output}
+    purposeful = _on_purpose(options)
+
+    def kept_on_purpose(marker: bytes) -> bool:
+        if options.retain_uids and marker.startswith(b"1.2.3.999."):
+            return True  # Retain UIDs keeps every UID
+        return bool(set(canaries.origin.get(marker, ())) & purposeful)
+
+    accidental = sorted(m.decode() for m in survivors if not kept_on_purpose(m))
+    assert accidental == []
+    if names in REMOVING:
+        assert survivors == set()
+    else:
+        assert survivors, "an option that keeps attributes should visibly keep some markers"
+    out = pydicom.dcmread(path)
+    codes = {item.CodeValue for item in out.DeidentificationMethodCodeSequence}
+    assert codes == {"113100"} | {OPTIONS[name].code for name in options.enabled()}
+    method = out["DeidentificationMethod"].value
+    method = [method] if isinstance(method, str) else list(method)
+    assert method[0].startswith("Sendit") and method[1:] == [OPTIONS[name].meaning for name in options.enabled()]
+    expected = "REMOVED" if not keep_times else "UNMODIFIED" if options.retain_long_full_dates else "MODIFIED"
+    assert out.LongitudinalTemporalInformationModified == expected
+
+
+def test_a_recipe_keep_is_visible_in_the_output_and_recorded(tmp_path: Path) -> None:
+    recipe = parse_recipe("FORMAT dicom\n%header\nKEEP PatientBirthDate\nKEEP (0029,1001)\n", "keep.recipe")
+    canaries, output, path = _run_canary(tmp_path, Deidentifier("canary-key", recipe=recipe), True)
+    survivors = {m.decode() for m in canaries.markers if m in output}
+    birth_dates = {m.decode() for m, chain in canaries.origin.items() if chain[-1:] == (0x00100030,)}
+    private = {m.decode() for m, chain in canaries.origin.items() if chain[-1:] == (0x00291001,)}
+    # Kept on purpose: the birth date and the named private element with its creator, wherever the
+    # profile keeps their enclosing data set (top level and walked sequences; not inside a dummied one).
+    assert birth_dates and birth_dates <= survivors
+    assert survivors - birth_dates - {"CANARY CREATOR"} <= private
+    assert "CANARY CREATOR" in survivors and survivors & private
+    out = pydicom.dcmread(path)
+    assert "recipe keep.recipe" in out.DeidentificationMethod
+    assert any(line.startswith("recipe kept ") for line in out.DeidentificationMethod)

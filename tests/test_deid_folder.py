@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -83,11 +84,22 @@ def test_folder_is_deidentified_into_a_phi_free_tree(tree: Path, tmp_path: Path)
         assert all(header.patient_id in ("MRN-ONE", "MRN-TWO") for header in call)
 
     files = sorted(out.rglob("*"))
-    dicoms = [path for path in files if path.is_file()]
+    dicoms = [path for path in files if path.is_file() and path.name != "series.json"]
     assert len(dicoms) == 6 and not [path for path in dicoms if path.suffix != ".dcm"]
     for path in files:
         relative = path.relative_to(out).as_posix()
         assert not [phi for phi in PHI if phi in relative], relative
+    # one series.json per written series, beside its images, with no PHI in it
+    documents = sorted(out.rglob("series.json"))
+    assert len(documents) == 3
+    for path in documents:
+        text = path.read_text()
+        assert not [phi for phi in PHI if phi in text], path
+        document = json.loads(text)
+        assert document["series_uid"] == path.parent.name and document["pseudonym"] == path.parts[-4]
+        assert document["modality"] == "CT" and document["sex"] == "F" and document["manufacturer"] == "ACME"
+        assert document["study_description"] == "CT CHEST" and document["age_bucket"] == "60-64"
+    assert sorted(json.loads(p.read_text())["images"] for p in documents) == [2, 2, 2]
     for path in dicoms:
         ds = pydicom.dcmread(path)
         patient, study, series, name = path.relative_to(out).parts

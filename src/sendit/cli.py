@@ -86,6 +86,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from huey.consumer import Consumer
 
     from sendit.relay.tasks import huey, requeue_stale
+    from sendit.web.heartbeat import install
+
+    install(huey)  # each worker process shows itself as alive on the dashboard
 
     requeue_stale()
     connections.close_all()
@@ -246,13 +249,12 @@ def cmd_deid(args: argparse.Namespace) -> int:
         cfg = load_config()
     except ConfigError as error:
         return _fail(error.problems)
-    from sendit.deid import Deidentifier, deid_folder
+    from sendit.deid import build_deidentifier, deid_folder
     from sendit.identifiers.local import LocalProvider
 
     provider = LocalProvider(cfg.SECRET_KEY, cfg.DATE_SHIFT_MIN_DAYS, cfg.DATE_SHIFT_MAX_DAYS)
-    summary = deid_folder(
-        Path(args.input), Path(args.output), Deidentifier(cfg.SECRET_KEY), provider, workers=args.workers or cfg.WORKERS
-    )
+    engine = build_deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER)
+    summary = deid_folder(Path(args.input), Path(args.output), engine, provider, workers=args.workers or cfg.WORKERS)
     for name, reason in summary.problems:
         print(f"{name}: {reason}", file=sys.stderr)
     print(f"de-identified {summary.written} file(s); {len(summary.problems)} problem(s)")
@@ -274,6 +276,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: de-identified output in {cfg.OUTPUT_FOLDER}")
     print(f"demo: `SENDIT_CONFIG={directory / 'sendit.toml'} sendit status` shows the counts")
     return result
+
+
+def cmd_createuser(args: argparse.Namespace) -> int:
+    """A dashboard/API account; with --token also a bearer token for scripts (printed once)."""
+    _django()
+    from getpass import getpass
+
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+
+    from sendit.web.tokens import issue
+
+    users = get_user_model()
+    user = users.objects.filter(username=args.username).first()
+    if user is not None and not (args.token or args.identifiers):
+        hint = "--token adds an API token, --identifiers the permission"
+        print(f"sendit: user {args.username} exists ({hint})", file=sys.stderr)
+        return 1
+    if user is None:
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        elif args.no_password:
+            password = ""
+        elif sys.stdin.isatty():
+            password = getpass("password: ")
+            if password != getpass("again: "):
+                print("sendit: the passwords differ", file=sys.stderr)
+                return 1
+        else:
+            print("sendit: no terminal; give the password with --password-stdin", file=sys.stderr)
+            return 2
+        if not password and not args.no_password:
+            print("sendit: an empty password is not allowed (--no-password makes a token-only user)", file=sys.stderr)
+            return 2
+        user = users.objects.create_user(args.username, password=password or None)
+        if args.superuser:
+            user.is_staff = user.is_superuser = True
+            user.save(update_fields=["is_staff", "is_superuser"])
+        print(f"created user {args.username}" + (" (superuser)" if args.superuser else ""))
+    if args.identifiers:
+        user.user_permissions.add(Permission.objects.get(codename="view_identifier_response"))
+        print(f"{args.username} may see identifier responses")
+    if args.token:
+        print(f"API token (shown once; send it as 'Authorization: Bearer <token>'): {issue(user, 'createuser')}")
+    return 0
 
 
 def cmd_manage(args: argparse.Namespace) -> int:
@@ -324,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", nargs="?", default="sendit-demo")
     p.add_argument("--patients", type=int, default=3)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("createuser", help="an account for the dashboard and the API")
+    p.add_argument("username")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    p.add_argument("--no-password", action="store_true", help="no password login (for a token-only script user)")
+    p.add_argument("--superuser", action="store_true", help="may also use /admin/ and see everything")
+    p.add_argument("--identifiers", action="store_true", help="may see identifier responses (people → pseudonyms)")
+    p.add_argument("--token", action="store_true", help="print a new API bearer token for this user")
+    p.set_defaults(func=cmd_createuser)
     p = sub.add_parser("manage", help="Django's manage.py (createsuperuser, migrate, ...)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_manage)

@@ -82,6 +82,21 @@ KEYS: tuple[Key, ...] = (
         minimum=-36500,
         maximum=36500,
     ),
+    # -- de-identification (docs/deidentification.md) --
+    Key(
+        "DEID_OPTIONS",
+        str,
+        "retain_long_modified_dates",
+        "Comma list of PS3.15 options on top of the Basic Profile (e.g. retain_patient_characteristics, "
+        "clean_descriptors); the list is complete: leave out retain_long_modified_dates to remove dates.",
+    ),
+    Key("DEID_RECIPE", str, "", "A deid recipe (pydicom/deid format) layered on the profile: %header and %filter."),
+    Key(
+        "DEID_FILTER",
+        str,
+        "default",
+        'Burned-in text filter: "default" (shipped), "none", or a deid recipe file with %filter sections.',
+    ),
     Key("DASHER_URL", str, "", "Identifier service base URL (requests go to {DASHER_URL}/uid/{DASHER_STUDY})."),
     Key("DASHER_STUDY", str, "", "Study name in the identifier service."),
     Key("DASHER_TOKEN", str, "", "Bearer token (prefer DASHER_TOKEN_FILE).", secret=True),
@@ -90,13 +105,13 @@ KEYS: tuple[Key, ...] = (
     Key("DASHER_CLIENT_ID", str, "", "OAuth2 client id (client-credentials grant)."),
     Key("DASHER_CLIENT_SECRET", str, "", "OAuth2 client secret.", secret=True),
     Key("DASHER_REFRESH_TOKEN", str, "", "OAuth2 refresh token (refresh-token grant).", secret=True),
-    Key("DASHER_ID_SOURCE", str, "", "id_source sent with each PatientID (default \"Stanford MRN\")."),
-    Key("DASHER_ITEM_ID_SOURCE", str, "", "id_source sent with each AccessionNumber (default \"Stanford Accession\")."),
-    Key("DASHER_TIMEOUT", str, "", "Seconds: one number, or \"connect,read\" (default 5,30)."),
+    Key("DASHER_ID_SOURCE", str, "", 'id_source sent with each PatientID (default "Stanford MRN").'),
+    Key("DASHER_ITEM_ID_SOURCE", str, "", 'id_source sent with each AccessionNumber (default "Stanford Accession").'),
+    Key("DASHER_TIMEOUT", str, "", 'Seconds: one number, or "connect,read" (default 5,30).'),
     Key("DASHER_MAX_ATTEMPTS", str, "", "Tries per request on 5xx and time-outs (default 4)."),
     Key("DASHER_MAX_ITEMS", str, "", "Items per request; a larger study is split (default 100)."),
     Key("DASHER_JITTER_BOUND", str, "", "Largest accepted |jitter| in days (default 3650)."),
-    Key("PATIENT_NAME_FORMAT", str, "", "PatientName from the response, e.g. \"{suid}\" (the default)."),
+    Key("PATIENT_NAME_FORMAT", str, "", 'PatientName from the response, e.g. "{suid}" (the default).'),
     Key("CUSTOM_FIELD_MAP", str, "", "JSON object: custom field name -> DICOM keyword."),
     Key("SEND_TO_ORTHANC", bool, False, "Deliver to Orthanc over DICOM (C-STORE)."),
     Key("ORTHANC_IPADDRESS", str, "127.0.0.1", "Orthanc's DICOM host."),
@@ -274,6 +289,10 @@ def _derive(values: dict[str, Any], base: Path) -> None:
             values[name] = None
         else:
             values[name] = (base / raw).resolve() if raw else data_dir / default
+    for name in ("DEID_RECIPE", "DEID_FILTER"):  # recipe paths are relative to the config file
+        raw = str(values[name]).strip()
+        if raw and raw.lower() not in ("default", "none"):
+            values[name] = str((base / raw).resolve())
     if not values["DATABASE_URL"]:
         values["DATABASE_URL"] = f"sqlite:///{data_dir / 'sendit.sqlite3'}"
     if not values["QUEUE_URL"]:
@@ -302,10 +321,33 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
             DasherSettings.from_config(values)
         except ValueError as exc:
             problems.append(str(exc))
+    problems.extend(_check_deid(values))
     if values["SEND_TO_GOOGLE"]:
         problems.append("SEND_TO_GOOGLE: Google delivery is not available in this version; set it to false")
     if values["RETRY_BASE_SECONDS"] > values["RETRY_CAP_SECONDS"]:
         problems.append("RETRY_BASE_SECONDS: must not exceed RETRY_CAP_SECONDS")
+    return problems
+
+
+def _check_deid(values: dict[str, Any]) -> list[str]:
+    """DEID_OPTIONS names known options; DEID_RECIPE and DEID_FILTER load (errors name the line)."""
+    from sendit.deid.profile import DeidOptions
+    from sendit.deid.recipe import RecipeError, load_recipe
+
+    problems: list[str] = []
+    try:
+        DeidOptions.from_names(values["DEID_OPTIONS"].split(","))
+    except ValueError as exc:
+        problems.append(f"DEID_OPTIONS: {exc}")
+    for name in ("DEID_RECIPE", "DEID_FILTER"):
+        raw = str(values[name]).strip()
+        if raw and raw.lower() not in ("default", "none"):
+            try:
+                load_recipe(raw)
+            except RecipeError as exc:
+                problems.append(f"{name}: {exc}")
+    if str(values["DEID_RECIPE"]).strip().lower() in ("default", "none"):
+        problems.append('DEID_RECIPE: give a recipe file, or leave it empty ("default" and "none" are for DEID_FILTER)')
     return problems
 
 

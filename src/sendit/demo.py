@@ -149,6 +149,8 @@ def make_image(
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
+    if modality == "US":
+        ds.BurnedInAnnotation = "NO"  # synthetic pixels: no text (ultrasound without it is quarantined)
     if modality == "CT":
         ds.RescaleIntercept = -1024
         ds.RescaleSlope = 1

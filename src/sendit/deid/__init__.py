@@ -1,11 +1,43 @@
-"""De-identification: PS3.15 Annex E Basic Profile, keyed UID remapping and date shifting.
+"""De-identification: PS3.15 Annex E Basic Profile and options, keyed UID remapping, date shifting,
+deid recipes and burned-in text rules.
 
 A functional core with no Django: ``Deidentifier(secret_key).deidentify_file(src, dst, ids)`` is all a
-notebook needs; :func:`deid_folder` runs the engine over a folder with an identifier provider.
+notebook needs; :func:`deid_folder` runs the engine over a folder with an identifier provider;
+:func:`build_deidentifier` builds the engine from the configuration's text values.
 """
 
-from sendit.deid.engine import Deidentifier, DeidError, DeidResult
+from sendit.deid.engine import BurnedInError, Deidentifier, DeidError, DeidResult
 from sendit.deid.folder import FolderSummary, deid_folder
 from sendit.deid.profile import DeidOptions
+from sendit.deid.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 
-__all__ = ["DeidError", "DeidOptions", "DeidResult", "Deidentifier", "FolderSummary", "deid_folder"]
+
+def build_deidentifier(
+    secret_key: str | bytes, options: str, recipe: str = "", pixel_filter: str = "default"
+) -> Deidentifier:
+    """The engine from config text: ``options`` a comma list of option names, ``recipe`` a recipe path
+    (or empty), ``pixel_filter`` ``default``, ``none`` or a recipe path. Raises ``ValueError``
+    (``RecipeError`` is one) on a bad value."""
+    chosen = DeidOptions.from_names(options.split(","))
+    header = load_recipe(recipe) if recipe.strip() else None
+    if pixel_filter.strip().lower() in ("", "none"):
+        rules: Recipe | None = None
+    else:
+        rules = load_recipe("default" if pixel_filter.strip().lower() == "default" else pixel_filter)
+    return Deidentifier(secret_key, chosen, recipe=header, pixel_filter=rules)
+
+
+__all__ = [
+    "BurnedInError",
+    "DeidError",
+    "DeidOptions",
+    "DeidResult",
+    "Deidentifier",
+    "FolderSummary",
+    "Recipe",
+    "RecipeError",
+    "build_deidentifier",
+    "deid_folder",
+    "load_recipe",
+    "parse_recipe",
+]

@@ -33,13 +33,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,18 @@ from pydicom.uid import (
 )
 
 from sendit import __version__
-from sendit.deid.profile import BASIC_PROFILE_CODE, OPTIONS, Action, DeidOptions, build_action_table
+from sendit.deid.clean import clean_text, identifier_tokens, name_tokens
+from sendit.deid.pixels import PixelError, PixelRules, blank_regions, decide
+from sendit.deid.profile import (
+    BASIC_PROFILE_CODE,
+    OPTIONS,
+    Action,
+    DeidOptions,
+    OptionInfo,
+    build_action_table,
+    descriptor_tags,
+)
+from sendit.deid.recipe import FUNCTIONS, PREDICATES, FuncContext, HeaderPlan, HeaderRule, Recipe, default_filter
 from sendit.deid.writer import write_part10
 from sendit.identifiers.base import Identifiers
 
@@ -252,36 +265,113 @@ def _one_or_many(values: list[str]) -> str | list[str]:
     return values[0] if len(values) == 1 else values
 
 
+#: Text VRs that the clean action works on (CS is a constrained code string and is kept).
+_CLEAN_VRS = frozenset({"AE", "LO", "LT", "SH", "ST", "UC", "UT"})
+#: In clean mode these stay as they are: they are parts of codes and of the SR tree's structure.
+_CODE_TAGS = frozenset(
+    {0x00080100, 0x00080102, 0x00080103, 0x00080105, 0x0008010F, 0x00080117, 0x0040DB00, 0x0040A040, 0x0040A010}
+)
+_NUMERIC_VRS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float, "AT": int}
+_BURNED_IN = 0x00280301
+CLEAN_PIXEL_CODE = OptionInfo("", "113101", "Clean Pixel Data Option")
+
+
+_NORMAL, _CLEAN, _DUMMY = 0, 1, 2  # how a walk treats kept values: as is, cleaned, replaced by dummies
+#: In a dummied sequence these keep their values: coded strings and binary numbers hold structure.
+_KEPT_WHEN_DUMMY = frozenset({"CS", "IS", "DS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AT", "OF", "OD"})
+
+
+class BurnedInError(DeidError):
+    """The image may show identifying text in its pixels and no rule can blank it: quarantine."""
+
+
+class _Ctx:
+    """Per-image state of one walk: the shift, the recipe's variables, what was kept on purpose."""
+
+    __slots__ = ("jitter", "known", "variables", "retained")
+
+    def __init__(self, jitter: int, variables: Mapping[str, str]) -> None:
+        self.jitter = jitter
+        self.known: frozenset[str] = frozenset()
+        self.variables = variables
+        self.retained = 0
+
+
+def _identity(uid: str) -> str:
+    return uid.strip(" \x00")
+
+
 class Deidentifier:
-    """PS3.15 Basic Profile (+ options) with keyed UID remapping; thread- and process-safe.
+    """PS3.15 Basic Profile (+ options, + a deid recipe, + burned-in text rules); thread- and
+    process-safe.
 
     Construct once per process and reuse: the action table is compiled here and UID remaps are
-    cached. Pickling passes only the key and options, so it can be handed to a process pool.
+    cached. Pickling passes only the key, options and recipes, so it can go to a process pool.
+
+    ``recipe`` layers its ``%header`` rules on top of the profile (and its ``%filter`` rules join the
+    pixel rules); ``pixel_filter`` is the burned-in text filter (default: the shipped one, see
+    :func:`sendit.deid.recipe.default_filter`; ``None`` for none — Burned In Annotation YES is
+    still quarantined).
     """
 
-    def __init__(self, secret_key: str | bytes, options: DeidOptions | None = None) -> None:
+    def __init__(
+        self,
+        secret_key: str | bytes,
+        options: DeidOptions | None = None,
+        *,
+        recipe: Recipe | None = None,
+        pixel_filter: Recipe | None | str = "default",
+    ) -> None:
         key = secret_key.encode("utf-8") if isinstance(secret_key, str) else bytes(secret_key)
         if not key:
             raise ValueError("the de-identification secret key must not be empty")
         self._key = key
         self.options = options if options is not None else DeidOptions()
+        self.recipe = recipe
+        if isinstance(pixel_filter, str):
+            if pixel_filter != "default":
+                raise ValueError("pixel_filter is a Recipe, None, or 'default'")
+            pixel_filter = default_filter()
+        self.pixel_filter = pixel_filter
         self._table = build_action_table(self.options.columns())
-        self._exact = self._table.exact
+        self._profile = self._table.exact
+        self._fallback = self._table.fallback
+        self._plan: HeaderPlan = recipe.header_plan() if recipe is not None else HeaderPlan({}, (), ())
+        exact = dict(self._profile)
+        for tag in self._plan.public:
+            exact[tag] = Action.RECIPE
+        self._exact = exact
         self._removed_groups = self._table.removed_groups
         self._shift = self.options.retain_long_modified_dates
-        self._remap: Callable[[str], str] = lru_cache(maxsize=65536)(self._remap_uncached)
+        self._safe_private = self._table.private is Action.CLEAN
+        self._simple_private = not self._safe_private and not self._plan.private_rules
+        self._needs_known = (
+            any(action is Action.CLEAN for action in self._profile.values())
+            or any(
+                rule.value is not None and rule.value.text in ("clean_text", "contains_identifier")
+                for rule in self.recipe.header
+            )
+            if self.recipe is not None
+            else any(action is Action.CLEAN for action in self._profile.values())
+        )
+        recipes = [r for r in (self.recipe, pixel_filter) if r is not None]
+        self._pixel_rules = PixelRules.from_recipes(recipes)
+        self._remap: Callable[[str], str] = (
+            _identity if self.options.retain_uids else lru_cache(maxsize=65536)(self._remap_uncached)
+        )
 
     def __repr__(self) -> str:  # never show the key
         return f"Deidentifier(options={self.options!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Deidentifier, (self._key, self.options))
+        return (_rebuild, (self._key, self.options, self.recipe, self.pixel_filter))
 
     # -- UIDs ---------------------------------------------------------------------------------
 
     def remap_uid(self, uid: str) -> str:
         """The UID this engine writes for ``uid``: registered DICOM UIDs unchanged, any other UID
-        ``2.25.<int>`` from a keyed HMAC-SHA256 (≤ 44 characters, deterministic per key)."""
+        ``2.25.<int>`` from a keyed HMAC-SHA256 (≤ 44 characters, deterministic per key); with the
+        Retain UIDs option every UID unchanged."""
         return self._remap(uid.strip(" \x00"))
 
     def _remap_uncached(self, uid: str) -> str:
@@ -293,20 +383,96 @@ class Deidentifier:
     # -- data sets ----------------------------------------------------------------------------
 
     def deidentify(self, ds: Dataset, ids: Identifiers) -> Dataset:
-        """De-identify ``ds`` in place (and its file meta, if any) and return it."""
+        """De-identify ``ds`` in place (and its file meta, if any) and return it.
+
+        Raises :class:`BurnedInError` when the pixels may show identifying text that no rule blanks.
+        """
         self._check_identifiers(ids)
         with warnings.catch_warnings():
             # pydicom's warnings quote values; none may reach a log.
             warnings.simplefilter("ignore")
-            self._walk(ds, ids.jitter_days)
+            cleaned_pixels = self._pixels(ds)
+            ctx = _Ctx(ids.jitter_days, self._variables(ids) if self._plan else {})
+            if self._needs_known:
+                ctx.known = self.known_identifiers(ds)
+            self._walk(ds, ctx, _NORMAL)
             try:
-                self._mark(ds, ids)
+                if cleaned_pixels:
+                    ds[_BURNED_IN] = _elem(_BURNED_IN, "CS", "NO")
+                self._mark(ds, ids, ctx, cleaned_pixels)
+                self._add(ds, ctx)
                 self._rebuild_file_meta(ds)
             except DeidError:
                 raise
             except Exception as exc:
                 raise DeidError(f"could not write de-identification attributes ({type(exc).__name__})") from None
         return ds
+
+    def _pixels(self, ds: Dataset) -> bool:
+        """Apply the burned-in text rules; True when regions were blanked."""
+        try:
+            decision = decide(ds, self._pixel_rules)
+        except Exception as exc:
+            raise DeidError(f"burned-in text rules could not be evaluated ({type(exc).__name__})") from None
+        if decision.action == "pass":
+            return False
+        if decision.action == "quarantine":
+            raise BurnedInError(f"burned-in annotation: {decision.label}")
+        try:
+            blank_regions(ds, decision.regions)
+        except PixelError as exc:
+            raise BurnedInError(f"burned-in annotation: {decision.label}; {exc}") from None
+        return True
+
+    def _variables(self, ids: Identifiers) -> dict[str, str]:
+        """What ``var:NAME`` can name: the identifiers, their aliases in deid's recipes, custom fields."""
+        values = {str(k): str(v) for k, v in ids.custom_fields.items()}
+        values.update(
+            patient_id=ids.patient_id,
+            patient_name=ids.patient_name,
+            accession_number=ids.accession_number,
+            jitter_days=str(ids.jitter_days),
+            jitter=str(ids.jitter_days),
+            entity_id=ids.patient_id,
+            item_id=ids.accession_number,
+        )
+        return values
+
+    def known_identifiers(self, ds: Dataset) -> frozenset[str]:
+        """Tokens the clean action cuts (see :mod:`sendit.deid.clean`), read before anything changes."""
+        names: list[str] = []
+        others: list[str] = []
+        descriptors = descriptor_tags()
+
+        def collect(item: Dataset) -> None:
+            for tag in list(item.keys()):
+                if tag >> 16 & 1:
+                    continue
+                elem = item[tag]
+                vr = elem.VR
+                if vr == "SQ":
+                    for sub in elem.value or ():
+                        collect(sub)
+                    continue
+                if vr not in _TEXT_FOR_KNOWN or elem.value in (None, ""):
+                    continue
+                values = [str(v) for v in elem.value] if elem.VM > 1 else [str(elem.value)]
+                if vr == "PN":
+                    names.extend(values)
+                elif tag not in descriptors and self._table_basic(tag) in (
+                    Action.REMOVE,
+                    Action.EMPTY,
+                    Action.DUMMY,
+                ):
+                    others.extend(values)
+
+        collect(ds)
+        return frozenset(name_tokens(names) | identifier_tokens(others))
+
+    def _table_basic(self, tag: int) -> Action:
+        """The action the profile (with options) takes, or its fallback for a cleaned attribute."""
+        action = self._profile.get(tag, Action.KEEP)
+        return self._fallback.get(tag, action) if action is Action.CLEAN else action
 
     def _check_identifiers(self, ids: Identifiers) -> None:
         for name, value, limit in (
@@ -319,12 +485,22 @@ class Deidentifier:
         if not ids.patient_id:
             raise DeidError("replacement patient_id is empty")
 
-    def _walk(self, ds: Dataset, jitter: int) -> None:
+    def _walk(self, ds: Dataset, ctx: _Ctx, mode: int) -> None:
         exact = self._exact
+        pending_creators: list[int] | None = None
+        kept_blocks: set[tuple[int, int]] = set()
         for tag in list(ds.keys()):
             try:
                 group = tag >> 16
-                if group & 1 or (group >> 8) in self._removed_groups or not tag & 0xFFFF or group <= 2:
+                if group & 1:
+                    if self._simple_private:
+                        del ds[tag]
+                    else:
+                        if pending_creators is None:
+                            pending_creators = []
+                        self._private(ds, tag, ctx, pending_creators, kept_blocks)
+                    continue
+                if (group >> 8) in self._removed_groups or not tag & 0xFFFF or group <= 2:
                     del ds[tag]
                     continue
                 known_vr = _dictionary_vr(tag)
@@ -335,30 +511,44 @@ class Deidentifier:
                 vr = elem.VR
                 if vr is None or vr == "UN":
                     vr = known_vr
-                action = exact.get(tag, Action.KEEP)
+                action: Action | None = exact.get(tag, Action.KEEP)
+                if action is Action.RECIPE:
+                    action = self._recipe(ds, tag, elem, vr, ctx)
+                    if action is None:
+                        continue
                 if action is Action.KEEP:
                     if vr == "UI" or known_vr == "UI":  # also a UID a vendor encoded with another VR
                         self._remap_element(ds, tag, elem)
                     elif vr == "SQ":
-                        self._walk_sequence(ds, tag, jitter)
+                        self._walk_sequence(ds, tag, ctx, mode)
+                    elif mode == _DUMMY:
+                        if vr not in _KEPT_WHEN_DUMMY and elem.value not in (None, b"", ""):
+                            ds[tag] = _elem(tag, vr, DUMMY_VALUES.get(vr, b"\x00" * 8))
                     elif self._shift and (vr == "DA" or vr == "DT"):
-                        self._shift_element(ds, tag, elem, vr, jitter)
+                        self._shift_element(ds, tag, elem, vr, ctx.jitter)
+                    elif mode == _CLEAN:
+                        if vr == "PN":
+                            ds[tag] = _elem(tag, vr, "")
+                        elif vr in _CLEAN_VRS and tag not in _CODE_TAGS:
+                            self._clean_element(ds, tag, elem, vr, ctx, Action.EMPTY)
                 elif action is Action.REMOVE:
                     del ds[tag]
                 elif action is Action.REMAP_UID:
                     self._remap_element(ds, tag, elem)
                 elif action is Action.SHIFT_DATE:
                     if vr == "DA" or vr == "DT":
-                        self._shift_element(ds, tag, elem, vr, jitter)
+                        self._shift_element(ds, tag, elem, vr, ctx.jitter)
                 elif action is Action.WALK and vr == "SQ":
-                    self._walk_sequence(ds, tag, jitter)
-                elif action is Action.DUMMY:
-                    if vr == "UI":
-                        self._remap_element(ds, tag, elem)
-                    elif vr == "SQ":
-                        ds[tag] = _elem(tag, "SQ", Sequence([Dataset()]))
+                    self._walk_sequence(ds, tag, ctx, mode)
+                elif action is Action.RETAIN:
+                    pass
+                elif action is Action.CLEAN:
+                    if vr == "SQ":
+                        self._walk_sequence(ds, tag, ctx, _DUMMY if mode == _DUMMY else _CLEAN)
                     else:
-                        ds[tag] = _elem(tag, vr, DUMMY_VALUES.get(vr, b"\x00" * 8))
+                        self._clean_element(ds, tag, elem, vr, ctx, self._fallback.get(tag, Action.REMOVE))
+                elif action is Action.DUMMY:
+                    self._dummy(ds, tag, elem, vr, ctx)
                 else:  # EMPTY, or WALK on something that is not a sequence
                     ds[tag] = _elem(tag, vr, Sequence() if vr == "SQ" else empty_value_for_VR(vr))
             except DeidError as exc:
@@ -367,11 +557,185 @@ class Deidentifier:
                 raise DeidError(f"{tag_text(tag)}: {exc}") from None
             except Exception as exc:
                 raise DeidError(f"{tag_text(tag)}: {type(exc).__name__} while de-identifying") from None
+        if pending_creators:
+            for creator in pending_creators:
+                if (creator >> 16, creator & 0xFF) not in kept_blocks:
+                    del ds[creator]
 
-    def _walk_sequence(self, ds: Dataset, tag: int, jitter: int) -> None:
+    def _dummy(self, ds: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, ctx: _Ctx) -> None:
+        """D: a dummy value. A sequence keeps its items, every value inside replaced by a dummy of its
+        VR (codes, numbers and UIDs stay valid: CS and numbers kept, UIDs remapped), so Type 1
+        attributes inside stay present; an empty sequence stays empty (an added empty item would lack
+        the item's Type 1 attributes)."""
+        if vr == "UI":
+            self._remap_element(ds, tag, elem)
+        elif vr == "SQ":
+            if ds[tag].value:
+                self._walk_sequence(ds, tag, ctx, _DUMMY)
+        else:
+            ds[tag] = _elem(tag, vr, DUMMY_VALUES.get(vr, b"\x00" * 8))
+
+    def _apply_fallback(
+        self, ds: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, action: Action, ctx: _Ctx
+    ) -> None:
+        if action is Action.DUMMY:
+            self._dummy(ds, tag, elem, vr, ctx)
+        elif action is Action.EMPTY:
+            ds[tag] = _elem(tag, vr, Sequence() if vr == "SQ" else empty_value_for_VR(vr))
+        else:
+            del ds[tag]
+
+    def _clean_element(
+        self, ds: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, ctx: _Ctx, fallback: Action
+    ) -> None:
+        """The C action on text: keep what :func:`clean_text` leaves; anything else → ``fallback``."""
+        try:
+            value = ds[tag].value  # decoded with the data set's character set
+        except Exception:
+            value = None
+        if value is None or value == "":
+            return
+        values = list(value) if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" else [value]
+        if not all(isinstance(v, str) for v in values):
+            self._apply_fallback(ds, tag, elem, vr, fallback, ctx)
+            return
+        known = set(ctx.known)
+        cleaned = [clean_text(v, known) for v in values]
+        limit = _MAX_TEXT.get(vr)
+        cleaned = [c[:limit] if limit else c for c in cleaned]
+        if not any(cleaned):
+            self._apply_fallback(ds, tag, elem, vr, fallback, ctx)
+            return
+        ds[tag] = _elem(tag, vr, cleaned[0] if len(cleaned) == 1 else cleaned)
+
+    def _private(
+        self, ds: Dataset, tag: int, ctx: _Ctx, pending_creators: list[int], kept_blocks: set[tuple[int, int]]
+    ) -> None:
+        """A private element: kept if safe-listed (Retain Safe Private) or a recipe says so."""
+        group, element = tag >> 16, tag & 0xFFFF
+        if element < 0x10:  # private group length and reserved elements
+            del ds[tag]
+            return
+        if element < 0x100:  # a private creator: decided after its block
+            pending_creators.append(tag)
+            return
+        block = element >> 8
+        rule = self._plan.for_private(tag) if self._plan.private_rules else None
+        keep = False
+        if rule is not None and rule.action in ("KEEP", "REPLACE", "ADD"):
+            keep = True
+            if rule.action != "KEEP":
+                elem = ds.get_item(tag)
+                vr = elem.VR if elem.VR not in (None, "UN") else "LO"
+                ds[tag] = _elem(tag, vr, self._value(rule, ds, tag, vr, ctx))
+            ctx.retained += 1
+        elif rule is None and self._safe_private:
+            creator_tag = (group << 16) | block
+            creator = ""
+            if creator_tag in ds:
+                raw = ds[creator_tag].value
+                creator = (raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)).strip(" \x00")
+            keep = (creator, group, element & 0xFF) in safe_private_attributes()
+        if not keep:
+            del ds[tag]
+            return
+        elem = ds.get_item(tag)
+        if elem.VR == "SQ" and not isinstance(elem, RawDataElement):
+            self._walk_sequence(ds, tag, ctx, _NORMAL)
+        kept_blocks.add((group, block))
+
+    def _recipe(self, ds: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, ctx: _Ctx) -> Action | None:
+        """Apply the recipe rule for ``tag``; returns the profile action to carry on with, or None."""
+        rule = self._plan.public[tag]
+        profile = self._profile.get(tag, Action.KEEP)
+        action = rule.action
+        if action == "KEEP":
+            if vr == "SQ":
+                if profile not in (Action.KEEP, Action.WALK):
+                    ctx.retained += 1
+                return Action.WALK
+            if profile not in (Action.KEEP, Action.RETAIN):
+                ctx.retained += 1
+            return None
+        if action in ("REPLACE", "ADD"):
+            if vr == "SQ":
+                raise DeidError("a recipe cannot write a text value into a sequence")
+            ds[tag] = _elem(tag, vr, self._value(rule, ds, tag, vr, ctx))
+            return None
+        if action == "JITTER":
+            if vr not in ("DA", "DT"):
+                return profile
+            assert rule.value is not None
+            days = self._resolve_text(rule, ds, tag, vr, ctx)
+            try:
+                shift = int(days)
+            except ValueError:
+                raise DeidError("recipe JITTER value is not a whole number of days") from None
+            self._shift_element(ds, tag, elem, vr, shift)
+            return None
+        if action == "REMOVE":
+            predicate = PREDICATES[rule.value.text] if rule.value is not None else None  # REMOVE f func:p
+            if predicate is not None and not predicate(self._func_context(ds, tag, vr, ctx)):
+                return profile
+            del ds[tag]
+            return None
+        # BLANK
+        ds[tag] = _elem(tag, vr, Sequence() if vr == "SQ" else empty_value_for_VR(vr))
+        return None
+
+    def _func_context(self, ds: Dataset, tag: int, vr: str, ctx: _Ctx) -> FuncContext:
+        try:
+            value = ds[tag].value if tag in ds else ""
+        except Exception:
+            value = ""
+        if isinstance(value, bytes):
+            raise DeidError("a recipe function cannot read a binary value")
+        text = "\\".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value or "")
+        return FuncContext(text, vr, self._key, ctx.known, self.remap_uid)
+
+    def _resolve_text(self, rule: HeaderRule, ds: Dataset, tag: int, vr: str, ctx: _Ctx) -> str:
+        value = rule.value
+        assert value is not None
+        if value.kind == "literal":
+            return value.text
+        if value.kind == "var":
+            if value.text not in ctx.variables:
+                raise DeidError(f"recipe variable {value.text!r} is not defined for this image")
+            return ctx.variables[value.text]
+        return str(FUNCTIONS[value.text](self._func_context(ds, tag, vr, ctx)))
+
+    def _value(self, rule: HeaderRule, ds: Dataset, tag: int, vr: str, ctx: _Ctx) -> Any:
+        text = self._resolve_text(rule, ds, tag, vr, ctx)
+        convert = _NUMERIC_VRS.get(vr)
+        try:
+            if convert is not None:
+                parts = [convert(part) for part in text.split("\\") if part.strip()]
+                return parts[0] if len(parts) == 1 else parts
+            if vr in _BYTES_VRS:
+                return text.encode("utf-8")
+        except ValueError:
+            raise DeidError(f"recipe value is not valid for VR {vr}") from None
+        if vr == "UI" and text and not _UID_RE.match(text):
+            raise DeidError("recipe value is not a valid UID")
+        return text if "\\" not in text else text.split("\\")
+
+    def _add(self, ds: Dataset, ctx: _Ctx) -> None:
+        """The recipe's ``ADD <attribute> <value>`` rules: set on the top level (created if absent)."""
+        for rule in self._plan.adds:
+            tag = rule.field.tag
+            assert tag is not None
+            vr = _dictionary_vr(tag) or "LO"
+            if vr == "SQ":
+                raise DeidError(f"{tag_text(tag)}: a recipe cannot ADD a sequence")
+            try:
+                ds[tag] = _elem(tag, vr, self._value(rule, ds, tag, vr, ctx))
+            except DeidError as exc:
+                raise DeidError(f"{tag_text(tag)}: {exc.reason}") from None
+
+    def _walk_sequence(self, ds: Dataset, tag: int, ctx: _Ctx, mode: int) -> None:
         for index, item in enumerate(ds[tag].value):
             try:
-                self._walk(item, jitter)
+                self._walk(item, ctx, mode)
             except DeidError as exc:
                 raise DeidError(f"item {index} > {exc.reason}") from None
 
@@ -388,11 +752,17 @@ class Deidentifier:
             shifted = [shift(v, jitter) if v else v for v in values]
             ds[tag] = _elem(tag, vr, _one_or_many(shifted))
 
-    def method_description(self, jitter_days: int) -> list[str]:
+    def method_description(self, jitter_days: int, *, retained: int = 0, pixels: bool = False) -> list[str]:
         """(0012,0063) values: each ≤ 64 characters, as LO requires."""
-        return [f"Sendit {__version__}: PS3.15 Basic Profile"] + [
-            meaning for _, meaning in self._option_codes(jitter_days)
-        ]
+        lines = [f"Sendit {__version__}: PS3.15 Basic Profile"]
+        lines += [meaning for _, meaning in self._option_codes(jitter_days)]
+        if pixels:
+            lines.append(CLEAN_PIXEL_CODE.meaning + " (regions blanked)")
+        if self.recipe is not None:
+            lines.append(f"recipe {self.recipe.source}"[:64])
+            if retained:
+                lines.append(f"recipe kept {retained} attribute(s) the profile changes"[:64])
+        return lines
 
     def _option_codes(self, jitter_days: int) -> list[tuple[str, str]]:
         codes: list[tuple[str, str]] = []
@@ -404,17 +774,20 @@ class Deidentifier:
             codes.append((info.code, info.meaning))
         return codes
 
-    def _mark(self, ds: Dataset, ids: Identifiers) -> None:
+    def _mark(self, ds: Dataset, ids: Identifiers, ctx: _Ctx, pixels: bool) -> None:
         """Write the identifiers and say what was done (0012,0062/0063/0064; 0028,0303)."""
         ds[_PATIENT_ID] = _elem(_PATIENT_ID, "LO", ids.patient_id)
         ds[_PATIENT_NAME] = _elem(_PATIENT_NAME, "PN", ids.patient_name)
         ds[_ACCESSION] = _elem(_ACCESSION, "SH", ids.accession_number)
         ds[_IDENTITY_REMOVED] = _elem(_IDENTITY_REMOVED, "CS", "YES")
-        ds[_METHOD] = _elem(_METHOD, "LO", _one_or_many(self.method_description(ids.jitter_days)))
+        description = self.method_description(ids.jitter_days, retained=ctx.retained, pixels=pixels)
+        ds[_METHOD] = _elem(_METHOD, "LO", _one_or_many(description))
+        codes = [(BASIC_PROFILE_CODE.code, BASIC_PROFILE_CODE.meaning)]
+        if pixels:
+            codes.append((CLEAN_PIXEL_CODE.code, CLEAN_PIXEL_CODE.meaning))
+        codes += self._option_codes(ids.jitter_days)
         items = []
-        for code, meaning in [(BASIC_PROFILE_CODE.code, BASIC_PROFILE_CODE.meaning)] + self._option_codes(
-            ids.jitter_days
-        ):
+        for code, meaning in codes:
             item = Dataset()
             item[0x00080100] = _elem(0x00080100, "SH", code)
             item[0x00080102] = _elem(0x00080102, "SH", "DCM")
@@ -423,7 +796,11 @@ class Deidentifier:
         ds[_METHOD_CODES] = _elem(_METHOD_CODES, "SQ", Sequence(items))
         if self._shift:
             modified = "MODIFIED" if ids.jitter_days else "UNMODIFIED"
-            ds[_LONGITUDINAL_MODIFIED] = _elem(_LONGITUDINAL_MODIFIED, "CS", modified)
+        elif self.options.retain_long_full_dates:
+            modified = "UNMODIFIED"
+        else:
+            modified = "REMOVED"
+        ds[_LONGITUDINAL_MODIFIED] = _elem(_LONGITUDINAL_MODIFIED, "CS", modified)
 
     def _rebuild_file_meta(self, ds: Dataset) -> None:
         """A fresh file meta: only what Part 10 needs, SOP UIDs taken from the de-identified data set.
@@ -484,6 +861,26 @@ class Deidentifier:
             patient_id=ids.patient_id,
             path=dst,
         )
+
+
+def _rebuild(key: bytes, options: DeidOptions, recipe: Recipe | None, pixel_filter: Recipe | None) -> Deidentifier:
+    return Deidentifier(key, options, recipe=recipe, pixel_filter=pixel_filter)
+
+
+_TEXT_FOR_KNOWN = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "DA", "DT"})
+_MAX_TEXT = {"AE": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240}
+_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+@cache
+def safe_private_attributes() -> frozenset[tuple[str, int, int]]:
+    """(creator, group, element low byte) of every private attribute the Retain Safe Private option keeps."""
+    text = resources.files("sendit.deid").joinpath("data", "safe-private-attributes.json").read_text(encoding="utf-8")
+    return frozenset(
+        (str(entry["creator"]), int(entry["group"], 16), int(entry["element"], 16))
+        for entry in json.loads(text)["attributes"]
+    )
 
 
 def read_dicom(path: Path, *, headers_only: bool = False) -> Dataset:

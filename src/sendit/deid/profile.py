@@ -18,11 +18,21 @@ X/Z/U*    for a sequence: keep it and walk its items, so every UID inside is rem
           for any other VR: Z
 ========  =====================================================================================
 
-Option columns override the Basic Profile code when the option is on. In v1 only "Retain
-Longitudinal Temporal Information with Modified Dates" is implemented (and on by default): its ``C``
-means "shift by the identifiers' jitter", which applies to DA/DT (TM is kept as a whole-day shift
-leaves a time of day unchanged); a ``C`` in that column on any other VR (a timezone offset, an OB
-timestamp) keeps the Basic Profile code.
+Option columns override the Basic Profile code when the option is on (the option's ``K`` or ``C``
+wins; PS3.15 E.3 says an option's action replaces the profile's). What ``C`` means per column:
+
+* Retain Longitudinal Temporal Information with Modified Dates: DA/DT shifted by the identifiers'
+  jitter; TM kept (a whole-day shift leaves a time of day unchanged); other VRs keep the Basic
+  Profile code. With Full Dates (``K``) every date and time is kept unshifted.
+* Clean Descriptors, Clean Structured Content, Clean Graphics, and the ``C`` cells of Retain Device
+  Identity (AE titles) and Retain Patient Characteristics (allergies, special needs…): text is
+  cleaned by :mod:`sendit.deid.clean`, a sequence is walked in *clean mode* (every text value inside
+  cleaned, every person name emptied); a value that cannot be cleaned (OB, undecodable bytes) keeps
+  the Basic Profile code.
+* Retain Safe Private: the private row's ``C`` keeps only the private attributes listed in
+  ``data/safe-private-attributes.json`` (with their private creator); everything else private goes.
+
+When two enabled options give a row a code, ``K`` beats ``C``.
 
 Wildcard rows: ``(50xx,xxxx)`` (curves) removes the whole group range; ``(60xx,3000)`` and
 ``(60xx,4000)`` (overlay data and comments) are widened to the whole 60xx group, because an overlay
@@ -35,7 +45,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -68,9 +78,8 @@ _TEMPORAL_VRS = frozenset({"DA", "DT", "TM"})
 class DeidOptions:
     """Which PS3.15 options apply on top of the Basic Profile.
 
-    v1 implements only ``retain_long_modified_dates`` (on by default: dates are shifted by the
-    identifiers' jitter). The other switches exist so callers and configs can name them already;
-    turning one on raises ``ValueError`` until it is implemented, rather than silently doing less.
+    ``retain_long_modified_dates`` is on by default (dates are shifted by the identifiers' jitter).
+    ``retain_long_full_dates`` and ``retain_long_modified_dates`` exclude each other.
     """
 
     retain_safe_private: bool = False
@@ -85,9 +94,25 @@ class DeidOptions:
     clean_graphics: bool = False
 
     def __post_init__(self) -> None:
-        for name in OPTIONS:
-            if getattr(self, name) and name not in IMPLEMENTED_OPTIONS:
-                raise ValueError(f"de-identification option {name!r} is not implemented yet")
+        if self.retain_long_full_dates and self.retain_long_modified_dates:
+            raise ValueError("retain_long_full_dates and retain_long_modified_dates exclude each other")
+
+    @classmethod
+    def from_names(cls, names: Iterable[str]) -> DeidOptions:
+        """Options from a list of names (``"retain_uids"``; also ``retain-uids`` or ``RETAIN_UIDS``).
+
+        The list is complete: an option not named is off, so ``retain_long_modified_dates`` must be
+        named to stay on. An unknown name raises ``ValueError`` naming it.
+        """
+        chosen: dict[str, bool] = dict.fromkeys(OPTIONS, False)
+        for raw in names:
+            name = raw.strip().lower().replace("-", "_")
+            if not name:
+                continue
+            if name not in OPTIONS:
+                raise ValueError(f"unknown de-identification option {raw.strip()!r} (known: {', '.join(OPTIONS)})")
+            chosen[name] = True
+        return cls(**chosen)
 
     def enabled(self) -> tuple[str, ...]:
         """Names of the options that are on, in the standard's order."""
@@ -123,7 +148,7 @@ OPTIONS: Mapping[str, OptionInfo] = {
     "clean_structured_content": OptionInfo("cleanStructContOpt", "113104", "Clean Structured Content Option"),
     "clean_graphics": OptionInfo("cleanGraphOpt", "113103", "Clean Graphics Option"),
 }
-IMPLEMENTED_OPTIONS = frozenset({"retain_long_modified_dates"})
+IMPLEMENTED_OPTIONS = frozenset(OPTIONS)
 BASIC_PROFILE_CODE = OptionInfo("", "113100", "Basic Application Confidentiality Profile")
 
 
@@ -137,6 +162,9 @@ class Action(enum.Enum):
     REMAP_UID = "U"  # keyed UID remap
     SHIFT_DATE = "S"  # DA/DT shifted by the jitter; TM kept
     WALK = "U*"  # a sequence kept and walked item by item
+    CLEAN = "C"  # text cleaned (sendit.deid.clean); a sequence walked in clean mode
+    RETAIN = "R"  # kept exactly as it is: no UID remap, no date shift (retain options' K on UI/DA/DT)
+    RECIPE = "recipe"  # a deid recipe rule decides (engine); never produced from the table itself
 
 
 class ProfileError(Exception):
@@ -171,6 +199,8 @@ class ActionTable:
     removed_groups: frozenset[int]
     private: Action
     rows: int
+    #: what a cleaned element falls back to when its value cannot be cleaned (the Basic Profile's action)
+    fallback: Mapping[int, Action] = field(default_factory=dict)
 
 
 def parse_tag(text: str) -> tuple[int, int]:
@@ -208,6 +238,14 @@ def load_rows() -> tuple[ProfileRow, ...]:
     return tuple(rows)
 
 
+@cache
+def descriptor_tags() -> frozenset[int]:
+    """Tags whose text the clean options may keep (a ``C`` in a clean column): their own values are
+    not "identifiers known for the image" — they are what gets cleaned."""
+    columns = ("cleanDescOpt", "cleanStructContOpt", "cleanGraphOpt")
+    return frozenset(row.value for row in load_rows() if row.is_exact and any(c in row.options for c in columns))
+
+
 def resolve(code: str, vr: str) -> Action:
     """One table cell (``"X"``, ``"X/Z/D"``, ``"X/Z/U*"``…) → one action, by the module's rule."""
     parts = set(code.replace(" ", "").split("/"))
@@ -233,33 +271,60 @@ def _row_vr(row: ProfileRow) -> str:
         return "UN"
 
 
-def build_action_table(enabled_columns: frozenset[str]) -> ActionTable:
-    """Compile the table for a set of enabled option columns (v1: at most ``rtnLongModifDatesOpt``).
+#: Option columns whose ``C`` means "clean the text / walk the sequence in clean mode".
+_CLEANING_COLUMNS = ("cleanDescOpt", "cleanStructContOpt", "cleanGraphOpt", "rtnDevIdOpt", "rtnPatCharsOpt")
+_CLEANABLE_VRS = frozenset({"AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "SQ"})
 
-    Later options only need a branch here: the column's code wins over the Basic Profile's.
-    """
-    unsupported = enabled_columns - {"rtnLongModifDatesOpt"}
-    if unsupported:
-        raise ProfileError(f"options not implemented yet: {sorted(unsupported)}")
-    shift_dates = "rtnLongModifDatesOpt" in enabled_columns
+
+def build_action_table(enabled_columns: frozenset[str]) -> ActionTable:
+    """Compile the table for a set of enabled option columns (module docstring: what each means)."""
+    unknown = enabled_columns - set(OPTION_COLUMNS)
+    if unknown:
+        raise ProfileError(f"unknown option columns: {sorted(unknown)}")
+    if {"rtnLongModifDatesOpt", "rtnLongFullDatesOpt"} <= enabled_columns:
+        raise ProfileError("full dates and modified dates exclude each other")
     exact: dict[int, Action] = {}
+    fallback: dict[int, Action] = {}
     removed_groups: set[int] = set()
     private = Action.REMOVE
     for row in load_rows():
         if row.mask == 0x00010000:
             private = resolve(row.basic, "UN")
+            if private is not Action.REMOVE:
+                raise ProfileError("the Basic Profile must remove private attributes")
+            if row.options.get("rtnSafePrivOpt") == "C" and "rtnSafePrivOpt" in enabled_columns:
+                private = Action.CLEAN  # keep the safe-listed ones (engine)
             continue
         if not row.is_exact:
             # (50xx,xxxx) and (60xx,3000|4000): the whole group range goes (see module docstring).
+            # Clean Graphics does not bring them back: a curve or overlay bitmap cannot be cleaned.
             if resolve(row.basic, "UN") is not Action.REMOVE or (row.mask >> 16) != 0xFF00:
                 raise ProfileError(f"unsupported wildcard row {row.tag_text}")
             removed_groups.add(row.value >> 24)
             continue
         vr = _row_vr(row)
-        action = resolve(row.basic, vr)
-        if shift_dates and row.options.get("rtnLongModifDatesOpt") == "C" and vr in _TEMPORAL_VRS:
-            action = Action.SHIFT_DATE if vr in _DATE_VRS else Action.KEEP
+        basic = resolve(row.basic, vr)
+        codes = {row.options[col] for col in enabled_columns if col in row.options}
+        action = basic
+        if "K" in codes:
+            action = Action.RETAIN if vr in ("UI", "DA", "DT", "TM") else Action.KEEP
+            if vr == "SQ":
+                action = Action.KEEP  # kept, and walked: UIDs inside still follow the table and options
+        elif "C" in codes:
+            cleaning = any(row.options.get(col) == "C" for col in _CLEANING_COLUMNS if col in enabled_columns)
+            if row.options.get("rtnLongModifDatesOpt") == "C" and "rtnLongModifDatesOpt" in enabled_columns:
+                if vr in _DATE_VRS:
+                    action = Action.SHIFT_DATE
+                elif vr == "TM":
+                    action = Action.KEEP
+            elif cleaning and vr in _CLEANABLE_VRS:
+                action = Action.CLEAN
+                fallback[row.value] = basic
         exact[row.value] = action
-    if private is not Action.REMOVE:
-        raise ProfileError("the Basic Profile must remove private attributes")
-    return ActionTable(exact=exact, removed_groups=frozenset(removed_groups), private=private, rows=len(load_rows()))
+    return ActionTable(
+        exact=exact,
+        removed_groups=frozenset(removed_groups),
+        private=private,
+        rows=len(load_rows()),
+        fallback=fallback,
+    )

@@ -21,7 +21,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 PREAMBLE = b"\x00" * 128  # never the source's: a preamble can carry anything (TIFF headers, text)
@@ -42,6 +42,9 @@ def can_copy_raw(ds: Dataset) -> bool:
         return False
     if meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
         return False
+    syntax = str(meta.TransferSyntaxUID)
+    if syntax == ImplicitVRLittleEndian and not implicit or syntax == ExplicitVRLittleEndian and implicit:
+        return False  # re-encoded (e.g. pixels blanked and stored as Explicit VR Little Endian)
     return bool(ds.original_character_set == getattr(ds, "_character_set", None))
 
 

@@ -103,8 +103,8 @@ def process_series(series_id: int) -> Outcome:
         try:
             if series.images.filter(status__in=IN_FLIGHT).exists():
                 ids = ensure_identifiers(series)
-                deidentify_pending(series, ids, owner)
-                deliver_and_verify(series, owner)
+                written = deidentify_pending(series, ids, owner)
+                deliver_and_verify(series, owner, written)
             clean_up_done(series)
         except RetryableFailure as failure:
             return _schedule_retry(series, str(failure))
@@ -149,7 +149,10 @@ def ensure_identifiers(series: Series) -> Identifiers:
     """The stored identifiers, or one provider call for every series of the study still waiting."""
     stored = SeriesIdentifiers.objects.filter(series=series).first()
     if stored is None:
-        waiting = list(Series.objects.filter(study_id=series.study_id, identifiers__isnull=True))
+        # This series always: another worker may have stored its identifiers since the read above
+        # (it asked for the whole study), and then the query below would leave it out.
+        others = Series.objects.filter(study_id=series.study_id, identifiers__isnull=True).exclude(pk=series.pk)
+        waiting = [series, *others]
         headers = [SeriesHeader(**item.header) for item in waiting]
         provider = runtime.identifier_provider()
         try:
@@ -180,11 +183,17 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def deidentify_pending(series: Series, ids: Identifiers, owner: str) -> None:
+# image id → (SOPClassUID, TransferSyntaxUID) of the working copy written by this run
+Written = dict[int, tuple[str, str]]
+
+
+def deidentify_pending(series: Series, ids: Identifiers, owner: str) -> Written:
+    """De-identify every NEW/PROCESSING image; returns what it wrote, so delivery needn't re-read headers."""
     from sendit.deid import DeidError
 
     engine = runtime.deidentifier()
     batch_size = runtime.config().BATCH_SIZE
+    written: Written = {}
     while True:
         batch = list(series.images.filter(status__in=(Status.NEW, Status.PROCESSING)).order_by("id")[:batch_size])
         if not batch:
@@ -213,14 +222,45 @@ def deidentify_pending(series: Series, ids: Identifiers, owner: str) -> None:
                 Series.objects.filter(pk=series.pk).update(deid_series_uid=result.series_uid)
                 Study.objects.filter(pk=series.study_id).update(deid_study_uid=result.study_uid)
             done.append(image.pk)
+            written[image.pk] = (result.sop_class_uid, result.transfer_syntax_uid)
         move_images(series, done, Status.DONEPROCESSING)
         renew_lease(series.pk, owner)
+    write_series_metadata(series, ids)
     Series.objects.filter(pk=series.pk).update(stage="deidentified")
+    return written
+
+
+def write_series_metadata(series: Series, ids: Identifiers) -> None:
+    """WORK_FOLDER/series-<id>/metadata.json: the allow-listed, de-identified fields for researchers
+    (sendit.deid.metadata), for the Google metadata store to pick up. A failure here is logged and
+    does not hold the images back: the document carries no image and can be written again."""
+    from sendit.deid.engine import read_dicom
+    from sendit.deid.metadata import describe_series, series_document, write_document
+
+    made = series.images.exclude(deid_sop_instance_uid="")
+    first = made.order_by("id").first()
+    if first is None:
+        return
+    try:
+        header = read_dicom(files.original(first.path), headers_only=True)
+        described = describe_series(header, runtime.deidentifier().known_identifiers(header))
+        study_uid = Study.objects.filter(pk=series.study_id).values_list("deid_study_uid", flat=True).first()
+        document = series_document(
+            described,
+            pseudonym=ids.patient_id,
+            study_uid=study_uid or "",
+            series_uid=series.deid_series_uid,
+            images=made.count(),
+        )
+        write_document(document, files.working_copy(series.pk, first.pk).parent / "metadata.json")
+    except Exception as exc:
+        log.warning("series #%s: metadata.json not written (%s)", series.pk, type(exc).__name__)
 
 
 def _quarantine(series: Series, image: Image, reason: str) -> None:
     files.working_copy(series.pk, image.pk).unlink(missing_ok=True)
-    files.set_aside(image.path, "quarantine")
+    stored = files.set_aside(image.path, "quarantine")
+    Image.objects.filter(pk=image.pk).update(set_aside_at=stored)
     move_images(series, [image.pk], Status.QUARANTINED, reason)
     log.warning("image #%s (%s) quarantined: %s", image.pk, image.path, reason)
 
@@ -228,23 +268,30 @@ def _quarantine(series: Series, image: Image, reason: str) -> None:
 # --- deliver and verify ---------------------------------------------------------------------------
 
 
-def _outgoing(series: Series, images: list[Image], ids: Identifiers) -> list[OutgoingImage]:
+def _outgoing(series: Series, images: list[Image], ids: Identifiers, written: Written) -> list[OutgoingImage]:
     from pydicom import dcmread
 
+    # One query per batch, not per image (the series' cached study predates de-identification).
+    study_uid = Study.objects.filter(pk=series.study_id).values_list("deid_study_uid", flat=True).get()
     outgoing = []
     for image in images:
         path = files.working_copy(series.pk, image.pk)
-        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        if image.pk in written:  # written by this run: we know what is in it
+            sop_class_uid, transfer_syntax_uid = written[image.pk]
+        else:  # resuming after a restart: read the header of the working copy
+            meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            sop_class_uid = str(meta.get("SOPClassUID", ""))
+            transfer_syntax_uid = str(meta.file_meta.TransferSyntaxUID)
         outgoing.append(
             OutgoingImage(
                 image_id=image.pk,
                 path=path,
                 patient_id=ids.patient_id,
-                study_uid=series.study.deid_study_uid or Study.objects.get(pk=series.study_id).deid_study_uid,
+                study_uid=study_uid,
                 series_uid=series.deid_series_uid,
                 sop_instance_uid=image.deid_sop_instance_uid,
-                sop_class_uid=str(meta.get("SOPClassUID", "")),
-                transfer_syntax_uid=str(meta.file_meta.TransferSyntaxUID),
+                sop_class_uid=sop_class_uid,
+                transfer_syntax_uid=transfer_syntax_uid,
             )
         )
     return outgoing
@@ -259,11 +306,11 @@ def _about(destination: Destination, exc: DestinationError, doing: str = "") -> 
     return prefix + (f"{doing}: " if doing else "") + text
 
 
-def deliver_and_verify(series: Series, owner: str) -> None:
+def deliver_and_verify(series: Series, owner: str, written: Written | None = None) -> None:
     destinations = runtime.destinations()
     try:
         for _ in range(2):  # a second pass re-sends what verification found missing
-            deliver_pending(series, destinations, owner)
+            deliver_pending(series, destinations, owner, written or {})
             if not verify_sent(series, destinations):
                 return
         raise RetryableFailure("destination is missing images after a re-send")
@@ -272,7 +319,9 @@ def deliver_and_verify(series: Series, owner: str) -> None:
             destination.close()
 
 
-def deliver_pending(series: Series, destinations: list[Destination], owner: str) -> None:
+def deliver_pending(
+    series: Series, destinations: list[Destination], owner: str, written: Written | None = None
+) -> None:
     ids = Identifiers.from_json(SeriesIdentifiers.objects.get(series=series).response)
     series.refresh_from_db(fields=["deid_series_uid"])
     pending = list(series.images.filter(status=Status.DONEPROCESSING).order_by("id"))
@@ -284,7 +333,7 @@ def deliver_pending(series: Series, destinations: list[Destination], owner: str)
     batch_size = runtime.config().BATCH_SIZE
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
-        outgoing = _outgoing(series, batch, ids)
+        outgoing = _outgoing(series, batch, ids, written or {})
         for destination in destinations:
             already = set(
                 Delivery.objects.filter(image__in=batch, destination=destination.name).values_list(
@@ -319,11 +368,10 @@ def deliver_pending(series: Series, destinations: list[Destination], owner: str)
                     retry_reasons.append(f"{destination.name}: {result.message}")
         renew_lease(series.pk, owner)
         wanted = {destination.name for destination in destinations}
-        delivered = [
-            image.pk
-            for image in batch
-            if wanted <= set(Delivery.objects.filter(image=image).values_list("destination", flat=True))
-        ]
+        confirmed: dict[int, set[str]] = {}
+        for image_id, name in Delivery.objects.filter(image__in=batch).values_list("image_id", "destination"):
+            confirmed.setdefault(image_id, set()).add(name)
+        delivered = [image.pk for image in batch if wanted <= confirmed.get(image.pk, set())]
         move_images(series, delivered, Status.SENT)
     if retry_reasons:
         raise RetryableFailure(
@@ -361,14 +409,15 @@ def verify_sent(series: Series, destinations: list[Destination]) -> bool:
 def clean_up_done(series: Series) -> None:
     """Originals and working copies of DONE images go away (unless configured to keep them)."""
     cfg = runtime.config()
-    for image in series.images.filter(status=Status.DONE).only("id", "path"):
+    for image_id, path in series.images.filter(status=Status.DONE).values_list("id", "path"):
         if cfg.KEEP_ORIGINALS:
-            files.set_aside(image.path, "kept")
+            files.set_aside(path, "kept")
         else:
-            files.remove_original(image.path)
+            files.remove_original(path)
         if not cfg.KEEP_WORKING:
-            files.working_copy(series.pk, image.pk).unlink(missing_ok=True)
+            files.working_copy(series.pk, image_id).unlink(missing_ok=True)
     if not cfg.KEEP_WORKING and not series.images.exclude(status__in=(Status.DONE, Status.SKIPPED)).exists():
         folder = files.working_copy(series.pk, 0).parent
+        (folder / "metadata.json").unlink(missing_ok=True)  # until a metadata store takes it (docs)
         if folder.exists() and not any(folder.iterdir()):
             folder.rmdir()

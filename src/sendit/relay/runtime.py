@@ -19,11 +19,17 @@ def config() -> Config:
     return settings.SENDIT  # type: ignore[no-any-return]
 
 
-@cache
 def deidentifier() -> Any:
-    from sendit.deid import Deidentifier
+    """The engine for the current configuration (built once per distinct set of DEID_* values)."""
+    cfg = config()
+    return _deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER)
 
-    return Deidentifier(config().SECRET_KEY)
+
+@cache
+def _deidentifier(secret_key: str, options: str, recipe: str, pixel_filter: str) -> Any:
+    from sendit.deid import build_deidentifier
+
+    return build_deidentifier(secret_key, options, recipe, pixel_filter)
 
 
 @cache

@@ -1,0 +1,148 @@
+"""Per-series metadata for researchers: an allow-list of header fields, de-identified, as JSON.
+
+Only the fields below leave, each through its own transform; everything else in the header is
+ignored. Values come from the *original* header of the series' first image (so the study
+description can be cleaned rather than lost), identifiers and UIDs from the de-identified result.
+
+=========================  ===========================================================================
+field                      transform
+=========================  ===========================================================================
+modality                   as is (CS)
+body_part_examined         as is (CS)
+study_description          :func:`sendit.deid.clean.clean_text` with the image's known identifiers
+series_description         the same
+sex                        ``M``, ``F`` or ``O``; anything else is left out
+age_bucket                 5-year buckets (``40-44``), ``90+`` for 90 and over; from Patient's Age,
+                           or from birth date and study date when the age is missing
+manufacturer, model        as is (LO), cut to 64 characters
+sop_class                  the SOP Class UID and its name
+images                     how many images of the series were de-identified
+slice_thickness, kvp,      numbers as written (DS); left out when not a number
+magnetic_field_strength
+pseudonym, study_uid,      the de-identified values (pseudonymized patient ID, remapped UIDs)
+series_uid
+=========================  ===========================================================================
+
+The relay writes this to ``WORK_FOLDER/series-<id>/metadata.json``; ``sendit deid IN OUT`` writes
+``OUT/<pseudonym>/<study>/<series>/series.json``. The Google metadata store (Datastore/BigQuery) will
+take the same document from there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from sendit.deid.clean import clean_text
+
+SCHEMA = "sendit.series-metadata/1"
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_AGE = re.compile(r"^(\d{3})([DWMY])$")
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            value = ds.get(keyword)
+        except Exception:
+            return ""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip(" \x00")
+
+
+def age_bucket(age_years: int) -> str:
+    """``47`` → ``"45-49"``; 90 and over → ``"90+"``."""
+    if age_years >= 90:
+        return "90+"
+    low = max(0, age_years) // 5 * 5
+    return f"{low}-{low + 4}"
+
+
+def _age_years(ds: Dataset) -> int | None:
+    match = _AGE.match(_text(ds, "PatientAge"))
+    if match:
+        number, unit = int(match.group(1)), match.group(2)
+        return number if unit == "Y" else 0
+    birth, study = _text(ds, "PatientBirthDate"), _text(ds, "StudyDate")
+    try:
+        born = dt.datetime.strptime(birth[:8], "%Y%m%d").date()
+        seen = dt.datetime.strptime(study[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+    years = seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))
+    return years if years >= 0 else None
+
+
+def describe_series(header: Dataset, known_identifiers: Iterable[str]) -> dict[str, Any]:
+    """The allow-listed fields of one series from its first image's *original* header."""
+    known = set(known_identifiers)
+    out: dict[str, Any] = {}
+    for key, keyword in (("modality", "Modality"), ("body_part_examined", "BodyPartExamined")):
+        value = _text(header, keyword)
+        if value and re.fullmatch(r"[A-Z0-9 _]{1,16}", value):
+            out[key] = value
+    for key, keyword in (("study_description", "StudyDescription"), ("series_description", "SeriesDescription")):
+        value = _text(header, keyword)
+        cleaned = clean_text(value, known) if value else ""
+        if cleaned:
+            out[key] = cleaned[:64]
+    sex = _text(header, "PatientSex").upper()
+    if sex in ("M", "F", "O"):
+        out["sex"] = sex
+    years = _age_years(header)
+    if years is not None:
+        out["age_bucket"] = age_bucket(years)
+    for key, keyword in (("manufacturer", "Manufacturer"), ("model", "ManufacturerModelName")):
+        value = _text(header, keyword)
+        if value:
+            out[key] = value[:64]
+    sop_class = _text(header, "SOPClassUID")
+    if sop_class:
+        uid = UID(sop_class)
+        out["sop_class"] = sop_class
+        if uid.is_valid and uid.name != sop_class:
+            out["sop_class_name"] = uid.name
+    for key, keyword in (
+        ("slice_thickness", "SliceThickness"),
+        ("kvp", "KVP"),
+        ("magnetic_field_strength", "MagneticFieldStrength"),
+    ):
+        value = _text(header, keyword)
+        if _NUMBER.match(value):
+            out[key] = float(value)
+    return out
+
+
+def series_document(
+    described: dict[str, Any], *, pseudonym: str, study_uid: str, series_uid: str, images: int
+) -> dict[str, Any]:
+    """The JSON document for one series (``described`` from :func:`describe_series`)."""
+    return {
+        "schema": SCHEMA,
+        "pseudonym": pseudonym,
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "images": images,
+        **described,
+    }
+
+
+def write_document(document: dict[str, Any], path: Path) -> Path:
+    """Write atomically (``.part`` then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    part.replace(path)
+    return path
