@@ -175,13 +175,19 @@ def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) ->
         console.print(f"resuming {len(report.resumable)} series recorded earlier and still in flight")
     images = Image.objects.filter(series_id__in=series_ids)
     total = images.count()
+    # no refresh thread (auto_refresh=False): the worker pool forks, and a fork should find no other thread
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        auto_refresh=False,
     ) as progress:
         task = progress.add_task("de-identify and deliver", total=total)
 
         def update() -> None:
-            progress.update(task, completed=images.filter(status__in=TERMINAL).count())
+            progress.update(task, completed=images.filter(status__in=TERMINAL).count(), refresh=True)
 
         run_inline(series_ids, workers, on_progress=update)
         update()
