@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,3 +44,13 @@ def wait_for(predicate: Callable[[], bool], seconds: float, every: float = 0.05)
             return True
         time.sleep(every)
     return False
+
+
+def stop_process_group(process: subprocess.Popen[str]) -> None:
+    """Ctrl-C to a `sendit run` started with start_new_session=True; SIGKILL if it will not stop."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)

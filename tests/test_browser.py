@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pydicom
 import pytest
 
 from sendit.demo import generate_demo
-from tests.helpers import wait_for
+from tests.helpers import stop_process_group, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -125,12 +124,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         assert wait_for(up, 30, every=0.2), "sendit run did not start"
         yield base, tmp_path / "data"
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process)
 
 
 @pytest.fixture

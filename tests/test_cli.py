@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from sendit.demo import generate_demo
-from tests.helpers import wait_for
+from tests.helpers import stop_process_group, wait_for
 
 SECRET = "cli-test-secret-key-0123456789-abcdefghijkl"
 
@@ -126,12 +126,7 @@ def test_run_watches_processes_and_serves_status(configured: Path) -> None:
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
         assert page.status_code == 302 and "login" in page.headers["location"]  # login required
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process)
 
 
 def _counts(tmp: Path) -> dict[str, int]:
