@@ -44,17 +44,6 @@ Reconfigure = Callable[..., None]
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def demo_ct_mr(folder: Path, patients: int = 2, images: int = 3) -> list[Path]:
-    """The demo data set without its ultrasound series (quarantined for burned-in text, not sent)."""
-    kept = []
-    for path in demo_into(folder, patients=patients, images=images):
-        if pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).Modality == "US":
-            path.unlink()
-        else:
-            kept.append(path)
-    return kept
-
-
 def via_dicom(reconfigure: Reconfigure, server: OrthancServer, **more: Any) -> None:
     reconfigure(
         SEND_TO_ORTHANC=True,
@@ -146,7 +135,7 @@ def test_dicom_delivery_ends_done_and_orthanc_holds_exactly_our_files(
 ) -> None:
     server = orthanc_factory()
     via_dicom(reconfigure, server, KEEP_WORKING=True)
-    written = demo_ct_mr(sendit_dirs["INPUT_FOLDER"])  # CT and MR: 2 patients, 2 studies, 4 series
+    written = demo_into(sendit_dirs["INPUT_FOLDER"])  # CT, MR and US: 2 patients, 3 studies, 5 series
 
     ingest_and_run(sendit_dirs["INPUT_FOLDER"])
 
@@ -196,7 +185,7 @@ def test_outage_is_retried_and_ends_done_without_duplicates(
 ) -> None:
     server = orthanc_factory()
     (via_dicom if route == "orthanc-dicom" else via_rest)(reconfigure, server)
-    written = demo_ct_mr(sendit_dirs["INPUT_FOLDER"], images=2)
+    written = demo_into(sendit_dirs["INPUT_FOLDER"], images=2)
     report = ingest_folder(sendit_dirs["INPUT_FOLDER"])
     first, *rest = sorted(report.series_ids)
     run_inline([first], workers=1)  # one series arrives before the outage
