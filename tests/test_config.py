@@ -65,3 +65,22 @@ def test_masked_view_hides_secrets(tmp_path: Path) -> None:
     shown = cfg.masked()
     assert SECRET not in str(shown) and "hunter2" not in str(shown)
     assert shown["SECRET_KEY"].endswith("(set)")
+
+
+def test_watched_folder_may_not_hold_sendits_own_folders(tmp_path: Path) -> None:
+    env = {"SENDIT_SECRET_KEY": SECRET, "SENDIT_DATA_DIR": str(tmp_path / "d"), "SENDIT_INPUT_FOLDER": str(tmp_path)}
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env=env)
+    text = "\n".join(info.value.problems)
+    assert "WORK_FOLDER" in text and "OUTPUT_FOLDER" in text and "DATABASE_URL" in text
+
+
+def test_a_configuration_that_delivers_nowhere_is_refused() -> None:
+    with pytest.raises(ConfigError, match="delivered nowhere"):
+        load_config(None, env={"SENDIT_SECRET_KEY": SECRET, "SENDIT_OUTPUT_FOLDER": "off"})
+    assert (
+        load_config(
+            None, env={"SENDIT_SECRET_KEY": SECRET, "SENDIT_OUTPUT_FOLDER": "off", "SENDIT_SEND_TO_ORTHANC": "true"}
+        ).OUTPUT_FOLDER
+        is None
+    )

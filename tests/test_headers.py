@@ -62,3 +62,11 @@ def test_bad_values_do_not_leak_into_logs_or_warnings(
     assert isinstance(result, FileHeader)
     assert "SECRETDATE" not in caplog.text
     assert not [w for w in recwarn if "SECRETDATE" in str(w.message)]
+
+
+def test_overlong_uid_is_rejected(sample: Path, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(sample)
+    ds.SOPInstanceUID = "1." + "2" * 70
+    ds.save_as(tmp_path / "long.dcm")
+    result = read_header(tmp_path / "long.dcm")
+    assert isinstance(result, RejectedFile) and "longer than 64" in result.reason

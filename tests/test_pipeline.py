@@ -13,7 +13,17 @@ from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
 from sendit.relay.housekeeping import prune, retry_errors, status_counts
 from sendit.relay.ingest import ingest_folder
 from sendit.relay.inline import run_inline
-from sendit.relay.models import Delivery, Event, Image, ReceivedFile, Series, SeriesIdentifiers, Status, Summary
+from sendit.relay.models import (
+    Delivery,
+    Event,
+    Image,
+    ReceivedFile,
+    Series,
+    SeriesIdentifiers,
+    Status,
+    Study,
+    Summary,
+)
 from tests.helpers import all_bytes, demo_into, ingest_and_run, statuses
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -183,7 +193,7 @@ def test_destination_down_retries_then_delivers_without_duplicates(
     assert statuses() == {Status.DONE: len(written)}
     assert len(list(sendit_dirs["OUTPUT_FOLDER"].rglob("*.dcm"))) == len(written)
     assert Delivery.objects.count() == len(written)
-    assert report.series_ids
+    assert len(report.series_ids) == Series.objects.count()
 
 
 def test_restart_in_the_middle_loses_nothing(sendit_dirs: dict[str, Path]) -> None:
@@ -230,5 +240,6 @@ def test_prune_keeps_a_phi_free_summary(sendit_dirs: dict[str, Path]) -> None:
     assert Series.objects.count() == 0 and Image.objects.count() == 0
     summaries = list(Summary.objects.all())
     assert sum(s.images for s in summaries) == len(written)
-    text = repr([(s.modality, s.counts) for s in summaries])
-    assert "MRN" not in text
+    # every row that held an identifier is gone: studies, series headers, identifier responses, events
+    assert not Study.objects.exists() and not SeriesIdentifiers.objects.exists()
+    assert not Event.objects.filter(image__isnull=False).exists()

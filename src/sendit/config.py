@@ -299,8 +299,34 @@ def _derive(values: dict[str, Any], base: Path) -> None:
         values["QUEUE_URL"] = f"sqlite:///{data_dir / 'queue.sqlite3'}"
 
 
-def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
+def _check_folders(values: dict[str, Any]) -> list[str]:
+    """The watched folder must not hold, nor sit inside, any folder or file Sendit writes itself:
+    otherwise it would ingest its own output, working copies or database."""
     problems: list[str] = []
+    watched: Path = values["INPUT_FOLDER"]
+    data_dir: Path = values["DATA_DIR"]
+    own = {
+        name: Path(values[name])
+        for name in ("WORK_FOLDER", "QUARANTINE_FOLDER", "OUTPUT_FOLDER")
+        if values[name] is not None
+    }
+    own.update({"DATA_DIR/kept": data_dir / "kept", "DATA_DIR/skipped": data_dir / "skipped"})
+    for url_key in ("DATABASE_URL", "QUEUE_URL"):
+        if values[url_key].startswith("sqlite:///"):
+            own[url_key] = Path(values[url_key][len("sqlite:///") :])
+    for name, path in own.items():
+        if path == watched or watched in path.parents or path in watched.parents:
+            problems.append(f"INPUT_FOLDER: must not contain or lie inside {name} ({path})")
+    return problems
+
+
+def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
+    problems: list[str] = _check_folders(values)
+    if values["OUTPUT_FOLDER"] is None and not values["SEND_TO_ORTHANC"] and not values["ORTHANC_URL"]:
+        problems.append(
+            "OUTPUT_FOLDER: is off and no other destination is on (SEND_TO_ORTHANC, ORTHANC_URL);"
+            " images would be delivered nowhere"
+        )
     if require_secret and len(values["SECRET_KEY"]) < 32:
         problems.append("SECRET_KEY: must be at least 32 characters (run `sendit init` to make one)")
     low, high = values["DATE_SHIFT_MIN_DAYS"], values["DATE_SHIFT_MAX_DAYS"]

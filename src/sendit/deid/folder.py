@@ -14,7 +14,6 @@ pool, so two processes scale on both.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -24,10 +23,10 @@ from typing import TypeVar
 
 from sendit.deid.engine import Deidentifier, DeidError, DeidResult, read_dicom
 from sendit.deid.metadata import describe_series, series_document, write_document
+from sendit.destinations.folder import safe_path_part
 from sendit.identifiers.base import IdentifierError, IdentifierProvider, Identifiers, SeriesHeader
 
 _T = TypeVar("_T")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _CHUNK = 32
 
 
@@ -59,12 +58,6 @@ class _Job:
 class _Series:
     header: SeriesHeader
     files: list[tuple[Path, str, str]] = field(default_factory=list)  # (path, relative, sop uid)
-
-
-def safe_path_part(text: str) -> str:
-    """A pseudonym as one path component: only [A-Za-z0-9._-], never empty, '.' or '..'."""
-    part = _UNSAFE.sub("_", text)
-    return part if part.strip(".") else f"_{part}"
 
 
 def deid_folder(

@@ -8,11 +8,31 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from sendit.destinations.base import OutgoingImage, SendResult
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_path_part(text: str) -> str:
+    """A pseudonym or UID as one path component: only [A-Za-z0-9._-], never empty, '.' or '..'.
+
+    An identifier service's pseudonym is not trusted to be a file name (a '/' or '..' in it).
+    """
+    part = _UNSAFE.sub("_", text)
+    return part if part.strip(".") else f"_{part}"
+
+
+def _fsync_directory(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class FolderDestination:
@@ -22,17 +42,22 @@ class FolderDestination:
         self.root = root
 
     def target(self, image: OutgoingImage) -> Path:
-        return self.root / image.patient_id / image.study_uid / image.series_uid / f"{image.sop_instance_uid}.dcm"
+        parts = (image.patient_id, image.study_uid, image.series_uid)
+        return self.root.joinpath(*map(safe_path_part, parts)) / f"{safe_path_part(image.sop_instance_uid)}.dcm"
 
     def send(self, images: Sequence[OutgoingImage]) -> list[SendResult]:
         results: list[SendResult] = []
+        written_to: set[Path] = set()
         for image in images:
             target = self.target(image)
             partial = target.with_name(target.name + ".part")
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(image.path, partial)
+                with open(partial, "rb+") as handle:  # on disk before the original may be deleted
+                    os.fsync(handle.fileno())
                 os.replace(partial, target)
+                written_to.add(target.parent)
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     partial.unlink(missing_ok=True)
@@ -40,10 +65,12 @@ class FolderDestination:
                 results.append(SendResult(image.image_id, delivered=False, message=reason))
                 continue
             results.append(SendResult(image.image_id, delivered=True))
+        for folder in written_to:  # the renames are durable before anything is reported delivered
+            _fsync_directory(folder)
         return results
 
     def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
-        found = {path.stem for path in self.root.glob(f"*/*/{series_uid}/*.dcm")}
+        found = {path.stem for path in self.root.glob(f"*/*/{safe_path_part(series_uid)}/*.dcm")}
         return sop_instance_uids - found
 
     def check(self) -> str | None:

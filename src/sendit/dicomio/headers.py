@@ -85,6 +85,9 @@ def _read_header(path: Path) -> FileHeader | RejectedFile:
     if missing:
         ended_early = pixel_start >= size
         return RejectedFile("missing " + ", ".join(missing) + (" (the file may be truncated)" if ended_early else ""))
+    too_long = [k for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID") if len(_text(ds.get(k))) > 64]
+    if too_long:
+        return RejectedFile(", ".join(too_long) + " longer than 64 characters (not a valid UID)")
     transfer = _text(meta.get("TransferSyntaxUID")) if meta is not None else ""
     series = SeriesHeader(
         series_uid=_text(ds.SeriesInstanceUID),

@@ -39,29 +39,31 @@ def problem_reasons(limit: int = 20) -> list[tuple[str, str, int]]:
 
 
 def retry_errors(series_ids: list[int] | None = None, user_id: int | None = None) -> list[int]:
-    """ERROR images go back to the step they failed in; returns the series to enqueue."""
+    """ERROR images go back to NEW (de-identification is deterministic; confirmed deliveries are not
+    repeated); returns the series to enqueue."""
     queryset = Series.objects.filter(images__status=Status.ERROR).distinct()
     if series_ids:
         queryset = queryset.filter(pk__in=series_ids)
     touched = []
     for series in queryset:
-        errors = list(series.images.filter(status=Status.ERROR).values_list("id", "deid_sop_instance_uid"))
-        redo = [image_id for image_id, deid_uid in errors if not deid_uid]
-        resend = [image_id for image_id, deid_uid in errors if deid_uid]
-        move_images(series, redo, Status.NEW, "retry requested", user_id=user_id)
-        move_images(series, resend, Status.NEW, "retry requested", user_id=user_id)
+        errors = list(series.images.filter(status=Status.ERROR).values_list("id", flat=True))
+        move_images(series, errors, Status.NEW, "retry requested", user_id=user_id)  # deterministic: redo all
         Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None)
         touched.append(series.pk)
     return touched
 
 
 def prune(retention_days: int) -> int:
-    """Replace finished series older than the retention period by a Summary (counts and times only)."""
+    """Replace finished series older than the retention period by a Summary (counts and times only).
+
+    Only series whose images all ended DONE or SKIPPED, with no change within the period: ERROR and
+    QUARANTINED images wait for a person, however old.
+    """
     cutoff = timezone.now() - timedelta(days=retention_days)
     old = (
-        Series.objects.filter(updated__lt=cutoff)
-        .exclude(images__status__in=IN_FLIGHT)
+        Series.objects.exclude(images__status__in=(*IN_FLIGHT, Status.ERROR, Status.QUARANTINED))
         .annotate(first=Min("images__created"), last=Max("images__updated"))
+        .filter(last__lt=cutoff)
     )
     pruned = 0
     for series in old:
@@ -80,5 +82,5 @@ def prune(retention_days: int) -> int:
             if not study.series.exists():
                 study.delete()
         pruned += 1
-    ReceivedFile.objects.filter(created__lt=cutoff).delete()
+    ReceivedFile.objects.filter(status=Status.SKIPPED, created__lt=cutoff).delete()  # rejected ones wait
     return pruned

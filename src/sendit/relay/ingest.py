@@ -60,11 +60,12 @@ class IngestReport:
 
 
 def known_paths() -> dict[str, tuple[int, str]]:
-    """Paths already recorded → (series id, status); a rescan after a restart skips them.
+    """Paths of recorded files still in place → (series id, status); a rescan skips them.
 
-    DONE images are left out: their originals are gone, so a file at the same path is a new arrival.
+    In flight and ERROR only: after DONE, QUARANTINED or SKIPPED the original was removed or moved
+    away, so a file now at that path is a new arrival and is read like any other.
     """
-    rows = Image.objects.exclude(status=Status.DONE).values_list("path", "series_id", "status")
+    rows = Image.objects.filter(status__in=(*IN_FLIGHT, Status.ERROR)).values_list("path", "series_id", "status")
     return {path: (series_id, status) for path, series_id, status in rows}
 
 
@@ -114,62 +115,63 @@ def _ingest_batch(batch: list[tuple[str, Path]]) -> IngestReport:
         headers[header.sop_instance_uid] = (name, header)
     if not headers:
         return report
+    again: list[tuple[str, FileHeader]] = []
     with transaction.atomic():
-        existing = {
-            image.sop_instance_uid: image
-            for image in Image.objects.filter(sop_instance_uid__in=list(headers)).select_related("series")
-        }
-        for uid in list(headers):
-            if uid in existing:
-                name, header = headers.pop(uid)
-                _arrived_again(name, header, existing[uid], report)
+        known_uids = Image.objects.filter(sop_instance_uid__in=list(headers)).values_list("sop_instance_uid", flat=True)
+        for uid in set(known_uids):
+            again.append(headers.pop(uid))
         study_uids = {header.series.study_uid for _, header in headers.values()}
-        studies = {s.study_uid: s for s in Study.objects.filter(study_uid__in=study_uids)}
-        Study.objects.bulk_create(
-            [Study(study_uid=uid) for uid in study_uids if uid not in studies], ignore_conflicts=True
-        )
+        Study.objects.bulk_create([Study(study_uid=uid) for uid in study_uids], ignore_conflicts=True)
         studies = {s.study_uid: s for s in Study.objects.filter(study_uid__in=study_uids)}
         series_headers = {header.series.series_uid: header.series for _, header in headers.values()}
-        series_map = {s.series_uid: s for s in Series.objects.filter(series_uid__in=list(series_headers))}
         Series.objects.bulk_create(
             [
-                Series(
-                    study=studies[header.study_uid],
-                    series_uid=uid,
-                    modality=header.modality[:16],
-                    header=asdict(header),
-                )
-                for uid, header in series_headers.items()
-                if uid not in series_map
+                Series(study=studies[h.study_uid], series_uid=uid, modality=h.modality[:16], header=asdict(h))
+                for uid, h in series_headers.items()
             ],
             ignore_conflicts=True,
         )
         series_map = {s.series_uid: s for s in Series.objects.filter(series_uid__in=list(series_headers))}
         Image.objects.bulk_create(
             [
-                Image(
-                    series=series_map[header.series.series_uid],
-                    sop_instance_uid=uid,
-                    path=name,
-                    size=header.size,
-                )
-                for uid, (name, header) in headers.items()
-            ]
+                Image(series=series_map[h.series.series_uid], sop_instance_uid=uid, path=name, size=h.size)
+                for uid, (name, h) in headers.items()
+            ],
+            ignore_conflicts=True,  # another ingestor (watcher and `sendit import`) may have won the race
         )
-        created = Image.objects.filter(sop_instance_uid__in=list(headers)).values_list("id", "series_id")
+        rows = Image.objects.filter(sop_instance_uid__in=list(headers)).values_list(
+            "id", "series_id", "sop_instance_uid", "path"
+        )
+        mine: list[tuple[int, int]] = []
+        for image_id, series_id, uid, stored in rows:
+            if stored == headers[uid][0]:
+                mine.append((image_id, series_id))
+            else:
+                again.append(headers.pop(uid))
         Event.objects.bulk_create(
-            [Event(series_id=sid, image_id=iid, to_status=Status.NEW, reason="ingested") for iid, sid in created]
+            [Event(series_id=sid, image_id=iid, to_status=Status.NEW, reason="ingested") for iid, sid in mine]
         )
-        touched = {series_map[header.series.series_uid] for _, header in headers.values()}
-        for series in touched:
+        touched = {series_id for _, series_id in mine}
+        for series in Series.objects.filter(pk__in=touched):
             refresh_series_status(series)
-        report.images += len(headers)
-        report.series_ids |= {series.pk for series in touched}
+        report.images += len(mine)
+        report.series_ids |= touched
+    # Files are moved (duplicates, conflicts) only outside the transaction that records new images,
+    # so a rolled-back batch never leaves a moved file without its row.
+    for name, header in again:
+        image = Image.objects.select_related("series").filter(sop_instance_uid=header.sop_instance_uid).first()
+        if image is not None:
+            with transaction.atomic():
+                _arrived_again(name, header, image, report)
     return report
 
 
 def _arrived_again(name: str, header: FileHeader, image: Image, report: IngestReport) -> None:
     """The same SOPInstanceUID again: a duplicate in flight, a re-send after DONE, or a conflict."""
+    if name == image.path and image.status in (*IN_FLIGHT, Status.ERROR):
+        if image.status in IN_FLIGHT:  # the very file already recorded (seen by a concurrent scan)
+            report.resumable.add(image.series_id)
+        return
     path = files.original(name)
     if image.status in IN_FLIGHT:
         first = files.original(image.path)
@@ -182,7 +184,9 @@ def _arrived_again(name: str, header: FileHeader, image: Image, report: IngestRe
         return
     # Arrived again after it finished: process it again; deterministic UIDs land on the same output.
     old = image.status
-    Image.objects.filter(pk=image.pk).update(path=name, size=header.size, status=Status.NEW, reason="", attempts=0)
+    Image.objects.filter(pk=image.pk).update(
+        path=name, size=header.size, status=Status.NEW, reason="", attempts=0, cleaned_at=None, set_aside_at=""
+    )
     Event.objects.create(
         series=image.series, image=image, from_status=old, to_status=Status.NEW, reason="arrived again; reprocessing"
     )

@@ -70,6 +70,7 @@ class Image(models.Model):
     size = models.BigIntegerField(default=0)
     sha256 = models.CharField(max_length=64, blank=True)
     set_aside_at = models.CharField(max_length=1024, blank=True, help_text="Where a quarantined original was moved.")
+    cleaned_at = models.DateTimeField(null=True, blank=True, help_text="When the original and copy were removed.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW, db_index=True)
     reason = models.CharField(max_length=500, blank=True)
     attempts = models.PositiveIntegerField(default=0)

@@ -111,6 +111,10 @@ def process_series(series_id: int) -> Outcome:
         except PermanentFailure as failure:
             _fail_in_flight(series, str(failure))
             return Outcome(finished=True)
+        except Exception as exc:  # an unforeseen failure is retried and then shown, never left silent
+            # only the type: an exception's text may quote a value (a provider's KeyError of an MRN)
+            log.error("series #%s: unexpected %s", series_id, type(exc).__name__)
+            return _schedule_retry(series, f"unexpected error ({type(exc).__name__})")
         Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None)
         refresh_series_status(series)
         return Outcome(finished=True)
@@ -308,6 +312,8 @@ def _about(destination: Destination, exc: DestinationError, doing: str = "") -> 
 
 def deliver_and_verify(series: Series, owner: str, written: Written | None = None) -> None:
     destinations = runtime.destinations()
+    if not destinations:  # configuration forbids it; never call "delivered to nobody" DONE
+        raise PermanentFailure("no destination is configured")
     try:
         for _ in range(2):  # a second pass re-sends what verification found missing
             deliver_pending(series, destinations, owner, written or {})
@@ -407,15 +413,25 @@ def verify_sent(series: Series, destinations: list[Destination]) -> bool:
 
 
 def clean_up_done(series: Series) -> None:
-    """Originals and working copies of DONE images go away (unless configured to keep them)."""
+    """Originals and working copies of DONE images go away (unless configured to keep them), once each.
+
+    A file now at a cleaned image's path is a new arrival: it is removed only if its bytes are the
+    ones this image was made from.
+    """
     cfg = runtime.config()
-    for image_id, path in series.images.filter(status=Status.DONE).values_list("id", "path"):
-        if cfg.KEEP_ORIGINALS:
+    pending = series.images.filter(status=Status.DONE, cleaned_at__isnull=True)
+    for image_id, path, digest in pending.values_list("id", "path", "sha256"):
+        original = files.original(path)
+        replaced = original.exists() and bool(digest) and _sha256(original) != digest
+        if replaced:
+            pass  # another file arrived at this path since: a new arrival, not ours to remove
+        elif cfg.KEEP_ORIGINALS:
             files.set_aside(path, "kept")
         else:
             files.remove_original(path)
         if not cfg.KEEP_WORKING:
             files.working_copy(series.pk, image_id).unlink(missing_ok=True)
+        Image.objects.filter(pk=image_id).update(cleaned_at=timezone.now())
     if not cfg.KEEP_WORKING and not series.images.exclude(status__in=(Status.DONE, Status.SKIPPED)).exists():
         folder = files.working_copy(series.pk, 0).parent
         (folder / "metadata.json").unlink(missing_ok=True)  # until a metadata store takes it (docs)

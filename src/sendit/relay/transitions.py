@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from django.db import transaction
 from django.db.models import Count
+from django.utils import timezone
 
 from sendit.relay.models import Event, Image, Series, Status
 
@@ -29,7 +30,8 @@ def move_images(
         if not rows:
             return 0
         changed = [row[0] for row in rows]
-        Image.objects.filter(id__in=changed).update(status=to, reason=reason)
+        # QuerySet.update() skips auto_now: the time of the change is set here (pruning relies on it)
+        Image.objects.filter(id__in=changed).update(status=to, reason=reason, updated=timezone.now())
         Event.objects.bulk_create(
             [
                 Event(series=series, image_id=image_id, from_status=old, to_status=to, reason=reason, user_id=user_id)
@@ -65,4 +67,4 @@ def refresh_series_status(series: Series, reason: str = "") -> None:
     if new != series.status:
         Event.objects.create(series=series, from_status=series.status, to_status=new, reason=clip(reason))
         series.status = new
-        Series.objects.filter(pk=series.pk).update(status=new)
+        Series.objects.filter(pk=series.pk).update(status=new, updated=timezone.now())

@@ -83,5 +83,8 @@ class Watcher:
             self.wake.clear()
             try:
                 self.scan()
-            except Exception:  # the watcher must outlive a bad scan; the next one tries again
-                log.exception("scan of the input folder failed; retrying at the next event or rescan")
+            except Exception as exc:  # the watcher must outlive a bad scan; the next one tries again
+                # the type only: a database error's text can quote a UID or a value
+                log.error(
+                    "scan of the input folder failed (%s); retrying at the next event or rescan", type(exc).__name__
+                )
