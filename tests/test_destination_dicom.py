@@ -131,14 +131,6 @@ def test_compressed_images_are_sent_as_they_are(orthanc_server: OrthancServer, t
         assert got == sent
 
 
-def _decodable_here(path: Path) -> bool:
-    try:
-        dcmread(path).pixel_array  # noqa: B018
-    except Exception:
-        return False
-    return True
-
-
 def test_rejected_syntax_falls_back_to_native_when_decodable(
     orthanc_factory: Callable[..., OrthancServer], tmp_path: Path
 ) -> None:
@@ -155,12 +147,22 @@ def test_rejected_syntax_falls_back_to_native_when_decodable(
     assert not got.file_meta.TransferSyntaxUID.is_compressed
     assert got.SOPInstanceUID == rle.sop_instance_uid
     assert np.array_equal(got.pixel_array, dcmread(rle.path).pixel_array)
-    if _decodable_here(j2k.path):
-        assert j2k_result.delivered
-    else:  # no JPEG 2000 decoder in this environment (no Pillow/pylibjpeg): a clear permanent failure
-        assert (j2k_result.delivered, j2k_result.permanent) == (False, True)
-        assert "JPEG 2000" in j2k_result.message and "cannot be decoded" in j2k_result.message
-        assert j2k.sop_instance_uid not in native_only.instances_in_series(series)
+    assert j2k_result.delivered  # JPEG 2000 decoded with pylibjpeg-openjpeg, sent as native
+    got_j2k = dcmread(BytesIO(stored(native_only, j2k)))
+    assert not got_j2k.file_meta.TransferSyntaxUID.is_compressed
+    assert np.array_equal(got_j2k.pixel_array, dcmread(j2k.path).pixel_array)
+
+
+def test_undecodable_compressed_image_refused_by_the_peer_is_a_permanent_failure(
+    orthanc_factory: Callable[..., OrthancServer], tmp_path: Path
+) -> None:
+    native_only = orthanc_factory(accepted_transfer_syntaxes=[ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    series = generate_uid()
+    lossy12 = outgoing(restamp("JPEG-lossy.dcm", tmp_path / "l.dcm", series_uid=series), 1)  # libjpeg refuses it
+    (result,) = dest_for(native_only).send([lossy12])
+    assert (result.delivered, result.permanent) == (False, True)
+    assert "cannot be decoded" in result.message
+    assert lossy12.sop_instance_uid not in native_only.instances_in_series(series)
 
 
 # -- refusals: permanent ---------------------------------------------------------------------

@@ -12,9 +12,9 @@ The decision, for an object with pixel data (:func:`decide`; non-image objects a
 4. otherwise Burned In Annotation (0028,0301) = YES quarantines it.
 
 Blanking (:func:`blank_regions`) decodes the pixel data (native little endian, RLE and deflated
-data decode with pydicom alone; big endian data is refused to keep the rewrite simple; JPEG, JPEG-LS
-and JPEG 2000 need decoders that are not installed, so such an image is quarantined with that
-reason), fills each region in every frame with black, and stores the pixels
+data decode with pydicom alone; JPEG, JPEG-LS, JPEG 2000 and HTJ2K with the pylibjpeg plugins, colour
+coming out as RGB; big endian data is refused to keep the rewrite simple; an image that cannot be
+decoded is quarantined with that reason), fills each region in every frame with black, and stores the pixels
 uncompressed; the caller writes the file as Explicit VR Little Endian and sets (0028,0301) to NO.
 """
 
@@ -43,6 +43,35 @@ _DECODABLE = frozenset(
         "1.2.840.10008.1.2.5",
     }
 )
+
+
+# JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000 and HTJ2K: pydicom decodes them with the
+# pylibjpeg plugins (pylibjpeg-libjpeg, pylibjpeg-openjpeg), the decoders pydicom documents.
+_COMPRESSED_BY_PLUGIN = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    }
+)
+
+
+def _decompress(ds: Dataset) -> None:
+    """Decode in place; colour data comes out as RGB and every pixel-module attribute is made to match."""
+    from pydicom.pixels import decompress
+
+    try:
+        decompress(ds, as_rgb=True, generate_instance_uid=False)
+    except Exception as exc:
+        raise PixelError(f"compressed pixel data could not be decoded ({type(exc).__name__})") from None
 
 
 class PixelError(Exception):
@@ -202,6 +231,9 @@ def blank_regions(ds: Dataset, regions: Sequence[tuple[int, int, int, int]]) -> 
     frame; afterwards the pixel data is native and the file meta says Explicit VR Little Endian."""
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)) if meta is not None else ExplicitVRLittleEndian
+    if syntax in _COMPRESSED_BY_PLUGIN:
+        _decompress(ds)  # JPEG family: decoded by pylibjpeg; afterwards native Explicit VR Little Endian
+        syntax = ExplicitVRLittleEndian
     if syntax not in _DECODABLE:
         name = UID(syntax).name if UID(syntax).is_valid else "unknown"
         raise PixelError(f"pixel data in {name} cannot be decoded here to blank it")
