@@ -559,3 +559,12 @@ def test_an_image_cut_anywhere_is_refused(engine: Deidentifier, tmp_path: Path, 
         with pytest.raises(DeidError):
             engine.deidentify_file(cut, tmp_path / "out" / "cut.dcm", IDS)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_implicit_data_in_a_file_labelled_explicit_is_written(tmp_path: Path) -> None:
+    """pydicom's SC_rgb_jpeg.dcm says Explicit VR but holds implicit elements (no VR when read raw)."""
+    src = Path(get_testdata_file("SC_rgb_jpeg.dcm", download=False))
+    result = Deidentifier(KEY).deidentify_file(src, tmp_path / "o.dcm", IDS)
+    out = pydicom.dcmread(result.path)
+    assert out.PatientID == IDS.patient_id and out.PatientIdentityRemoved == "YES"
+    assert out.pixel_array.shape == pydicom.dcmread(src).pixel_array.shape

@@ -88,4 +88,6 @@ def _write_elements(fp: DicomFileLike, out: BinaryIO, ds: Dataset, implicit: boo
                 write(_EXPLICIT_SHORT.pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), size))
                 write(value)
                 continue
-        write_data_element(fp, elem, encodings)
+        # a raw element that cannot be copied (no VR: implicit data in a file labelled explicit, ...)
+        # is converted first, which also looks its VR up in the dictionary
+        write_data_element(fp, ds[tag] if isinstance(elem, RawDataElement) else elem, encodings)
