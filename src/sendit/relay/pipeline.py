@@ -33,6 +33,10 @@ class RetryableFailure(Exception):
     """A step failed for a reason that may pass (destination down, service busy)."""
 
 
+class LeaseLost(Exception):
+    """This worker's lease expired and another worker holds the series: it must not write on."""
+
+
 class PermanentFailure(Exception):
     """A step failed for a reason that will not pass by waiting; the in-flight images go to ERROR."""
 
@@ -81,8 +85,10 @@ def acquire_lease(series_id: int, owner: str) -> bool:
 
 
 def renew_lease(series_id: int, owner: str) -> None:
+    """Extend the lease after each batch; if another worker took the series meanwhile, stop here."""
     expires = timezone.now() + timedelta(seconds=runtime.config().LEASE_SECONDS)
-    Series.objects.filter(pk=series_id, lease_owner=owner).update(lease_expires=expires)
+    if Series.objects.filter(pk=series_id, lease_owner=owner).update(lease_expires=expires) != 1:
+        raise LeaseLost(f"series #{series_id}: lease taken over by another worker")
 
 
 def release_lease(series_id: int, owner: str) -> None:
@@ -106,6 +112,9 @@ def process_series(series_id: int) -> Outcome:
                 written = deidentify_pending(series, ids, owner)
                 deliver_and_verify(series, owner, written)
             clean_up_done(series)
+        except LeaseLost as lost:
+            log.warning("%s; leaving it to that worker", lost)
+            return Outcome(finished=False, busy=True)
         except RetryableFailure as failure:
             return _schedule_retry(series, str(failure))
         except PermanentFailure as failure:
