@@ -15,7 +15,7 @@ sex                        ``M``, ``F`` or ``O``; anything else is left out
 age_bucket                 5-year buckets (``40-44``), ``90+`` for 90 and over; from Patient's Age,
                            or from birth date and study date when the age is missing
 manufacturer, model        as is (LO), cut to 64 characters
-sop_class                  the SOP Class UID and its name
+sop_class                  the SOP Class UID and its name ("private" for a vendor's own class)
 images                     how many images of the series were de-identified
 slice_thickness, kvp,      numbers as written (DS); left out when not a number
 magnetic_field_strength
@@ -87,7 +87,7 @@ def _age_years(ds: Dataset) -> int | None:
 
 def describe_series(header: Dataset, known_identifiers: Iterable[str]) -> dict[str, Any]:
     """The allow-listed fields of one series from its first image's *original* header."""
-    known = set(known_identifiers)
+    known = {token.lower() for token in known_identifiers}  # clean_text compares lower case
     out: dict[str, Any] = {}
     for key, keyword in (("modality", "Modality"), ("body_part_examined", "BodyPartExamined")):
         value = _text(header, keyword)
@@ -111,9 +111,11 @@ def describe_series(header: Dataset, known_identifiers: Iterable[str]) -> dict[s
     sop_class = _text(header, "SOPClassUID")
     if sop_class:
         uid = UID(sop_class)
-        out["sop_class"] = sop_class
-        if uid.is_valid and uid.name != sop_class:
+        if uid.is_valid and uid.name != sop_class:  # a class the standard registers
+            out["sop_class"] = sop_class
             out["sop_class_name"] = uid.name
+        else:  # a vendor's own class UID can point to a site: not exported
+            out["sop_class"] = "private"
     for key, keyword in (
         ("slice_thickness", "SliceThickness"),
         ("kvp", "KVP"),
