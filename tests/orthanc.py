@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +341,30 @@ def make_series(folder: Path, n: int, *, first_id: int = 1, **kwargs: Any) -> li
         outgoing(write_ct(folder / f"{first_id + k}.dcm", series_uid=series_uid, **kwargs), first_id + k)
         for k in range(n)
     ]
+
+
+FINDSCU = "/usr/bin/findscu"  # DCMTK's, not pynetdicom's app of the same name in .venv/bin
+
+
+def findscu_sop_uids(server: OrthancServer, series_uid: str) -> set[str]:
+    """What the peer holds for a series, asked with DCMTK's findscu, independently of our code."""
+    if not shutil.which(FINDSCU):
+        message = "DCMTK's findscu is not installed (apt-get install dcmtk)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    cmd = [FINDSCU, "-v", "-S", "-aet", "FINDSCU", "-aec", server.aet]
+    cmd += ["-k", "QueryRetrieveLevel=IMAGE", "-k", f"SeriesInstanceUID={series_uid}", "-k", "SOPInstanceUID"]
+    out = subprocess.run([*cmd, server.host, str(server.dicom_port)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return set(re.findall(r"\(0008,0018\) UI \[([0-9.]+)\x00?\]", out.stdout + out.stderr))
+
+
+def dataset_part(data: bytes) -> bytes:
+    """The bytes after the file meta group: what a C-STORE carries (Orthanc writes its own meta)."""
+    assert data[128:132] == b"DICM"
+    meta = dcmread(BytesIO(data), stop_before_pixels=True).file_meta
+    return data[132 + 12 + meta.FileMetaInformationGroupLength :]
 
 
 def _require_orthanc() -> None:

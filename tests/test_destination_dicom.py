@@ -6,10 +6,7 @@ provoked with a tiny pynetdicom storage SCP on loopback instead.
 
 from __future__ import annotations
 
-import re
-import shutil
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -29,6 +26,8 @@ from sendit.destinations.dicom import DicomDestination
 from sendit.destinations.dimse_status import Outcome, classify, describe
 from tests.orthanc import (
     OrthancServer,
+    dataset_part,
+    findscu_sop_uids,
     lua_error_on_modality,
     make_series,
     outgoing,
@@ -38,7 +37,6 @@ from tests.orthanc import (
 
 pytestmark = pytest.mark.orthanc
 
-FINDSCU = "/usr/bin/findscu"  # DCMTK's, not pynetdicom's app of the same name in .venv/bin
 UNKNOWN_SOP_CLASS = "1.2.826.0.1.3680043.8.498.999.1"
 
 
@@ -46,24 +44,6 @@ def dest_for(server: OrthancServer, **kwargs: Any) -> DicomDestination:
     options: dict[str, Any] = {"called_aet": server.aet, "connect_timeout": 5, "acse_timeout": 10}
     options |= {"dimse_timeout": 15, "network_timeout": 15}
     return DicomDestination(server.host, server.dicom_port, **(options | kwargs))
-
-
-def findscu_sop_uids(server: OrthancServer, series_uid: str) -> set[str]:
-    """What the peer holds for a series, asked with DCMTK's findscu, independently of our code."""
-    if not shutil.which(FINDSCU):
-        pytest.skip("dcmtk's findscu is not installed")
-    cmd = [FINDSCU, "-v", "-S", "-aet", "FINDSCU", "-aec", server.aet]
-    cmd += ["-k", "QueryRetrieveLevel=IMAGE", "-k", f"SeriesInstanceUID={series_uid}", "-k", "SOPInstanceUID"]
-    out = subprocess.run(cmd + [server.host, str(server.dicom_port)], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    return set(re.findall(r"\(0008,0018\) UI \[([0-9.]+)\x00?\]", out.stdout + out.stderr))
-
-
-def dataset_part(data: bytes) -> bytes:
-    """The bytes after the file meta group: what travels in a C-STORE (Orthanc writes its own meta)."""
-    assert data[128:132] == b"DICM"
-    meta = dcmread(BytesIO(data), stop_before_pixels=True).file_meta
-    return data[132 + 12 + meta.FileMetaInformationGroupLength :]
 
 
 def stored(server: OrthancServer, image: OutgoingImage) -> bytes:

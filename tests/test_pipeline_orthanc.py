@@ -7,13 +7,9 @@ helpers, httpx) and DCMTK's ``findscu``.
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +26,11 @@ from sendit.relay.ingest import ingest_folder
 from sendit.relay.inline import run_inline
 from sendit.relay.models import Delivery, Event, Image, Series, SeriesIdentifiers, Status
 from tests.helpers import demo_into, ingest_and_run, statuses
-from tests.orthanc import OrthancServer
+from tests.orthanc import OrthancServer, dataset_part, findscu_sop_uids
 
 pytestmark = pytest.mark.django_db(transaction=True)
 orthanc = pytest.mark.orthanc  # every test but the last needs Debian's orthanc package
 
-FINDSCU = "/usr/bin/findscu"  # DCMTK's, not pynetdicom's app of the same name in .venv/bin
 UNKNOWN_SOP_CLASS = UID("1.2.826.0.1.3680043.8.498.999.1")
 
 Reconfigure = Callable[..., None]
@@ -60,24 +55,6 @@ def via_dicom(reconfigure: Reconfigure, server: OrthancServer, **more: Any) -> N
 
 def via_rest(reconfigure: Reconfigure, server: OrthancServer, **more: Any) -> None:
     reconfigure(SEND_TO_ORTHANC=False, ORTHANC_URL=server.url, ORTHANC_TIMEOUT=15, RETRY_BASE_SECONDS=0, **more)
-
-
-def findscu_sop_uids(server: OrthancServer, series_uid: str) -> set[str]:
-    """The SOPInstanceUIDs Orthanc holds for a series, asked over DICOM with DCMTK's findscu."""
-    if not shutil.which(FINDSCU):
-        pytest.skip("dcmtk's findscu is not installed")
-    cmd = [FINDSCU, "-S", "-v", "-aet", "FINDSCU", "-aec", server.aet]
-    cmd += ["-k", "QueryRetrieveLevel=IMAGE", "-k", f"SeriesInstanceUID={series_uid}", "-k", "SOPInstanceUID"]
-    out = subprocess.run([*cmd, server.host, str(server.dicom_port)], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    return set(re.findall(r"\(0008,0018\) UI \[([0-9.]+)\x00?\]", out.stdout + out.stderr))
-
-
-def dataset_part(data: bytes) -> bytes:
-    """The bytes after the file meta group: what a C-STORE carries (Orthanc writes its own meta)."""
-    assert data[128:132] == b"DICM"
-    meta = pydicom.dcmread(BytesIO(data), stop_before_pixels=True).file_meta
-    return data[132 + 12 + meta.FileMetaInformationGroupLength :]
 
 
 def working_copies() -> dict[str, Path]:
