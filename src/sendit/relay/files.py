@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from sendit.relay.runtime import config
+
+
+def sha256_of(path: Path) -> str:
+    """Content identity of a file: tells a duplicate from a conflict, and ours from a new arrival."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def original(stored: str) -> Path:

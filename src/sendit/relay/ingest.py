@@ -6,7 +6,6 @@ was rejected (moved to quarantine), skipped as a duplicate, or quarantined as a 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -94,11 +93,6 @@ def ingest_paths(paths: Iterable[Path], chunk: int = 500) -> IngestReport:
     return report
 
 
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _ingest_batch(batch: list[tuple[str, Path]]) -> IngestReport:
     report = IngestReport()
     headers: dict[str, tuple[str, FileHeader]] = {}
@@ -109,7 +103,7 @@ def _ingest_batch(batch: list[tuple[str, Path]]) -> IngestReport:
             continue
         if header.sop_instance_uid in headers:  # the same instance twice in one delivery
             first_name, _ = headers[header.sop_instance_uid]
-            same = _file_digest(files.original(first_name)) == _file_digest(path)
+            same = files.sha256_of(files.original(first_name)) == files.sha256_of(path)
             _record_duplicate(name, same, None, report)
             continue
         headers[header.sop_instance_uid] = (name, header)
@@ -175,10 +169,12 @@ def _arrived_again(name: str, header: FileHeader, image: Image, report: IngestRe
     path = files.original(name)
     if image.status in IN_FLIGHT:
         first = files.original(image.path)
-        same = first.exists() and first.stat().st_size == header.size and _file_digest(first) == _file_digest(path)
+        same = (
+            first.exists() and first.stat().st_size == header.size and files.sha256_of(first) == files.sha256_of(path)
+        )
         _record_duplicate(name, same, image, report)
         return
-    digest = _file_digest(path)
+    digest = files.sha256_of(path)
     if image.sha256 and image.sha256 != digest:
         _record_duplicate(name, False, image, report)
         return

@@ -7,14 +7,12 @@ deliveries already confirmed are not repeated.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from django.db import transaction
 from django.db.models import Q
@@ -191,11 +189,6 @@ def ensure_identifiers(series: Series) -> Identifiers:
 # --- de-identify ----------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 # image id → (SOPClassUID, TransferSyntaxUID) of the working copy written by this run
 Written = dict[int, tuple[str, str]]
 
@@ -207,6 +200,7 @@ def deidentify_pending(series: Series, ids: Identifiers, owner: str) -> Written:
     engine = runtime.deidentifier()
     batch_size = runtime.config().BATCH_SIZE
     written: Written = {}
+    files.working_copy(series.pk, 0).parent.mkdir(parents=True, exist_ok=True)
     while True:
         batch = list(series.images.filter(status__in=(Status.NEW, Status.PROCESSING)).order_by("id")[:batch_size])
         if not batch:
@@ -216,9 +210,8 @@ def deidentify_pending(series: Series, ids: Identifiers, owner: str) -> Written:
         for image in batch:
             source = files.original(image.path)
             target = files.working_copy(series.pk, image.pk)
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                digest = _sha256(source)
+                digest = files.sha256_of(source)
                 result = engine.deidentify_file(source, target, ids)
             except FileNotFoundError:
                 _quarantine(series, image, "original file disappeared before de-identification")
@@ -319,13 +312,13 @@ def _about(destination: Destination, exc: DestinationError, doing: str = "") -> 
     return prefix + (f"{doing}: " if doing else "") + text
 
 
-def deliver_and_verify(series: Series, owner: str, written: Written | None = None) -> None:
+def deliver_and_verify(series: Series, owner: str, written: Written) -> None:
     destinations = runtime.destinations()
     if not destinations:  # configuration forbids it; never call "delivered to nobody" DONE
         raise PermanentFailure("no destination is configured")
     try:
         for _ in range(2):  # a second pass re-sends what verification found missing
-            deliver_pending(series, destinations, owner, written or {})
+            deliver_pending(series, destinations, owner, written)
             if not verify_sent(series, destinations):
                 return
         raise RetryableFailure("destination is missing images after a re-send")
@@ -334,9 +327,7 @@ def deliver_and_verify(series: Series, owner: str, written: Written | None = Non
             destination.close()
 
 
-def deliver_pending(
-    series: Series, destinations: list[Destination], owner: str, written: Written | None = None
-) -> None:
+def deliver_pending(series: Series, destinations: list[Destination], owner: str, written: Written) -> None:
     ids = Identifiers.from_json(SeriesIdentifiers.objects.get(series=series).response)
     series.refresh_from_db(fields=["deid_series_uid"])
     pending = list(series.images.filter(status=Status.DONEPROCESSING).order_by("id"))
@@ -348,7 +339,7 @@ def deliver_pending(
     batch_size = runtime.config().BATCH_SIZE
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
-        outgoing = _outgoing(series, batch, ids, written or {})
+        outgoing = _outgoing(series, batch, ids, written)
         for destination in destinations:
             already = set(
                 Delivery.objects.filter(image__in=batch, destination=destination.name).values_list(
@@ -431,7 +422,7 @@ def clean_up_done(series: Series) -> None:
     pending = series.images.filter(status=Status.DONE, cleaned_at__isnull=True)
     for image_id, path, digest in pending.values_list("id", "path", "sha256"):
         original = files.original(path)
-        replaced = original.exists() and bool(digest) and _sha256(original) != digest
+        replaced = original.exists() and bool(digest) and files.sha256_of(original) != digest
         if replaced:
             pass  # another file arrived at this path since: a new arrival, not ours to remove
         elif cfg.KEEP_ORIGINALS:

@@ -68,7 +68,7 @@ def _restore(image: Image) -> str | None:
 
 
 def _targets(series: Series, statuses: tuple[str, ...], image_ids: list[int] | None) -> list[Image]:
-    queryset = series.images.filter(status__in=statuses).only("id", "path", "status").order_by("id")
+    queryset = series.images.filter(status__in=statuses).only("id", "path", "status", "set_aside_at").order_by("id")
     if image_ids is not None:
         queryset = queryset.filter(pk__in=image_ids)
     return list(queryset)
