@@ -244,26 +244,3 @@ def test_prune_keeps_a_phi_free_summary(sendit_dirs: dict[str, Path]) -> None:
     assert not Study.objects.exists() and not SeriesIdentifiers.objects.exists()
     assert not Event.objects.filter(image__isnull=False).exists()
 
-
-def test_a_worker_whose_lease_was_taken_stops_writing(
-    sendit_dirs: dict[str, Path], reconfigure: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A slow worker's lease expired and another took the series: the slow one stops after its batch."""
-    from sendit.relay import pipeline
-
-    reconfigure(BATCH_SIZE=1)
-    demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=3)
-    series_id = sorted(ingest_folder(sendit_dirs["INPUT_FOLDER"]).series_ids)[0]
-    original = pipeline.renew_lease
-
-    def taken_over(series: int, owner: str) -> None:
-        Series.objects.filter(pk=series).update(lease_owner="other-host:1:x")
-        original(series, owner)
-
-    monkeypatch.setattr(pipeline, "renew_lease", taken_over)
-    outcome = pipeline.process_series(series_id)
-    assert outcome.busy and not outcome.finished
-    series = Series.objects.get(pk=series_id)
-    assert series.lease_owner == "other-host:1:x"  # untouched: the other worker's lease stands
-    assert series.images.filter(status=Status.DONEPROCESSING).count() <= 1  # stopped after one batch
-    assert series.images.filter(status__in=(Status.SENT, Status.DONE)).count() == 0

@@ -212,7 +212,7 @@ def test_worker_killed_mid_send_resumes_without_resending_confirmed_images(
 
     stores = SendSpy(monkeypatch, DicomDestination, die_after_second_batch)
     copies = SendSpy(monkeypatch, FolderDestination)
-    monkeypatch.setattr(pipeline, "release_lease", lambda series_id, owner: None)  # the dead keep their lease
+    monkeypatch.setattr(pipeline, "release_lease", lambda lease: None)  # the dead keep their lease
     report = ingest_folder(sendit_dirs["INPUT_FOLDER"])
     with pytest.raises(WorkerDied):
         run_inline(report.series_ids, workers=1)

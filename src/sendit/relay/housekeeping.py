@@ -47,7 +47,8 @@ def retry_errors(series_ids: list[int] | None = None, user_id: int | None = None
     touched = []
     for series in queryset:
         errors = list(series.images.filter(status=Status.ERROR).values_list("id", flat=True))
-        move_images(series, errors, Status.NEW, "retry requested", user_id=user_id)  # deterministic: redo all
+        # deterministic: redo all; names ERROR, so an image another writer moved since is left alone
+        move_images(series, errors, Status.NEW, "retry requested", expect=(Status.ERROR,), user_id=user_id)
         Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None)
         touched.append(series.pk)
     return touched

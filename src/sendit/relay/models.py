@@ -52,6 +52,9 @@ class Series(models.Model):
     enqueued_at = models.DateTimeField(null=True, blank=True)
     lease_owner = models.CharField(max_length=255, blank=True)
     lease_expires = models.DateTimeField(null=True, blank=True, db_index=True)
+    # Fencing token: +1 at every acquisition. A status change names the generation it holds, so a
+    # worker that lost its lease (paused, cut off) changes nothing when it wakes.
+    lease_generation = models.PositiveBigIntegerField(default=0)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -177,3 +180,22 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class ScanState(models.Model):
+    """The last scan of the input folder by each watcher: the dashboard, /health and /metrics show it.
+
+    A scan that fails as a whole (folder gone, database down) must be visible, not only logged.
+    """
+
+    name = models.CharField(max_length=255, unique=True, help_text="host of the watcher")
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    ok = models.BooleanField(default=True)
+    error = models.CharField(max_length=500, blank=True)
+    failures = models.PositiveIntegerField(default=0, help_text="consecutive failed scans")
+    # entries left alone on purpose, by rule (hidden, in progress, too long): {"hidden": 3, ...}
+    ignored = models.JSONField(default=dict)
+
+    def __str__(self) -> str:
+        return f"scan by {self.name}"

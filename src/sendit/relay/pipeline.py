@@ -1,38 +1,43 @@
 """One series through identify → de-identify → deliver → verify → clean up, resumable at every step.
 
-A series is worked on by one worker at a time (a lease in the database). Each step picks up images
-by status, so a worker that dies leaves a state the next one continues from: nothing lost, and
-deliveries already confirmed are not repeated.
+A series is worked on by one worker at a time (a lease in the database, renewed on time by a thread,
+its expiry in database time). Each step picks up images by status, so a worker that dies leaves a
+state the next one continues from: nothing lost, and deliveries already confirmed are not repeated.
+Every write names the lease generation it holds (transitions.fenced): a worker that was paused past
+its lease and woke up after another took the series over changes nothing and stops.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any
 
-from django.db import transaction
-from django.db.models import Q
+from django.db import close_old_connections, connections, transaction
+from django.db.models import DateTimeField, ExpressionWrapper, F, Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from sendit.destinations.base import Destination, DestinationError, OutgoingImage
 from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
 from sendit.relay import files, runtime
 from sendit.relay.models import IN_FLIGHT, Delivery, Image, Series, SeriesIdentifiers, Status, Study
-from sendit.relay.transitions import clip, move_images, refresh_series_status
+from sendit.relay.transitions import Lease, LeaseLost, clip, fenced, move_images, refresh_series_status
 
 log = logging.getLogger("sendit.pipeline")
 
 
 class RetryableFailure(Exception):
-    """A step failed for a reason that may pass (destination down, service busy)."""
-
-
-class LeaseLost(Exception):
-    """This worker's lease expired and another worker holds the series: it must not write on."""
+    """A step failed for a reason that may pass (destination down, service busy, disk full)."""
 
 
 class PermanentFailure(Exception):
@@ -48,16 +53,38 @@ class Outcome:
     busy: bool = False
 
 
+# --- leases ---------------------------------------------------------------------------------------
+
+# Owners of leases this process holds right now. A lease named after this process but not in here
+# was left behind by a step that failed to release it (the database went away): it is taken at once.
+_HELD: set[str] = set()
+
+
+@cache
+def _process_namespace() -> str:
+    """Tells apart processes with one host name but different kernels or PID namespaces (containers)."""
+    parts = []
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(source) if source.endswith("/pid") else Path(source).read_text().strip())
+        except OSError:
+            parts.append("?")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
+
+
 def lease_owner_name() -> str:
-    """host:pid:random, so that a lease left by a dead process on this host can be taken at once."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    """host:pid:namespace:random — a lease left by a dead process of this host and namespace is taken at once."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_namespace()}:{uuid.uuid4().hex[:12]}"
 
 
 def holder_is_dead(owner: str) -> bool:
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False  # another machine's worker: only the expiry can tell
+    """True only when we can see it: the holder ran in this host's PID namespace and has exited, or it
+    is this process and no longer working on the series. Elsewhere only the lease's expiry tells."""
+    host, pid_text, namespace, *_ = [*owner.split(":"), "", "", ""]
+    if host != socket.gethostname() or not pid_text.isdigit() or namespace != _process_namespace():
+        return False
+    if int(pid_text) == os.getpid():
+        return owner not in _HELD
     try:
         os.kill(int(pid_text), 0)
     except ProcessLookupError:
@@ -67,30 +94,92 @@ def holder_is_dead(owner: str) -> bool:
     return False
 
 
-def acquire_lease(series_id: int, owner: str) -> bool:
-    """Take the series if nobody holds it, the lease expired, or its holder died on this host."""
-    now = timezone.now()
-    expires = now + timedelta(seconds=runtime.config().LEASE_SECONDS)
-    free = Q(lease_expires__isnull=True) | Q(lease_expires__lt=now)
-    if Series.objects.filter(Q(pk=series_id) & free).update(lease_owner=owner, lease_expires=expires) == 1:
-        return True
-    holder = Series.objects.filter(pk=series_id).values_list("lease_owner", flat=True).first()
-    if holder and holder_is_dead(holder):
+def _expiry() -> Any:
+    """Database time plus the lease period: hosts' clocks never decide who holds a series."""
+    seconds = runtime.config().LEASE_SECONDS
+    return ExpressionWrapper(Now() + timedelta(seconds=seconds), output_field=DateTimeField())
+
+
+def acquire_lease(series_id: int, owner: str) -> Lease | None:
+    """Take the series if nobody holds it, the lease ran out, or its holder is visibly dead.
+
+    Each acquisition increments the generation: the fencing token every later write names.
+    """
+    free = Q(lease_expires__isnull=True) | Q(lease_expires__lte=Now())
+    taken = Series.objects.filter(Q(pk=series_id) & free).update(
+        lease_owner=owner, lease_expires=_expiry(), lease_generation=F("lease_generation") + 1
+    )
+    if taken != 1:
+        holder = Series.objects.filter(pk=series_id).values_list("lease_owner", flat=True).first()
+        if not holder or not holder_is_dead(holder):
+            return None  # a live holder (or the series is gone): it keeps the series
         log.warning("series #%s: its worker died; taking it over", series_id)
-        taken = Series.objects.filter(pk=series_id, lease_owner=holder).update(lease_owner=owner, lease_expires=expires)
-        return taken == 1
-    return False
+        # names the holder it saw: if another worker took the dead one's lease first, that worker won
+        taken = Series.objects.filter(pk=series_id, lease_owner=holder).update(
+            lease_owner=owner, lease_expires=_expiry(), lease_generation=F("lease_generation") + 1
+        )
+        if taken != 1:
+            return None
+    generation = Series.objects.filter(pk=series_id, lease_owner=owner).values_list("lease_generation", flat=True)
+    found = generation.first()
+    return None if found is None else Lease(series_id, owner, found)
 
 
-def renew_lease(series_id: int, owner: str) -> None:
-    """Extend the lease after each batch; if another worker took the series meanwhile, stop here."""
-    expires = timezone.now() + timedelta(seconds=runtime.config().LEASE_SECONDS)
-    if Series.objects.filter(pk=series_id, lease_owner=owner).update(lease_expires=expires) != 1:
-        raise LeaseLost(f"series #{series_id}: lease taken over by another worker")
+def renew_lease(lease: Lease) -> bool:
+    """Extend a lease that still holds; False when it ran out or was taken (the other worker won)."""
+    return (
+        Series.objects.filter(
+            pk=lease.series_id, lease_owner=lease.owner, lease_generation=lease.generation, lease_expires__gt=Now()
+        ).update(lease_expires=_expiry())
+        == 1
+    )
 
 
-def release_lease(series_id: int, owner: str) -> None:
-    Series.objects.filter(pk=series_id, lease_owner=owner).update(lease_owner="", lease_expires=None)
+def release_lease(lease: Lease) -> None:
+    # names owner and generation: a lease another worker took since is theirs and stays
+    Series.objects.filter(pk=lease.series_id, lease_owner=lease.owner, lease_generation=lease.generation).update(
+        lease_owner="", lease_expires=None
+    )
+
+
+class LeaseKeeper:
+    """Renews the lease on time from a thread, whatever the main thread is waiting on.
+
+    A paused process pauses this thread too, so its lease runs out and another worker may take the
+    series; on waking, the first fenced write fails and :meth:`check` stops the work.
+    """
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.every = max(1.0, runtime.config().LEASE_SECONDS / 3)
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sendit-lease-{lease.series_id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LeaseLost(f"series #{self.lease.series_id}: lease generation {self.lease.generation} was lost")
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.every):
+                try:
+                    if not renew_lease(self.lease):
+                        self.lost.set()
+                        return
+                except Exception as exc:  # a dropped connection: try again at the next tick
+                    log.warning("series #%s: lease renewal failed (%s)", self.lease.series_id, type(exc).__name__)
+                    close_old_connections()
+        finally:
+            connections.close_all()  # this thread's own connection
 
 
 def backoff_seconds(attempts: int) -> float:
@@ -98,58 +187,100 @@ def backoff_seconds(attempts: int) -> float:
     return float(min(cfg.RETRY_CAP_SECONDS, cfg.RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1)))
 
 
+def no_space_reason(exc: OSError) -> str:
+    """ "no space left on the work folder": which of Sendit's folders filled up, never a file name."""
+    cfg = runtime.config()
+    where = str(exc.filename or "")
+    folders = [
+        ("WORK_FOLDER", "the work folder"),
+        ("QUARANTINE_FOLDER", "the quarantine folder"),
+        ("OUTPUT_FOLDER", "the output folder"),
+        ("INPUT_FOLDER", "the input folder"),
+        ("DATA_DIR", "the data folder"),
+    ]
+    for key, label in folders:
+        folder = cfg.values.get(key)
+        if folder and where and Path(where).is_relative_to(Path(folder)):
+            return f"no space left on {label}"
+    return "no space left on a folder Sendit writes"
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
 def process_series(series_id: int) -> Outcome:
     owner = lease_owner_name()
-    if not acquire_lease(series_id, owner):
+    lease = acquire_lease(series_id, owner)
+    if lease is None:
         return Outcome(finished=False, busy=True)
+    _HELD.add(owner)
     try:
-        series = Series.objects.select_related("study").get(pk=series_id)
-        try:
-            if series.images.filter(status__in=IN_FLIGHT).exists():
-                ids = ensure_identifiers(series)
-                written = deidentify_pending(series, ids, owner)
-                deliver_and_verify(series, owner, written)
-            clean_up_done(series)
-        except LeaseLost as lost:
-            log.warning("%s; leaving it to that worker", lost)
-            return Outcome(finished=False, busy=True)
-        except RetryableFailure as failure:
-            return _schedule_retry(series, str(failure))
-        except PermanentFailure as failure:
-            _fail_in_flight(series, str(failure))
-            return Outcome(finished=True)
-        except Exception as exc:  # an unforeseen failure is retried and then shown, never left silent
-            # only the type: an exception's text may quote a value (a provider's KeyError of an MRN)
-            log.error("series #%s: unexpected %s", series_id, type(exc).__name__)
-            return _schedule_retry(series, f"unexpected error ({type(exc).__name__})")
+        with LeaseKeeper(lease) as keeper:
+            return _work(series_id, lease, keeper)
+    finally:
+        _HELD.discard(owner)
+        release_lease(lease)
+
+
+def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> Outcome:
+    series = Series.objects.select_related("study").get(pk=series_id)
+    try:
+        if series.images.filter(status__in=IN_FLIGHT).exists():
+            ids = ensure_identifiers(series)
+            written = deidentify_pending(series, ids, lease, keeper)
+            deliver_and_verify(series, lease, keeper, written)
+        clean_up_done(series, lease, keeper)
+    except LeaseLost as lost:
+        log.warning("%s; leaving it to that worker", lost)
+        return Outcome(finished=False, busy=True)
+    except RetryableFailure as failure:
+        return _schedule_retry(series, lease, str(failure))
+    except PermanentFailure as failure:
+        _fail_in_flight(series, lease, str(failure))
+        return Outcome(finished=True)
+    except OSError as exc:
+        if is_no_space(exc):
+            return _schedule_retry(series, lease, no_space_reason(exc))
+        log.error("series #%s: unexpected %s", series_id, type(exc).__name__)
+        return _schedule_retry(series, lease, f"unexpected error ({type(exc).__name__})")
+    except Exception as exc:  # an unforeseen failure is retried and then shown, never left silent
+        # only the type: an exception's text may quote a value (a provider's KeyError of an MRN)
+        log.error("series #%s: unexpected %s", series_id, type(exc).__name__)
+        return _schedule_retry(series, lease, f"unexpected error ({type(exc).__name__})")
+    with fenced(lease):
         Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None)
         refresh_series_status(series)
-        return Outcome(finished=True)
-    finally:
-        release_lease(series_id, owner)
+    return Outcome(finished=True)
 
 
-def _schedule_retry(series: Series, reason: str) -> Outcome:
-    attempts = series.attempts + 1
-    if attempts >= runtime.config().MAX_ATTEMPTS:
-        Series.objects.filter(pk=series.pk).update(attempts=attempts, next_attempt_at=None)
-        _fail_in_flight(series, f"{reason} (gave up after {attempts} attempts)")
-        return Outcome(finished=True)
-    delay = backoff_seconds(attempts)
-    Series.objects.filter(pk=series.pk).update(
-        attempts=attempts,
-        last_error=clip(f"retrying: {reason}"),
-        next_attempt_at=timezone.now() + timedelta(seconds=delay),
-        stage="retrying",
-    )
+def _schedule_retry(series: Series, lease: Lease, reason: str) -> Outcome:
+    try:
+        with fenced(lease):
+            attempts = Series.objects.filter(pk=series.pk).values_list("attempts", flat=True).get() + 1
+            if attempts >= runtime.config().MAX_ATTEMPTS:
+                Series.objects.filter(pk=series.pk).update(attempts=attempts, next_attempt_at=None)
+                _fail_in_flight(series, lease, f"{reason} (gave up after {attempts} attempts)")
+                return Outcome(finished=True)
+            delay = backoff_seconds(attempts)
+            Series.objects.filter(pk=series.pk).update(
+                attempts=attempts,
+                last_error=clip(f"retrying: {reason}"),
+                next_attempt_at=timezone.now() + timedelta(seconds=delay),
+                stage="retrying",
+            )
+    except LeaseLost as lost:
+        log.warning("%s; leaving it to that worker", lost)
+        return Outcome(finished=False, busy=True)
     log.warning("series #%s: attempt %s failed (%s); retrying in %.0f s", series.pk, attempts, reason, delay)
     return Outcome(finished=False, retry_in=delay)
 
 
-def _fail_in_flight(series: Series, reason: str) -> None:
-    ids = list(series.images.filter(status__in=IN_FLIGHT).values_list("id", flat=True))
-    move_images(series, ids, Status.ERROR, reason)
-    Series.objects.filter(pk=series.pk).update(last_error=clip(reason), stage="error")
+def _fail_in_flight(series: Series, lease: Lease, reason: str) -> None:
+    with fenced(lease):
+        ids = list(series.images.filter(status__in=IN_FLIGHT).values_list("id", flat=True))
+        move_images(series, ids, Status.ERROR, reason, expect=IN_FLIGHT, lease=lease)
+        Series.objects.filter(pk=series.pk).update(last_error=clip(reason), stage="error")
     log.error("series #%s: %s image(s) to ERROR: %s", series.pk, len(ids), reason)
 
 
@@ -176,11 +307,18 @@ def ensure_identifiers(series: Series) -> Identifiers:
             raise PermanentFailure("identifier service: no answer for this series")
         name = type(provider).__name__
         with transaction.atomic():
-            for item in waiting:
-                if item.series_uid in answers:
-                    SeriesIdentifiers.objects.get_or_create(
-                        series=item, defaults={"provider": name, "response": answers[item.series_uid].to_json()}
-                    )
+            # One row lock per study, then the inserts in series order: two workers storing the answers
+            # of one study wait for each other instead of deadlocking on opposite insert orders.
+            list(Study.objects.select_for_update().filter(pk=series.study_id).values_list("pk", flat=True))
+            have = set(SeriesIdentifiers.objects.filter(series__in=waiting).values_list("series_id", flat=True))
+            SeriesIdentifiers.objects.bulk_create(
+                [
+                    SeriesIdentifiers(series=item, provider=name, response=answers[item.series_uid].to_json())
+                    for item in sorted(waiting, key=lambda item: item.pk)
+                    if item.series_uid in answers and item.pk not in have
+                ],
+                ignore_conflicts=True,
+            )
         stored = SeriesIdentifiers.objects.get(series=series)
         Series.objects.filter(pk=series.pk).update(stage="identified")
     return Identifiers.from_json(stored.response)
@@ -193,7 +331,7 @@ def ensure_identifiers(series: Series) -> Identifiers:
 Written = dict[int, tuple[str, str]]
 
 
-def deidentify_pending(series: Series, ids: Identifiers, owner: str) -> Written:
+def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: LeaseKeeper) -> Written:
     """De-identify every NEW/PROCESSING image; returns what it wrote, so delivery needn't re-read headers."""
     from sendit.deid import DeidError
 
@@ -202,37 +340,55 @@ def deidentify_pending(series: Series, ids: Identifiers, owner: str) -> Written:
     written: Written = {}
     files.working_copy(series.pk, 0).parent.mkdir(parents=True, exist_ok=True)
     while True:
+        keeper.check()
         batch = list(series.images.filter(status__in=(Status.NEW, Status.PROCESSING)).order_by("id")[:batch_size])
         if not batch:
             break
-        move_images(series, [image.id for image in batch], Status.PROCESSING)
-        done: list[int] = []
+        move_images(series, [image.id for image in batch], Status.PROCESSING, expect=(Status.NEW,), lease=lease)
+        made: list[Image] = []
         for image in batch:
+            keeper.check()  # a worker that lost its lease stops at once, not after the batch
             source = files.original(image.path)
             target = files.working_copy(series.pk, image.pk)
+            # a name of this lease generation: a stale worker never writes into the new holder's file
+            mine = target.with_name(f"{image.pk}.g{lease.generation}.dcm")
             try:
                 digest = files.sha256_of(source)
-                result = engine.deidentify_file(source, target, ids)
+                result = engine.deidentify_file(source, mine, ids)
+                os.replace(mine, target)  # same input, same keys: the same bytes whoever renames last
             except FileNotFoundError:
-                _quarantine(series, image, "original file disappeared before de-identification")
+                mine.unlink(missing_ok=True)
+                _quarantine(series, image, lease, "original file disappeared before de-identification")
+                continue
+            except OSError as exc:
+                mine.unlink(missing_ok=True)
+                if is_no_space(exc):
+                    raise RetryableFailure(no_space_reason(exc)) from None
+                _quarantine(series, image, lease, f"de-identification failed: {type(exc).__name__}")
                 continue
             except DeidError as exc:
-                _quarantine(series, image, f"de-identification failed: {exc}")
+                _quarantine(series, image, lease, f"de-identification failed: {exc}")
                 continue
             except Exception as exc:  # fail closed: whatever went wrong, this image is not delivered
-                _quarantine(series, image, f"de-identification failed: {type(exc).__name__}")
+                mine.unlink(missing_ok=True)
+                _quarantine(series, image, lease, f"de-identification failed: {type(exc).__name__}")
                 continue
-            Image.objects.filter(pk=image.pk).update(deid_sop_instance_uid=result.sop_instance_uid, sha256=digest)
+            image.deid_sop_instance_uid, image.sha256 = result.sop_instance_uid, digest
+            made.append(image)
             if not series.deid_series_uid:
                 series.deid_series_uid = result.series_uid
-                Series.objects.filter(pk=series.pk).update(deid_series_uid=result.series_uid)
-                Study.objects.filter(pk=series.study_id).update(deid_study_uid=result.study_uid)
-            done.append(image.pk)
+                with fenced(lease):
+                    Series.objects.filter(pk=series.pk).update(deid_series_uid=result.series_uid)
+                    Study.objects.filter(pk=series.study_id).update(deid_study_uid=result.study_uid)
             written[image.pk] = (result.sop_class_uid, result.transfer_syntax_uid)
-        move_images(series, done, Status.DONEPROCESSING)
-        renew_lease(series.pk, owner)
+        with fenced(lease):
+            Image.objects.bulk_update(made, ["deid_sop_instance_uid", "sha256"])
+            move_images(
+                series, [image.pk for image in made], Status.DONEPROCESSING, expect=(Status.PROCESSING,), lease=lease
+            )
     write_series_metadata(series, ids)
-    Series.objects.filter(pk=series.pk).update(stage="deidentified")
+    with fenced(lease):
+        Series.objects.filter(pk=series.pk).update(stage="deidentified")
     return written
 
 
@@ -263,12 +419,20 @@ def write_series_metadata(series: Series, ids: Identifiers) -> None:
         log.warning("series #%s: metadata.json not written (%s)", series.pk, type(exc).__name__)
 
 
-def _quarantine(series: Series, image: Image, reason: str) -> None:
+def _quarantine(series: Series, image: Image, lease: Lease, reason: str) -> None:
+    hold_lease_now(lease)  # a stale worker must not move an original the new holder is working on
     files.working_copy(series.pk, image.pk).unlink(missing_ok=True)
     stored = files.set_aside(image.path, "quarantine")
-    Image.objects.filter(pk=image.pk).update(set_aside_at=stored)
-    move_images(series, [image.pk], Status.QUARANTINED, reason)
-    log.warning("image #%s (%s) quarantined: %s", image.pk, image.path, reason)
+    with fenced(lease):
+        Image.objects.filter(pk=image.pk, status=Status.PROCESSING).update(set_aside_at=stored)
+        move_images(series, [image.pk], Status.QUARANTINED, reason, expect=(Status.PROCESSING,), lease=lease)
+    log.warning("image #%s quarantined: %s", image.pk, reason)
+
+
+def hold_lease_now(lease: Lease) -> None:
+    """Before a step on files that cannot be undone: raises LeaseLost if the lease is gone."""
+    with fenced(lease):
+        pass
 
 
 # --- deliver and verify ---------------------------------------------------------------------------
@@ -312,32 +476,52 @@ def _about(destination: Destination, exc: DestinationError, doing: str = "") -> 
     return prefix + (f"{doing}: " if doing else "") + text
 
 
-def deliver_and_verify(series: Series, owner: str, written: Written) -> None:
+def deliver_and_verify(series: Series, lease: Lease, keeper: LeaseKeeper, written: Written) -> None:
+    """Deliver, then verify what was delivered; images that could not be delivered this time keep
+    their siblings from nothing: those are verified and DONE, the rest retried with back-off."""
     destinations = runtime.destinations()
     if not destinations:  # configuration forbids it; never call "delivered to nobody" DONE
         raise PermanentFailure("no destination is configured")
     try:
+        retry_reasons: list[str] = []
+        missing_at: set[str] = set()
         for _ in range(2):  # a second pass re-sends what verification found missing
-            deliver_pending(series, destinations, owner, written)
-            if not verify_sent(series, destinations):
-                return
-        raise RetryableFailure("destination is missing images after a re-send")
+            retry_reasons = deliver_pending(series, destinations, lease, keeper, written)
+            missing_at = verify_sent(series, destinations, lease)
+            if not missing_at:
+                break
+        if retry_reasons:
+            more = f" (+{len(retry_reasons) - 1} more)" if len(retry_reasons) > 1 else ""
+            raise RetryableFailure(retry_reasons[0] + more)
+        if missing_at:
+            raise RetryableFailure(f"{', '.join(sorted(missing_at))}: images still missing after a re-send")
     finally:
         for destination in destinations:
             destination.close()
 
 
-def deliver_pending(series: Series, destinations: list[Destination], owner: str, written: Written) -> None:
+def deliver_pending(
+    series: Series, destinations: list[Destination], lease: Lease, keeper: LeaseKeeper, written: Written
+) -> list[str]:
+    """Send every DONEPROCESSING image; returns the reasons of images that failed in a retryable way."""
     ids = Identifiers.from_json(SeriesIdentifiers.objects.get(series=series).response)
     series.refresh_from_db(fields=["deid_series_uid"])
     pending = list(series.images.filter(status=Status.DONEPROCESSING).order_by("id"))
     lost = [image.pk for image in pending if not files.working_copy(series.pk, image.pk).exists()]
     if lost:  # the working copy is gone (crash, wiped folder): de-identify again, same output UIDs
-        move_images(series, lost, Status.NEW, "working copy missing; de-identifying again")
+        move_images(
+            series,
+            lost,
+            Status.NEW,
+            "working copy missing; de-identifying again",
+            expect=(Status.DONEPROCESSING,),
+            lease=lease,
+        )
         raise RetryableFailure("working copies missing; de-identifying again")
     retry_reasons: list[str] = []
     batch_size = runtime.config().BATCH_SIZE
     for start in range(0, len(pending), batch_size):
+        keeper.check()
         batch = pending[start : start + batch_size]
         outgoing = _outgoing(series, batch, ids, written)
         for destination in destinations:
@@ -349,78 +533,104 @@ def deliver_pending(series: Series, destinations: list[Destination], owner: str,
             todo = [item for item in outgoing if item.image_id not in already]
             if not todo:
                 continue
+            keeper.check()
             try:
                 results = destination.send(todo)
             except DestinationError as exc:
                 if exc.retryable:
                     raise RetryableFailure(_about(destination, exc)) from exc
                 raise PermanentFailure(_about(destination, exc)) from exc
-            Delivery.objects.bulk_create(
-                [
-                    Delivery(
-                        image_id=r.image_id, destination=destination.name, status_code=r.status, note=clip(r.message)
-                    )
-                    for r in results
-                    if r.delivered
-                ],
-                ignore_conflicts=True,
-            )
-            for result in results:
-                if result.delivered:
-                    continue
-                if result.permanent:
-                    move_images(series, [result.image_id], Status.ERROR, f"{destination.name}: {result.message}")
-                else:
-                    retry_reasons.append(f"{destination.name}: {result.message}")
-        renew_lease(series.pk, owner)
+            with fenced(lease):
+                Delivery.objects.bulk_create(
+                    [
+                        Delivery(
+                            image_id=r.image_id,
+                            destination=destination.name,
+                            status_code=r.status,
+                            note=clip(r.message),
+                        )
+                        for r in results
+                        if r.delivered
+                    ],
+                    ignore_conflicts=True,
+                )
+                for result in results:
+                    if result.delivered:
+                        continue
+                    reason = f"{destination.name}: {result.message}"
+                    if result.permanent:
+                        move_images(
+                            series,
+                            [result.image_id],
+                            Status.ERROR,
+                            reason,
+                            expect=(Status.DONEPROCESSING,),
+                            lease=lease,
+                        )
+                    else:
+                        retry_reasons.append(reason)
         wanted = {destination.name for destination in destinations}
         confirmed: dict[int, set[str]] = {}
         for image_id, name in Delivery.objects.filter(image__in=batch).values_list("image_id", "destination"):
             confirmed.setdefault(image_id, set()).add(name)
         delivered = [image.pk for image in batch if wanted <= confirmed.get(image.pk, set())]
-        move_images(series, delivered, Status.SENT)
-    if retry_reasons:
-        raise RetryableFailure(
-            retry_reasons[0] + (f" (+{len(retry_reasons) - 1} more)" if len(retry_reasons) > 1 else "")
-        )
-    Series.objects.filter(pk=series.pk).update(stage="delivered")
+        move_images(series, delivered, Status.SENT, expect=(Status.DONEPROCESSING,), lease=lease)
+    if not retry_reasons:
+        with fenced(lease):
+            Series.objects.filter(pk=series.pk).update(stage="delivered")
+    return retry_reasons
 
 
-def verify_sent(series: Series, destinations: list[Destination]) -> bool:
-    """SENT → DONE when every destination holds every image; returns True when some were missing."""
+def verify_sent(series: Series, destinations: list[Destination], lease: Lease) -> set[str]:
+    """SENT → DONE when every destination holds every image; returns the destinations missing some."""
     sent = list(series.images.filter(status=Status.SENT))
     if not sent:
-        return False
+        return set()
     by_uid = {image.deid_sop_instance_uid: image for image in sent}
     missing_ids: set[int] = set()
+    missing_at: set[str] = set()
     for destination in destinations:
         try:
             missing = destination.missing(series.deid_series_uid, set(by_uid))
         except DestinationError as exc:
             raise RetryableFailure(_about(destination, exc, "verification failed")) from exc
-        for uid in missing:
-            image = by_uid[uid]
-            missing_ids.add(image.pk)
-            Delivery.objects.filter(image=image, destination=destination.name).delete()
-    if missing_ids:
-        move_images(series, missing_ids, Status.DONEPROCESSING, "not found at the destination; sending again")
-    move_images(series, [image.pk for image in sent if image.pk not in missing_ids], Status.DONE, "verified")
-    Series.objects.filter(pk=series.pk).update(stage="verified")
-    return bool(missing_ids)
+        if missing:
+            missing_at.add(destination.name)
+        with fenced(lease):
+            for uid in missing:
+                image = by_uid[uid]
+                missing_ids.add(image.pk)
+                Delivery.objects.filter(image=image, destination=destination.name).delete()
+    with fenced(lease):
+        if missing_ids:
+            move_images(
+                series,
+                missing_ids,
+                Status.DONEPROCESSING,
+                "not found at the destination; sending again",
+                expect=(Status.SENT,),
+                lease=lease,
+            )
+        found = [image.pk for image in sent if image.pk not in missing_ids]
+        move_images(series, found, Status.DONE, "verified", expect=(Status.SENT,), lease=lease)
+        Series.objects.filter(pk=series.pk).update(stage="verified")
+    return missing_at
 
 
 # --- clean up -------------------------------------------------------------------------------------
 
 
-def clean_up_done(series: Series) -> None:
+def clean_up_done(series: Series, lease: Lease, keeper: LeaseKeeper) -> None:
     """Originals and working copies of DONE images go away (unless configured to keep them), once each.
 
-    A file now at a cleaned image's path is a new arrival: it is removed only if its bytes are the
-    ones this image was made from.
+    Resumable: a worker killed half-way leaves DONE images with no ``cleaned_at``, and the periodic
+    requeue finds the series by them. A file now at a cleaned image's path is a new arrival: it is
+    removed only if its bytes are the ones this image was made from.
     """
     cfg = runtime.config()
     pending = series.images.filter(status=Status.DONE, cleaned_at__isnull=True)
     for image_id, path, digest in pending.values_list("id", "path", "sha256"):
+        keeper.check()
         original = files.original(path)
         replaced = original.exists() and bool(digest) and files.sha256_of(original) != digest
         if replaced:
@@ -431,9 +641,15 @@ def clean_up_done(series: Series) -> None:
             files.remove_original(path)
         if not cfg.KEEP_WORKING:
             files.working_copy(series.pk, image_id).unlink(missing_ok=True)
-        Image.objects.filter(pk=image_id).update(cleaned_at=timezone.now())
+        with fenced(lease):
+            # names the status it expects: a person's action since (none moves DONE today) would win
+            Image.objects.filter(pk=image_id, status=Status.DONE, cleaned_at__isnull=True).update(
+                cleaned_at=timezone.now()
+            )
     if not cfg.KEEP_WORKING and not series.images.exclude(status__in=(Status.DONE, Status.SKIPPED)).exists():
         folder = files.working_copy(series.pk, 0).parent
         (folder / "metadata.json").unlink(missing_ok=True)  # until a metadata store takes it (docs)
+        for leftover in folder.glob("*.g*.dcm") if folder.exists() else ():
+            leftover.unlink(missing_ok=True)  # a stale worker's file of an older lease generation
         if folder.exists() and not any(folder.iterdir()):
             folder.rmdir()

@@ -1,10 +1,16 @@
-"""Huey tasks: one per series, plus the periodic requeue of series whose worker went away."""
+"""Huey tasks: one per series, plus the periodic requeue of series whose worker or task went away.
+
+A step that fails because the database or the queue dropped its connection is retried in seconds;
+a series with work in flight and no task at all (a push that failed, a task lost with its worker)
+is found by the requeue within a minute.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 from django.db import close_old_connections
 from django.db.models import Q
@@ -12,54 +18,96 @@ from django.utils import timezone
 from huey import crontab
 
 from sendit.relay import runtime
-from sendit.relay.models import IN_FLIGHT, Series
+from sendit.relay.models import IN_FLIGHT, Series, Status
 from sendit.relay.pipeline import holder_is_dead, process_series
 from sendit.relay.queue import make_huey
 
 log = logging.getLogger("sendit.tasks")
 huey = make_huey(runtime.config())
 
+#: a step that raised (connection dropped) runs again after this many seconds
+FAILED_STEP_RETRY_SECONDS = 5
+#: a series not leased, with work to do and no task in the queue for this long, is requeued
+ORPHAN_AFTER_SECONDS = 30
+
 
 def enqueue(series_ids: Iterable[int]) -> int:
+    """Push one task per series. The time is written after the push: a failed push leaves the old
+    time, so the requeue sees a series with no task."""
     ids = sorted(set(series_ids))
-    Series.objects.filter(pk__in=ids).update(enqueued_at=timezone.now())
     for series_id in ids:
         run_series(series_id)
+    if ids:
+        Series.objects.filter(pk__in=ids).update(enqueued_at=timezone.now())
     return len(ids)
 
 
-@huey.task()
+@huey.task(retries=100, retry_delay=FAILED_STEP_RETRY_SECONDS)
 def run_series(series_id: int) -> None:
+    """Process one series. An exception here (the database or the queue went away mid-step) makes
+    Huey run the task again in a few seconds; the lease left behind by this process is taken back
+    at once (pipeline.holder_is_dead)."""
     close_old_connections()
     try:
         outcome = process_series(series_id)
         if outcome.retry_in is not None:
-            Series.objects.filter(pk=series_id).update(enqueued_at=timezone.now())
             run_series.schedule((series_id,), delay=outcome.retry_in)
+            Series.objects.filter(pk=series_id).update(enqueued_at=timezone.now())
+    except Exception as exc:
+        log.warning(
+            "series #%s: step failed (%s); retrying in %s s", series_id, type(exc).__name__, FAILED_STEP_RETRY_SECONDS
+        )
+        raise
     finally:
         close_old_connections()
 
 
+def _queued_series() -> set[int] | None:
+    """Series that have a task waiting (now or scheduled); None when the queue cannot be read."""
+    try:
+        tasks: list[Any] = [*huey.pending(), *huey.scheduled()]
+    except Exception as exc:
+        log.warning("the queue cannot be read (%s); requeue check skipped", type(exc).__name__)
+        return None
+    found = set()
+    for task in tasks:
+        if getattr(task, "name", "").endswith("run_series") and task.args:
+            found.add(int(task.args[0]))
+    return found
+
+
 def stale_series() -> list[int]:
-    """Series with work in flight and due, whose worker is gone: lease expired or holder dead on this
-    host, or never leased and not enqueued within a lease period (the queue lost it)."""
+    """Series with work to do and due, whose worker or task is gone: lease expired or holder dead, or
+    not leased and no task queued for it (the queue lost it, a push failed). Work to do includes a
+    clean-up a killed worker left half-way (DONE images not yet cleaned)."""
     now = timezone.now()
     lease = timedelta(seconds=runtime.config().LEASE_SECONDS)
+    orphan = timedelta(seconds=ORPHAN_AFTER_SECONDS)
+    to_do = Q(images__status__in=IN_FLIGHT) | Q(images__status=Status.DONE, images__cleaned_at__isnull=True)
     rows = (
-        Series.objects.filter(images__status__in=IN_FLIGHT)
+        Series.objects.filter(to_do)
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
         .values_list("id", "lease_owner", "lease_expires", "enqueued_at")
         .distinct()
     )
-    stale = []
+    stale: set[int] = set()
+    unleased: list[tuple[int, Any, str]] = []
     for series_id, owner, expires, enqueued in rows:
         leased = expires is not None and expires >= now
         if leased:
             if holder_is_dead(owner):
-                stale.append(series_id)
-        elif enqueued is None or enqueued < now - lease or owner:
-            stale.append(series_id)
-    return sorted(set(stale))
+                stale.add(series_id)
+        elif owner:
+            stale.add(series_id)  # a lease that ran out: its worker is gone
+        elif enqueued is None or enqueued < now - orphan:
+            unleased.append((series_id, enqueued, owner))
+    if unleased:
+        queued = _queued_series()
+        if queued is not None:
+            stale |= {series_id for series_id, enqueued, _ in unleased if series_id not in queued}
+        else:  # cannot tell: only those silent for a whole lease period
+            stale |= {series_id for series_id, enqueued, _ in unleased if enqueued is None or enqueued < now - lease}
+    return sorted(stale)
 
 
 def requeue_stale() -> int:

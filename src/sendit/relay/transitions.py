@@ -1,11 +1,21 @@
-"""Every status change goes through here: one UPDATE, one event row per image, in one transaction."""
+"""Every status change goes through here: one conditional UPDATE, one event row per image, in one transaction.
+
+Two writers can race on an image: workers (a paused one waking up after another took its series
+over), a person's action, and ingest (a finished instance arriving again). Every change therefore
+names, in its UPDATE's WHERE, the statuses it expects; a worker's change also names the lease
+generation it holds (fencing). The series row is locked first in every path — by the lease check for
+a worker, by ``lock_series`` otherwise — so all writers take locks in one order.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import Count, F
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from sendit.relay.models import Event, Image, Series, Status
@@ -17,21 +27,85 @@ def clip(reason: str) -> str:
     return reason if len(reason) <= REASON_LENGTH else reason[: REASON_LENGTH - 1] + "…"
 
 
+class LeaseLost(Exception):
+    """This worker's lease ran out or was taken over: it must not write on, and stops at once."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A worker's hold on one series; ``generation`` is the fencing token (+1 at each acquisition)."""
+
+    series_id: int
+    owner: str
+    generation: int
+
+
+def hold(lease: Lease) -> None:
+    """Inside a transaction: confirm the lease still holds, in database time, and lock the series row.
+
+    An UPDATE rather than a SELECT, so that it takes the row's write lock until commit: a takeover
+    waits for this transaction, and this one sees a takeover that committed first.
+    """
+    held = Series.objects.filter(
+        pk=lease.series_id, lease_owner=lease.owner, lease_generation=lease.generation, lease_expires__gt=Now()
+    ).update(lease_expires=F("lease_expires"))
+    if held != 1:  # changed nothing: the lease ran out or another worker took it; that worker won
+        raise LeaseLost(f"series #{lease.series_id}: lease generation {lease.generation} is no longer held")
+
+
+def lock_series(series_id: int) -> None:
+    """Inside a transaction, for writers without a lease (a person, ingest): the same lock order."""
+    list(Series.objects.select_for_update().filter(pk=series_id).values_list("pk", flat=True))
+
+
+@contextmanager
+def fenced(lease: Lease) -> Iterator[None]:
+    """A transaction whose writes count only while ``lease`` holds; raises LeaseLost otherwise."""
+    with transaction.atomic():
+        hold(lease)
+        yield
+
+
 def move_images(
-    series: Series, image_ids: Iterable[int], to: Status, reason: str = "", *, user_id: int | None = None
+    series: Series,
+    image_ids: Iterable[int],
+    to: Status,
+    reason: str = "",
+    *,
+    expect: Collection[str],
+    lease: Lease | None = None,
+    user_id: int | None = None,
 ) -> int:
-    """Move images of one series to ``to``; returns how many changed. Unchanged ones write no event."""
+    """Move those images of ``series`` that are in one of the ``expect`` statuses to ``to``.
+
+    Returns how many changed; the others (another writer moved them first) are left alone and get no
+    event. With a ``lease``, nothing changes unless it still holds (LeaseLost).
+    """
     ids = list(image_ids)
     if not ids:
         return 0
     reason = clip(reason)
+    expected = [status for status in expect if status != to]
     with transaction.atomic():
-        rows = list(Image.objects.filter(series=series, id__in=ids).exclude(status=to).values_list("id", "status"))
+        if lease is not None:
+            hold(lease)
+        else:
+            lock_series(series.pk)
+        rows = list(
+            Image.objects.select_for_update()
+            .filter(series=series, id__in=ids, status__in=expected)
+            .values_list("id", "status")
+        )
         if not rows:
             return 0
         changed = [row[0] for row in rows]
-        # QuerySet.update() skips auto_now: the time of the change is set here (pruning relies on it)
-        Image.objects.filter(id__in=changed).update(status=to, reason=reason, updated=timezone.now())
+        guarded = Image.objects.filter(id__in=changed, status__in=expected)
+        if lease is not None:
+            guarded = guarded.filter(series__lease_generation=lease.generation)
+        # QuerySet.update() skips auto_now: the time of the change is set here (pruning relies on it).
+        # The rows are locked above, so this changes exactly them; a row another writer moved in
+        # between would not match the WHERE and keep that writer's status (that writer won).
+        guarded.update(status=to, reason=reason, updated=timezone.now())
         Event.objects.bulk_create(
             [
                 Event(series=series, image_id=image_id, from_status=old, to_status=to, reason=reason, user_id=user_id)
@@ -63,8 +137,14 @@ def image_counts(series: Series) -> dict[str, int]:
 
 
 def refresh_series_status(series: Series, reason: str = "") -> None:
-    new = aggregate_status(image_counts(series))
-    if new != series.status:
-        Event.objects.create(series=series, from_status=series.status, to_status=new, reason=clip(reason))
+    """Recompute the series' aggregate from its images; an event only when it changed."""
+    with transaction.atomic():
+        new = aggregate_status(image_counts(series))
+        current = Series.objects.filter(pk=series.pk).values_list("status", flat=True).first()
+        if current is None or new == current:
+            series.status = new
+            return
+        # names the status it read: a concurrent refresh that already wrote ``new`` wins, no double event
+        if Series.objects.filter(pk=series.pk, status=current).update(status=new, updated=timezone.now()) == 1:
+            Event.objects.create(series=series, from_status=current, to_status=new, reason=clip(reason))
         series.status = new
-        Series.objects.filter(pk=series.pk).update(status=new, updated=timezone.now())

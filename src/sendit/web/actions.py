@@ -83,7 +83,10 @@ def _requeue(series: Series, images: list[Image], action: str, user: Any, outcom
         else:
             ready.append(image.pk)
     reason = f"{action} by {user.get_username()}"
-    outcome.changed = move_images(series, ready, Status.NEW, reason, user_id=user.pk)
+    # names the statuses the person saw: an image a worker or another person moved since is left alone
+    outcome.changed = move_images(
+        series, ready, Status.NEW, reason, expect=(Status.ERROR, Status.QUARANTINED), user_id=user.pk
+    )
     if outcome.changed:
         Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None, stage="requeued")
         from sendit.relay import tasks
@@ -107,9 +110,20 @@ def discard(series: Series, user: Any, image_ids: list[int] | None = None) -> Ou
     outcome = Outcome("discard", series.pk)
     images = _targets(series, (Status.ERROR, Status.QUARANTINED), image_ids)
     outcome.changed = move_images(
-        series, [i.pk for i in images], Status.SKIPPED, f"discarded by {user.get_username()}", user_id=user.pk
+        series,
+        [i.pk for i in images],
+        Status.SKIPPED,
+        f"discarded by {user.get_username()}",
+        expect=(Status.ERROR, Status.QUARANTINED),
+        user_id=user.pk,
+    )
+    # only the images this discard moved: one a worker took back into the pipeline keeps its files
+    discarded = set(
+        series.images.filter(pk__in=[i.pk for i in images], status=Status.SKIPPED).values_list("pk", flat=True)
     )
     for image in images:
+        if image.pk not in discarded:
+            continue
         if files.inside_input(image.path):
             quarantined_copy(image).unlink(missing_ok=True)
         files.remove_original(image.path)
