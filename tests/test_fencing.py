@@ -193,3 +193,51 @@ def test_full_work_folder_is_retried_not_quarantined(sendit_dirs: dict[str, Path
     monkeypatch.setattr(engine, "deidentify_file", real)
     run_inline(retry_errors(), workers=1)
     assert statuses_of(series_id) == {Status.DONE: 2}
+
+
+def test_two_series_of_one_study_store_their_identifiers_at_once_without_deadlock(
+    sendit_dirs: dict[str, Path], monkeypatch: Any
+) -> None:
+    """Two workers ask for one study's identifiers at the same moment and store both answers: on
+    PostgreSQL opposite insert orders deadlocked ("unexpected error (OperationalError)")."""
+    import threading
+
+    from django.db import connections
+
+    from sendit.relay import runtime
+
+    demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=1)
+    ingest_folder(sendit_dirs["INPUT_FOLDER"])
+    study_series = {}
+    for series in Series.objects.all():
+        study_series.setdefault(series.study_id, []).append(series)
+    first, second = next(group for group in study_series.values() if len(group) >= 2)[:2]
+    provider = runtime.identifier_provider()
+    real = provider.identify
+    together = threading.Barrier(2, timeout=20)
+
+    def at_the_same_moment(headers: Any) -> Any:
+        answers = real(headers)
+        together.wait()  # both answers arrive together; both store at once
+        return answers
+
+    monkeypatch.setattr(provider, "identify", at_the_same_moment)
+    failures: list[BaseException] = []
+
+    def store(series: Series) -> None:
+        try:
+            pipeline.ensure_identifiers(series)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            failures.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=store, args=(series,)) for series in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not failures, [type(exc).__name__ for exc in failures]
+    from sendit.relay.models import SeriesIdentifiers
+
+    assert SeriesIdentifiers.objects.filter(series__in=[first, second]).count() == 2

@@ -8,6 +8,7 @@ submit, before its own threads start, so no connection or lock is shared across 
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 from collections.abc import Callable, Iterable
@@ -18,6 +19,9 @@ from django.db import connections
 from sendit.relay.pipeline import Outcome, process_series
 
 BUSY_RETRY_SECONDS = 1.0
+FAILED_RETRY_SECONDS = 3.0
+MAX_CRASHES = 20  # about a minute of a database that does not come back: this command gives up
+log = logging.getLogger("sendit.inline")
 
 
 def _forget_inherited_connections() -> None:
@@ -26,15 +30,35 @@ def _forget_inherited_connections() -> None:
         connection.connection = None
 
 
-def _process_in_worker(series_id: int) -> Outcome:
+def _process_guarded(series_id: int) -> Outcome:
+    """A step that raised (the database went away mid-step) is tried again in seconds, not lost."""
     try:
         return process_series(series_id)
+    except Exception as exc:
+        log.warning(
+            "series #%s: step failed (%s); retrying in %s s", series_id, type(exc).__name__, FAILED_RETRY_SECONDS
+        )
+        connections.close_all()
+        return Outcome(finished=False, retry_in=FAILED_RETRY_SECONDS, crashed=True)
+
+
+def _process_in_worker(series_id: int) -> Outcome:
+    try:
+        return _process_guarded(series_id)
     finally:
         connections.close_all()
 
 
+_crashes: dict[int, int] = {}
+
+
 def _reschedule(due: dict[int, float], series_id: int, outcome: Outcome) -> None:
     """A busy series (another worker holds it) is tried again soon; a failed step after its back-off."""
+    if outcome.crashed:
+        _crashes[series_id] = _crashes.get(series_id, 0) + 1
+        if _crashes[series_id] > MAX_CRASHES:
+            log.error("series #%s: its step kept failing; left to the queue's requeue", series_id)
+            return
     if outcome.busy:
         due[series_id] = time.monotonic() + BUSY_RETRY_SECONDS
     elif outcome.retry_in is not None:
@@ -47,7 +71,7 @@ def _run_here(due: dict[int, float], on_progress: Callable[[], None] | None) -> 
         series_id, at = min(due.items(), key=lambda item: item[1])
         time.sleep(max(0.0, at - time.monotonic()))
         del due[series_id]
-        _reschedule(due, series_id, process_series(series_id))
+        _reschedule(due, series_id, _process_guarded(series_id))
         if on_progress is not None:
             on_progress()
 

@@ -51,6 +51,7 @@ class Outcome:
     finished: bool
     retry_in: float | None = None
     busy: bool = False
+    crashed: bool = False  # the step raised (database gone): the caller tries again, a bounded number of times
 
 
 # --- leases ---------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ FAILED_STEP_RETRY_SECONDS = 5
 ORPHAN_AFTER_SECONDS = 30
 
 
+class StepFailed(Exception):
+    """Raised to Huey (which retries the task) in place of an error whose text could quote a value."""
+
+
 def enqueue(series_ids: Iterable[int]) -> int:
     """Push one task per series. The time is written after the push: a failed push leaves the old
     time, so the requeue sees a series with no task."""
@@ -57,7 +61,8 @@ def run_series(series_id: int) -> None:
         log.warning(
             "series #%s: step failed (%s); retrying in %s s", series_id, type(exc).__name__, FAILED_STEP_RETRY_SECONDS
         )
-        raise
+        # Huey logs what the task raised: the type only, since a database error's text can quote a value
+        raise StepFailed(f"series #{series_id}: {type(exc).__name__}") from None
     finally:
         close_old_connections()
 
@@ -120,4 +125,9 @@ def requeue_stale() -> int:
 @huey.periodic_task(crontab(minute="*"))
 def requeue_stale_periodically() -> None:
     close_old_connections()
-    requeue_stale()
+    try:
+        requeue_stale()
+    except Exception as exc:  # the next minute tries again; the type only (the text can quote a value)
+        log.warning("requeue check failed (%s)", type(exc).__name__)
+    finally:
+        close_old_connections()
