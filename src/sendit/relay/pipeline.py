@@ -234,6 +234,7 @@ def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> Outcome:
         clean_up_done(series, lease, keeper)
     except LeaseLost as lost:
         log.warning("%s; leaving it to that worker", lost)
+        _drop_generation_files(series.pk, lease)
         return Outcome(finished=False, busy=True)
     except RetryableFailure as failure:
         return _schedule_retry(series, lease, str(failure))
@@ -253,6 +254,13 @@ def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> Outcome:
         Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None)
         refresh_series_status(series)
     return Outcome(finished=True)
+
+
+def _drop_generation_files(series_id: int, lease: Lease) -> None:
+    """Working files this lease generation wrote but never renamed into place."""
+    folder = files.working_copy(series_id, 0).parent
+    for leftover in folder.glob(f"*.g{lease.generation}.*") if folder.exists() else ():
+        leftover.unlink(missing_ok=True)
 
 
 def _schedule_retry(series: Series, lease: Lease, reason: str) -> Outcome:
@@ -347,6 +355,7 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
             break
         move_images(series, [image.id for image in batch], Status.PROCESSING, expect=(Status.NEW,), lease=lease)
         made: list[Image] = []
+        renames: list[tuple[Path, Path]] = []
         for image in batch:
             keeper.check()  # a worker that lost its lease stops at once, not after the batch
             source = files.original(image.path)
@@ -356,7 +365,6 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
             try:
                 digest = files.sha256_of(source)
                 result = engine.deidentify_file(source, mine, ids)
-                os.replace(mine, target)  # same input, same keys: the same bytes whoever renames last
             except FileNotFoundError:
                 mine.unlink(missing_ok=True)
                 _quarantine(series, image, lease, "original file disappeared before de-identification")
@@ -376,6 +384,7 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
                 continue
             image.deid_sop_instance_uid, image.sha256 = result.sop_instance_uid, digest
             made.append(image)
+            renames.append((mine, target))
             if not series.deid_series_uid:
                 series.deid_series_uid = result.series_uid
                 with fenced(lease):
@@ -383,6 +392,10 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
                     Study.objects.filter(pk=series.study_id).update(deid_study_uid=result.study_uid)
             written[image.pk] = (result.sop_class_uid, result.transfer_syntax_uid)
         with fenced(lease):
+            # renamed into place only while the lease holds: a stale worker's files never take the
+            # place of the new holder's (and are removed when it finds its lease gone)
+            for mine, target in renames:
+                os.replace(mine, target)
             Image.objects.bulk_update(made, ["deid_sop_instance_uid", "sha256"])
             move_images(
                 series, [image.pk for image in made], Status.DONEPROCESSING, expect=(Status.PROCESSING,), lease=lease
@@ -634,19 +647,23 @@ def clean_up_done(series: Series, lease: Lease, keeper: LeaseKeeper) -> None:
         keeper.check()
         original = files.original(path)
         replaced = original.exists() and bool(digest) and files.sha256_of(original) != digest
-        if replaced:
-            pass  # another file arrived at this path since: a new arrival, not ours to remove
-        elif cfg.KEEP_ORIGINALS:
-            files.set_aside(path, "kept")
-        else:
-            files.remove_original(path)
-        if not cfg.KEEP_WORKING:
-            files.working_copy(series.pk, image_id).unlink(missing_ok=True)
+        # The file operations run inside the fenced transaction: a worker that lost its lease (and
+        # whose series was cleaned and perhaps received again meanwhile) removes nothing.
         with fenced(lease):
-            # names the status it expects: a person's action since (none moves DONE today) would win
-            Image.objects.filter(pk=image_id, status=Status.DONE, cleaned_at__isnull=True).update(
+            # names the status it expects: if it changes nothing, another writer moved the image on
+            marked = Image.objects.filter(pk=image_id, status=Status.DONE, cleaned_at__isnull=True).update(
                 cleaned_at=timezone.now()
             )
+            if not marked:
+                continue
+            if replaced:
+                pass  # another file arrived at this path since: a new arrival, not ours to remove
+            elif cfg.KEEP_ORIGINALS:
+                files.set_aside(path, "kept")
+            else:
+                files.remove_original(path)
+            if not cfg.KEEP_WORKING:
+                files.working_copy(series.pk, image_id).unlink(missing_ok=True)
     if not cfg.KEEP_WORKING and not series.images.exclude(status__in=(Status.DONE, Status.SKIPPED)).exists():
         folder = files.working_copy(series.pk, 0).parent
         (folder / "metadata.json").unlink(missing_ok=True)  # until a metadata store takes it (docs)
