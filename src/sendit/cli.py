@@ -219,13 +219,18 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     _django()
     from sendit.relay.housekeeping import problem_reasons, status_counts
+    from sendit.web.overview import free_space, space_lines
 
     counts = status_counts()
+    space = free_space()
     if args.json:
-        print(json.dumps({"counts": counts, "problems": [list(row) for row in problem_reasons()]}, indent=2))
+        problems = [list(row) for row in problem_reasons()]
+        print(json.dumps({"counts": counts, "problems": problems, "disk": space}, indent=2, default=str))
         return 0
     for status, n in counts.items():
         print(f"{status:15s} {n}")
+    for line in space_lines(space):
+        print(f"disk: {line}")
     return 0
 
 

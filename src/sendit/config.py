@@ -155,6 +155,14 @@ KEYS: tuple[Key, ...] = (
     Key("MAX_ATTEMPTS", int, 8, "Tries of a failing step before the images go to ERROR.", minimum=1, maximum=100),
     Key("RETRY_BASE_SECONDS", int, 5, "First back-off; doubles with each attempt.", minimum=0, maximum=3600),
     Key("RETRY_CAP_SECONDS", int, 600, "Longest back-off.", minimum=0, maximum=86400),
+    Key(
+        "LOW_SPACE_MB",
+        int,
+        1024,
+        "Warn (dashboard, /health, /metrics) when a folder Sendit writes has less free space (MiB); 0 = never.",
+        minimum=0,
+        maximum=1 << 30,
+    ),
     Key("WEB_HOST", str, "127.0.0.1", "Address of the web server of `sendit run`."),
     Key(
         "HTTPS",

@@ -13,6 +13,7 @@ from sendit.relay.models import (
     Event,
     Image,
     ReceivedFile,
+    ScanState,
     Series,
     SeriesIdentifiers,
     Study,
@@ -70,3 +71,11 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 @admin.register(WorkerHeartbeat)
 class WorkerHeartbeatAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ("name", "started", "seen")
+
+
+@admin.register(ScanState)
+class ScanStateAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Delete the row of a watcher host that was retired, or /health keeps saying its scans are stale."""
+
+    list_display = ("name", "finished", "ok", "failures", "error")
+    readonly_fields = ("name", "started", "finished", "ok", "error", "failures", "ignored")

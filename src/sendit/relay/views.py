@@ -1,7 +1,7 @@
 """The operator's pages: dashboard, series list, series page, actions, /metrics and /health.
 
 Every page needs a login (the API and /metrics also take a bearer token); only /health answers
-anyone, with nothing but "ok". URLs carry database ids only, never a patient value.
+anyone, with a status and problem codes only. URLs carry database ids only, never a patient value.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.views import LoginView
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -18,7 +19,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from sendit.relay.models import Series, SeriesIdentifiers, Status
-from sendit.web import actions, metrics, overview
+from sendit.web import actions, metrics, overview, throttle
 from sendit.web.api import login_or_token_required
 
 IDENTIFIER_PERMISSION = "relay.view_identifier_response"
@@ -102,10 +103,41 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
 
 
 def health(request: HttpRequest) -> JsonResponse:
-    """For load balancers: no login, no data; 200 when the database answers."""
+    """For load balancers and monitors: no login, no data.
+
+    503 {"status": "error"} when the database does not answer. Otherwise 200, with {"status": "ok"},
+    or {"status": "degraded", "problems": [...]} (codes: scan_failed, scan_stale, low_space,
+    scan_state_unreadable) when the service runs but needs a person. ``?strict=1`` answers 503 for
+    degraded too, for monitors that read only the code. A load balancer keeps the plain form: the
+    dashboard must stay reachable exactly when something is wrong.
+    """
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
     except Exception:
         return JsonResponse({"status": "error", "database": "unreachable"}, status=503)
-    return JsonResponse({"status": "ok"})
+    problems = overview.health()
+    if not problems:
+        return JsonResponse({"status": "ok"})
+    strict = request.GET.get("strict", "") not in ("", "0", "false", "no")
+    return JsonResponse({"status": "degraded", "problems": problems}, status=503 if strict else 200)
+
+
+class ThrottledLoginView(LoginView):
+    """Django's login form; while the name or the address is locked out (sendit.web.throttle) it answers
+    429 with the form and the wait, without checking the password. Failures are counted by the
+    authentication backend, so the admin's login is throttled as well."""
+
+    template_name = "relay/login.html"
+    redirect_authenticated_user = True
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            throttle.check(throttle.login_counters(request, str(request.POST.get("username", ""))))
+        except throttle.Locked as locked:
+            context = self.get_context_data(form=self.form_class(request=request), locked_seconds=locked.seconds)
+            response = self.render_to_response(context, status=429)
+            response["Retry-After"] = str(locked.seconds)
+            return response
+        result: HttpResponse = super().post(request, *args, **kwargs)
+        return result

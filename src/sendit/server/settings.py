@@ -32,6 +32,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "sendit.web.middleware.OutOfRangeMiddleware",  # an id too large for the database: 400, not 500
 ]
 
 ROOT_URLCONF = "sendit.server.urls"
@@ -52,7 +53,20 @@ TEMPLATES = [
 WSGI_APPLICATION = "sendit.server.wsgi.application"
 
 DATABASES = {"default": database_settings(SENDIT.DATABASE_URL)}
+
+# Login and API-token throttling counts failures here (sendit.web.throttle). In process memory: `sendit
+# run` serves the web from one process (threads share it); no table to create, and it still works when
+# the database is full. Several web processes would each count on their own.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+        "LOCATION": "sendit",
+        "OPTIONS": {"MAX_ENTRIES": 20000},
+    }
+}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Django's user/password check, throttled after repeated failures (the login page and the admin's).
+AUTHENTICATION_BACKENDS = ["sendit.web.throttle.ThrottledModelBackend"]
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

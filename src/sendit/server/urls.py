@@ -20,11 +20,7 @@ urlpatterns = [
     path("series/", views.series_list, name="series-list"),
     path("series/<int:series_id>/", views.series_page, name="series"),
     path("series/<int:series_id>/<str:action>", views.series_action, name="series-action"),
-    path(
-        "login/",
-        auth_views.LoginView.as_view(template_name="relay/login.html", redirect_authenticated_user=True),
-        name="login",
-    ),
+    path("login/", views.ThrottledLoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("api/", api.urls),
     path("metrics", views.metrics_view, name="metrics"),

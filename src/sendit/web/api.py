@@ -8,21 +8,32 @@ list is paginated (``page``, ``size`` ≤ 500). No identifier response is ever s
 from __future__ import annotations
 
 from functools import wraps
-from typing import Any
+from typing import Annotated, Any
 
 from django.contrib.auth.views import redirect_to_login
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404
-from ninja import NinjaAPI, Query, Schema
+from ninja import Field, NinjaAPI, Path, Query, Schema
 from ninja.security import HttpBearer, django_auth
 
 from sendit.relay.models import Series, Status
-from sendit.web import actions, overview, tokens
+from sendit.web import actions, overview, throttle, tokens
+
+# Database ids are 64-bit: a larger number is a client error (422), not an overflow in the database.
+MAX_ID = 2**63 - 1
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+SERIES_ID = Path(..., ge=1, le=MAX_ID, description="Database id of the series")
+
+
+def too_many_attempts(locked: throttle.Locked) -> JsonResponse:
+    response = JsonResponse({"detail": f"Too many failed attempts; try again in {locked.seconds} s"}, status=429)
+    response["Retry-After"] = str(locked.seconds)
+    return response
 
 
 class TokenAuth(HttpBearer):
     def authenticate(self, request: HttpRequest, token: str) -> Any | None:
-        user = tokens.user_for(token)
+        user = tokens.authenticate(request, token)  # raises throttle.Locked after repeated wrong tokens
         if user is not None:
             request.user = user
         return user
@@ -34,7 +45,10 @@ def login_or_token_required(view: Any) -> Any:
     @wraps(view)
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if not request.user.is_authenticated:
-            user = tokens.bearer_user(request)
+            try:
+                user = tokens.bearer_user(request)
+            except throttle.Locked as locked:
+                return too_many_attempts(locked)
             if user is None:
                 if "text/html" in request.headers.get("Accept", ""):
                     return redirect_to_login(request.get_full_path())
@@ -56,6 +70,11 @@ api = NinjaAPI(
     docs_decorator=login_or_token_required,
     urls_namespace="api",
 )
+
+
+@api.exception_handler(throttle.Locked)
+def locked(request: HttpRequest, exc: throttle.Locked) -> HttpResponse:
+    return too_many_attempts(exc)
 
 
 class PageMeta(Schema):
@@ -156,12 +175,12 @@ def list_series(
 
 
 @api.get("/series/{series_id}", response=SeriesDetailOut, summary="One series: counts and time in each stage")
-def get_series(request: HttpRequest, series_id: int) -> dict[str, Any]:
+def get_series(request: HttpRequest, series_id: int = SERIES_ID) -> dict[str, Any]:
     return overview.series_detail(get_object_or_404(Series.objects.only(*overview.SERIES_FIELDS), pk=series_id))
 
 
 @api.get("/series/{series_id}/events", response=EventPage, summary="The event log of one series, newest first")
-def series_events(request: HttpRequest, series_id: int, page: int = 1, size: int = 50) -> dict[str, Any]:
+def series_events(request: HttpRequest, series_id: int = SERIES_ID, page: int = 1, size: int = 50) -> dict[str, Any]:
     get_object_or_404(Series.objects.only("id"), pk=series_id)
     result = overview.paginate(overview.event_queryset(series_id), page, size)
     return {**result.meta(), "items": [overview.event_row(e) for e in result.items]}
@@ -169,7 +188,11 @@ def series_events(request: HttpRequest, series_id: int, page: int = 1, size: int
 
 @api.get("/images", response=ImagePage, summary="Images in id order; filter by series and status")
 def list_images(
-    request: HttpRequest, series: int | None = None, status: str = "", page: int = 1, size: int = 50
+    request: HttpRequest,
+    series: int | None = Query(None, ge=1, le=MAX_ID, description="Database id of the series"),
+    status: str = "",
+    page: int = 1,
+    size: int = 50,
 ) -> dict[str, Any]:
     result = overview.paginate(overview.image_queryset(series, _status(status)), page, size)
     return {**result.meta(), "items": [overview.image_row(i) for i in result.items]}
@@ -184,15 +207,15 @@ ONLY = Query(None, description="Only these images of the series (repeat the para
 
 
 @api.post("/series/{series_id}/retry", response=ActionOut, summary="ERROR and QUARANTINED images back to NEW")
-def retry(request: HttpRequest, series_id: int, image_ids: list[int] | None = ONLY) -> dict[str, Any]:
+def retry(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id] | None = ONLY) -> dict[str, Any]:
     return _act("retry", request, series_id, image_ids)
 
 
 @api.post("/series/{series_id}/release", response=ActionOut, summary="De-identify QUARANTINED images again")
-def release(request: HttpRequest, series_id: int, image_ids: list[int] | None = ONLY) -> dict[str, Any]:
+def release(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id] | None = ONLY) -> dict[str, Any]:
     return _act("release", request, series_id, image_ids)
 
 
 @api.post("/series/{series_id}/discard", response=ActionOut, summary="ERROR and QUARANTINED images to SKIPPED")
-def discard(request: HttpRequest, series_id: int, image_ids: list[int] | None = ONLY) -> dict[str, Any]:
+def discard(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id] | None = ONLY) -> dict[str, Any]:
     return _act("discard", request, series_id, image_ids)

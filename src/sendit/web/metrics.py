@@ -8,6 +8,7 @@ summed under "other".
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
 from typing import Any
 
 from django.db import connection
@@ -128,11 +129,78 @@ class SenditCollector(Collector):
             up.add_metric([state["name"]], 1 if state["reachable"] else 0)
         yield up
 
-        free = overview.disk()["free_bytes"]
-        if free is not None:
-            disk = GaugeMetricFamily("sendit_data_free_bytes", "Free bytes on the file system of DATA_DIR.")
-            disk.add_metric([], free)
-            yield disk
+        yield from free_space_metrics(overview.free_space())
+        yield from scan_metrics(overview.scan_states())
+
+
+def free_space_metrics(space: dict[str, Any]) -> Iterator[Metric]:
+    """Free bytes per folder Sendit writes (folders on one file system show the same figure)."""
+    if space["free_bytes"] is not None:
+        data = GaugeMetricFamily("sendit_data_free_bytes", "Free bytes on the file system of DATA_DIR.")
+        data.add_metric([], space["free_bytes"])
+        yield data
+    free = GaugeMetricFamily(
+        "sendit_free_bytes", "Free bytes on the file system of each folder Sendit writes.", labels=["folder"]
+    )
+    present = GaugeMetricFamily(
+        "sendit_folder_present", "1 when the folder exists and its free space can be read.", labels=["folder"]
+    )
+    for fs in space["filesystems"]:
+        for folder in fs["folders"]:
+            free.add_metric([folder], fs["free_bytes"])
+            present.add_metric([folder], 1)
+    for entry in space["missing"]:
+        present.add_metric([entry["folder"]], 0)
+    yield free
+    yield present
+    threshold = GaugeMetricFamily(
+        "sendit_low_space_threshold_bytes", "LOW_SPACE_MB in bytes: less free space is a warning (0 = off)."
+    )
+    threshold.add_metric([], space["low_space_bytes"])
+    yield threshold
+
+
+def _timestamp(value: str | None) -> float | None:
+    return datetime.fromisoformat(value).timestamp() if value else None
+
+
+def scan_metrics(scans: list[dict[str, Any]]) -> Iterator[Metric]:
+    """The last scan of each watcher (``host``), and the entries it left alone on purpose by reason."""
+    ok = GaugeMetricFamily(
+        "sendit_scan_ok", "1 when the watcher's last scan of the input folder succeeded.", labels=["host"]
+    )
+    stale = GaugeMetricFamily(
+        "sendit_scan_stale", "1 when no scan finished within 3 x RESCAN_SECONDS.", labels=["host"]
+    )
+    failures = GaugeMetricFamily(
+        "sendit_scan_consecutive_failures", "Failed scans in a row (0 after a good one).", labels=["host"]
+    )
+    finished = GaugeMetricFamily(
+        "sendit_scan_last_finished_timestamp_seconds", "When the last scan ended, good or not.", labels=["host"]
+    )
+    success = GaugeMetricFamily(
+        "sendit_scan_last_success_timestamp_seconds",
+        "When the last scan ended, while it succeeded (absent while the last scan failed).",
+        labels=["host"],
+    )
+    ignored = GaugeMetricFamily(
+        "sendit_ignored_entries",
+        "Entries of the input folder left alone on purpose at the last scan, by rule.",
+        labels=["host", "reason"],
+    )
+    for scan in scans:
+        host = scan["name"]
+        ok.add_metric([host], 1 if scan["ok"] else 0)
+        stale.add_metric([host], 1 if scan["stale"] else 0)
+        failures.add_metric([host], scan["failures"])
+        ended = _timestamp(scan["finished"])
+        if ended is not None:
+            finished.add_metric([host], ended)
+            if scan["ok"]:
+                success.add_metric([host], ended)
+        for reason, n in sorted(scan["ignored"].items())[:MAX_REASONS]:
+            ignored.add_metric([host, reason[:REASON_CHARS]], n)
+    yield from (ok, stale, failures, finished, success, ignored)
 
 
 def render() -> bytes:

@@ -6,12 +6,15 @@ dashboard, the series page, the JSON API and /metrics share.
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from django.core.paginator import Paginator
@@ -22,8 +25,10 @@ from django.utils import timezone
 
 from sendit.relay import runtime
 from sendit.relay.housekeeping import problem_reasons, status_counts
-from sendit.relay.models import IN_FLIGHT, TERMINAL, Event, Image, Series, Status
+from sendit.relay.models import IN_FLIGHT, TERMINAL, Event, Image, ScanState, Series, Status
 from sendit.web import heartbeat
+
+log = logging.getLogger("sendit.web")
 
 MAX_PAGE_SIZE = 500
 RECENT_SERIES = 15
@@ -317,12 +322,180 @@ def destination_states(max_age: float = DESTINATION_CHECK_SECONDS) -> list[dict[
         return states
 
 
-def disk() -> dict[str, int | None]:
+# --- free space ------------------------------------------------------------------------------------
+
+# Every folder Sendit writes, in the order the dashboard lists them (OUTPUT_FOLDER may be off).
+FOLDERS = ("DATA_DIR", "INPUT_FOLDER", "WORK_FOLDER", "QUARANTINE_FOLDER", "OUTPUT_FOLDER")
+MIB = 1 << 20
+
+
+def _device(path: Path) -> int:
+    """The file system a folder is on (folders sharing one are measured and shown once)."""
+    return os.stat(path).st_dev
+
+
+def _usage(path: Path) -> Any:
+    return shutil.disk_usage(path)
+
+
+def low_space_bytes() -> int:
+    return int(runtime.config().LOW_SPACE_MB) * MIB
+
+
+def free_space() -> dict[str, Any]:
+    """Free space on each file system holding a folder Sendit writes, and the folders it cannot measure.
+
+    Never raises: a folder that does not exist (yet) is listed as "missing", one that cannot be read
+    as "unreadable (<type>)". ``low`` is true below LOW_SPACE_MB (0 turns the warning off).
+    """
+    cfg = runtime.config()
+    threshold = low_space_bytes()
+    by_device: dict[int, dict[str, Any]] = {}
+    missing: list[dict[str, str]] = []
+    data_dir: dict[str, Any] | None = None
+    for name in FOLDERS:
+        value = getattr(cfg, name, None)
+        if value is None:
+            continue
+        path = Path(value)
+        try:
+            device = _device(path)
+            group = by_device.get(device)
+            if group is None:
+                usage = _usage(path)
+                group = by_device[device] = {
+                    "folders": [],
+                    "paths": [],
+                    "free_bytes": int(usage.free),
+                    "total_bytes": int(usage.total),
+                    "low": threshold > 0 and usage.free < threshold,
+                }
+        except FileNotFoundError:
+            missing.append({"folder": name, "path": str(path), "problem": "missing"})
+            continue
+        except OSError as exc:
+            missing.append({"folder": name, "path": str(path), "problem": f"unreadable ({type(exc).__name__})"})
+            continue
+        group["folders"].append(name)
+        group["paths"].append(str(path))
+        if name == "DATA_DIR":
+            data_dir = group
+    return {
+        # DATA_DIR's file system, as the dashboard showed it before every folder was measured
+        "free_bytes": data_dir["free_bytes"] if data_dir else None,
+        "total_bytes": data_dir["total_bytes"] if data_dir else None,
+        "low_space_bytes": threshold,
+        "filesystems": list(by_device.values()),
+        "missing": missing,
+    }
+
+
+def human_bytes(n: float) -> str:
+    units = ("B", "KB", "MB", "GB", "TB", "PB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    return f"{n:.1f} {units[i]}" if i else f"{int(n)} {units[i]}"
+
+
+def space_lines(space: dict[str, Any]) -> list[str]:
+    """Free space as text lines (for `sendit status`): one per file system, then the missing folders."""
+    lines = [
+        f"{human_bytes(fs['free_bytes'])} free of {human_bytes(fs['total_bytes'])}"
+        + (" LOW SPACE" if fs["low"] else "")
+        + f": {', '.join(fs['folders'])}"
+        for fs in space["filesystems"]
+    ]
+    lines.extend(f"{entry['problem']}: {entry['folder']} ({entry['path']})" for entry in space["missing"])
+    return lines
+
+
+# --- scans of the input folder --------------------------------------------------------------------
+
+STALE_RESCANS = 3  # a watcher with no finished scan in 3 x RESCAN_SECONDS has stopped scanning
+MAX_WATCHERS = 50
+
+
+def scan_states(now: datetime | None = None) -> list[dict[str, Any]]:
+    """The last scan of each watcher (one row per host, written by the watcher after every scan).
+
+    ``stale`` is true when no scan finished within 3 x RESCAN_SECONDS: the watcher is hung, stopped
+    or dead. A retired host keeps its row until someone deletes it (admin), so it keeps warning.
+    """
+    moment = now or timezone.now()
+    limit = timedelta(seconds=STALE_RESCANS * int(runtime.config().RESCAN_SECONDS))
+    rows = []
+    for state in ScanState.objects.order_by("name")[:MAX_WATCHERS]:
+        ignored = state.ignored if isinstance(state.ignored, dict) else {}
+        rows.append(
+            {
+                "name": state.name,
+                "started": iso(state.started),
+                "finished": iso(state.finished),
+                "ok": bool(state.ok),
+                "error": state.error,
+                "failures": state.failures,
+                "ignored": {str(k): int(v) for k, v in ignored.items() if isinstance(v, int)},
+                "stale": state.finished is None or state.finished < moment - limit,
+            }
+        )
+    return rows
+
+
+# --- health ---------------------------------------------------------------------------------------
+
+
+def health_problems(scans: list[dict[str, Any]] | None, space: dict[str, Any] | None) -> list[str]:
+    """Problem codes, PHI- and host-free (``/health`` answers anyone): scan_failed, scan_stale, low_space."""
+    problems = []
+    if scans is None:
+        problems.append("scan_state_unreadable")
+    else:
+        if any(not s["ok"] for s in scans):
+            problems.append("scan_failed")
+        if any(s["stale"] for s in scans):
+            problems.append("scan_stale")
+    if space is not None and any(fs["low"] for fs in space["filesystems"]):
+        problems.append("low_space")
+    return problems
+
+
+def health() -> list[str]:
+    """What /health reports beyond "the database answers"; [] when all is well."""
     try:
-        usage = shutil.disk_usage(runtime.config().DATA_DIR)
-    except OSError:
-        return {"free_bytes": None, "total_bytes": None}
-    return {"free_bytes": usage.free, "total_bytes": usage.total}
+        scans: list[dict[str, Any]] | None = scan_states()
+    except Exception as exc:  # the table unreadable: say so, do not fail the probe
+        _note_unavailable("health.scans", exc)
+        scans = None
+    return health_problems(scans, free_space())
+
+
+def warnings(scans: list[dict[str, Any]] | None, space: dict[str, Any] | None) -> list[str]:
+    """Sentences for the top of the dashboard: failed or stalled scans, file systems low on space."""
+    lines = []
+    rescan = int(runtime.config().RESCAN_SECONDS)
+    for scan in scans or []:
+        if not scan["ok"]:
+            lines.append(
+                f"The last scan of the input folder by {scan['name']} failed "
+                f"({scan['failures']} in a row): {scan['error'] or 'no reason recorded'}"
+            )
+        if scan["stale"]:
+            since = (scan["finished"] or "")[:19].replace("T", " ")
+            lines.append(
+                f"No scan of the input folder by {scan['name']} finished "
+                + (f"since {since} UTC" if since else "yet")
+                + f" (expected every {rescan} s)"
+            )
+    if space is not None:
+        for fs in space["filesystems"]:
+            if fs["low"]:
+                lines.append(
+                    f"Low space: {human_bytes(fs['free_bytes'])} free for {', '.join(fs['folders'])} "
+                    f"(warning below {human_bytes(space['low_space_bytes'])})"
+                )
+    return lines
 
 
 def attention(limit: int = ATTENTION_SERIES) -> dict[str, Any]:
@@ -354,19 +527,68 @@ def attention(limit: int = ATTENTION_SERIES) -> dict[str, Any]:
     }
 
 
+# --- the dashboard --------------------------------------------------------------------------------
+
+_unavailable_logged: dict[tuple[str, str], float] = {}
+LOG_UNAVAILABLE_EVERY = 300.0
+
+
+def _note_unavailable(panel: str, exc: BaseException) -> None:
+    """Log a panel that failed, once per panel and error type every 5 minutes (the page polls every 2 s).
+
+    The type only: a database message may quote a query's values.
+    """
+    key = (panel, type(exc).__name__)
+    now = time.monotonic()
+    if now - _unavailable_logged.get(key, -LOG_UNAVAILABLE_EVERY) >= LOG_UNAVAILABLE_EVERY:
+        _unavailable_logged[key] = now
+        log.warning("dashboard: %s unavailable (%s)", panel, type(exc).__name__)
+
+
+def _problem_rows() -> list[dict[str, Any]]:
+    return [{"status": s, "reason": r, "n": n} for s, r, n in problem_reasons()]
+
+
+def _recent() -> list[dict[str, Any]]:
+    return series_rows(list(Series.objects.only(*SERIES_FIELDS).order_by("-id")[:RECENT_SERIES]))
+
+
+def _workers() -> dict[str, Any]:
+    return {"alive": heartbeat.alive(), "alive_seconds": heartbeat.ALIVE_SECONDS}
+
+
 def dashboard(check_destinations: bool = True) -> dict[str, Any]:
-    counts = status_counts()
-    recent = list(Series.objects.only(*SERIES_FIELDS).order_by("-id")[:RECENT_SERIES])
+    """Every panel of the dashboard, each computed on its own.
+
+    A panel whose query fails (a full or locked database) is None and named in ``unavailable`` with
+    the error's type; the others are still shown. Never raises for a panel.
+    """
+    unavailable: dict[str, str] = {}
+
+    def panel(name: str, compute: Callable[[], Any]) -> Any:
+        try:
+            return compute()
+        except Exception as exc:
+            unavailable[name] = type(exc).__name__
+            _note_unavailable(name, exc)
+            return None
+
+    counts = panel("counts", status_counts)
+    scans = panel("scans", scan_states)
+    space = panel("disk", free_space)
     return {
         "now": iso(timezone.now()),
         "counts": counts,
-        "total": sum(counts.values()),
-        "throughput": throughput(),
-        "queue": queue_depth(),
-        "workers": {"alive": heartbeat.alive(), "alive_seconds": heartbeat.ALIVE_SECONDS},
-        "destinations": destination_states() if check_destinations else [],
-        "disk": disk(),
-        "recent": series_rows(recent),
-        "attention": attention(),
-        "problems": [{"status": s, "reason": r, "n": n} for s, r, n in problem_reasons()],
+        "total": sum(counts.values()) if counts is not None else None,
+        "throughput": panel("throughput", throughput),
+        "queue": panel("queue", queue_depth),
+        "workers": panel("workers", _workers),
+        "destinations": panel("destinations", destination_states) if check_destinations else [],
+        "disk": space,
+        "scans": scans,
+        "warnings": panel("warnings", lambda: warnings(scans, space)) or [],
+        "recent": panel("recent", _recent),
+        "attention": panel("attention", attention),
+        "problems": panel("problems", _problem_rows),
+        "unavailable": unavailable,
     }

@@ -11,6 +11,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from sendit.relay.models import ApiToken
+from sendit.web import throttle
 
 PREFIX = "sndt_"
 
@@ -39,10 +40,21 @@ def user_for(key: str) -> Any | None:
     return token.user
 
 
+def authenticate(request: HttpRequest, key: str) -> Any | None:
+    """:func:`user_for`, throttled per client address: raises ``throttle.Locked`` after repeated wrong
+    tokens (the right one is refused too until the lock-out ends)."""
+    counters = throttle.token_counters(request)
+    throttle.check(counters)
+    user = user_for(key)
+    if user is None:
+        throttle.fail(counters)
+    return user
+
+
 def bearer_user(request: HttpRequest) -> Any | None:
-    """The user of an ``Authorization: Bearer <token>`` header, or None."""
+    """The user of an ``Authorization: Bearer <token>`` header, or None; may raise ``throttle.Locked``."""
     header = request.headers.get("Authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return None
-    return user_for(key.strip())
+    return authenticate(request, key.strip())

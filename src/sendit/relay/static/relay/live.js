@@ -93,40 +93,110 @@ var Sendit = (function () {
     }).join(" ");
   }
 
+  // Each panel renders on its own: one the server could not compute (d.unavailable) says so, and a
+  // panel that fails to render does not take the others with it.
+  var PANELS = {
+    counts: ["counts"], throughput: ["chart-hour", "chart-day", "hour-total", "day-total"], queue: ["queue"],
+    workers: ["workers"], destinations: ["destinations"], disk: ["disk"], scans: ["scans"], recent: ["recent"],
+    attention: ["attention", "attention-count"], problems: ["problems"],
+  };
+  function unavailable(name, reason) {
+    var text = '<span class="unavailable">unavailable (' + esc(reason) + ")</span>";
+    PANELS[name].forEach(function (id) {
+      var el = $(id);
+      if (!el) return;
+      if (el.tBodies) el.tBodies[0].innerHTML = '<tr><td colspan="9">' + text + "</td></tr>";
+      else el.innerHTML = id === "hour-total" || id === "day-total" || id === "attention-count" ? "" : text;
+    });
+  }
+  function panel(d, name, render) {
+    var reason = d.unavailable && d.unavailable[name];
+    if (reason || d[name] === null || d[name] === undefined) { unavailable(name, reason || "no data"); return; }
+    try { render(d[name]); } catch (error) { unavailable(name, "display error"); }
+  }
+
+  function renderDisk(disk) {
+    var rows = disk.filesystems.map(function (fs) {
+      return '<div title="' + esc(fs.paths.join("\n")) + '"><span class="' + (fs.low ? "bad" : "ok") + '">' +
+        bytes(fs.free_bytes) + "</span> free of " + bytes(fs.total_bytes) + (fs.low ? ' <span class="bad">low space</span>' : "") +
+        ' <span class="muted small">' + esc(fs.folders.join(", ")) + "</span></div>";
+    });
+    disk.missing.forEach(function (m) {
+      rows.push('<div title="' + esc(m.path) + '"><span class="warn">' + esc(m.problem) + '</span> <span class="muted small">' +
+        esc(m.folder) + "</span></div>");
+    });
+    $("disk").innerHTML = rows.join("") || '<span class="muted">no folder</span>';
+  }
+
+  function renderScans(scans) {
+    $("scans").tBodies[0].innerHTML = scans.length ? scans.map(function (s) {
+      var result = s.ok ? '<span class="ok">ok</span>' : '<span class="bad">failed</span> ' +
+        (s.failures > 1 ? s.failures + " times in a row " : "") + '<span class="small">' + esc(s.error) + "</span>";
+      if (s.stale) result += ' <span class="bad">no scan lately</span>';
+      var ignored = Object.keys(s.ignored).filter(function (k) { return s.ignored[k]; }).map(function (k) {
+        return s.ignored[k] + " " + esc(k.replace(/_/g, " "));
+      }).join(", ");
+      return '<tr data-watcher="' + esc(s.name) + '"><td>' + esc(s.name) + '</td><td class="small">' +
+        esc((s.finished || "").slice(0, 19).replace("T", " ")) + "</td><td>" + result + '</td><td class="small">' +
+        (ignored || '<span class="muted">none</span>') + "</td></tr>";
+    }).join("") : '<tr><td colspan="4" class="muted">No scan recorded yet.</td></tr>';
+  }
+
   function renderDashboard(d) {
-    $("counts").innerHTML = Object.keys(d.counts).map(function (status) {
-      return '<div data-status="' + esc(status) + '">' + badge(status) + "<b>" + d.counts[status] + "</b></div>";
-    }).join("");
-    $("chart-hour").innerHTML = chart(d.throughput.hour, 10, function (t) { return t.slice(11, 16); });
-    $("chart-day").innerHTML = chart(d.throughput.day, 4, function (t) { return t.slice(11, 16); });
-    $("hour-total").textContent = sum(d.throughput.hour) + " images";
-    $("day-total").textContent = sum(d.throughput.day) + " images";
-    var q = d.queue;
-    $("queue").textContent = (q.pending_tasks === null ? "queue unreadable" : q.pending_tasks + " task(s) waiting, " +
-      q.scheduled_tasks + " scheduled") + "; " + q.series_in_flight + " series in flight";
-    var alive = d.workers.alive.length;
-    $("workers").innerHTML = '<span class="' + (alive ? "ok" : "bad") + '">' + alive + "</span>" +
-      ' <span class="muted small">seen in the last ' + d.workers.alive_seconds + " s</span>";
-    $("disk").textContent = d.disk.free_bytes === null ? "unknown" :
-      bytes(d.disk.free_bytes) + " free of " + bytes(d.disk.total_bytes);
-    $("destinations").innerHTML = d.destinations.length ? d.destinations.map(function (dest) {
-      return '<div><span class="' + (dest.reachable ? "ok" : "bad") + '">' + (dest.reachable ? "reachable" : "unreachable") +
-        "</span> " + esc(dest.name) + (dest.problem ? ' <span class="muted small">' + esc(dest.problem) + "</span>" : "") + "</div>";
-    }).join("") : '<span class="muted">none configured</span>';
-    $("recent").tBodies[0].innerHTML = d.recent.length ? d.recent.map(function (s) {
-      return '<tr data-series="' + s.id + '"><td><a href="/series/' + s.id + '/">#' + s.id + "</a></td><td>" + esc(s.modality) +
-        '</td><td class="status">' + badge(s.status) + "</td><td>" + esc(s.stage) + "</td><td>" + progressBar(s) +
-        '</td><td class="n">' + s.finished + "/" + s.total + '</td><td class="small">' + clock(s.updated) + "</td></tr>";
-    }).join("") : '<tr><td colspan="7" class="muted">No series yet.</td></tr>';
-    $("attention-count").textContent = d.attention.count + " series";
-    $("attention").tBodies[0].innerHTML = d.attention.series.length ? d.attention.series.map(function (s) {
-      return '<tr data-series="' + s.id + '"><td><a href="/series/' + s.id + '/">#' + s.id + "</a></td><td>" + esc(s.modality) +
-        '</td><td class="n">' + s.errors + '</td><td class="n">' + s.quarantined + '</td><td class="small">' + esc(s.reason) +
-        "</td><td>" + forms(s.id, "/") + "</td></tr>";
-    }).join("") : '<tr><td colspan="6" class="muted">Nothing needs attention.</td></tr>';
-    $("problems").tBodies[0].innerHTML = d.problems.length ? d.problems.map(function (p) {
-      return "<tr><td>" + badge(p.status) + '</td><td class="small">' + esc(p.reason) + '</td><td class="n">' + p.n + "</td></tr>";
-    }).join("") : '<tr><td colspan="3" class="muted">None.</td></tr>';
+    $("warnings").innerHTML = (d.warnings || []).map(function (line) { return '<p class="alert">' + esc(line) + "</p>"; }).join("");
+    var missing = Object.keys(d.unavailable || {});
+    $("unavailable").hidden = !missing.length;
+    $("unavailable").textContent = "Unavailable right now: " + missing.map(function (name) {
+      return name + " (" + d.unavailable[name] + ")";
+    }).join(", ");
+    panel(d, "counts", function (counts) {
+      $("counts").innerHTML = Object.keys(counts).map(function (status) {
+        return '<div data-status="' + esc(status) + '">' + badge(status) + "<b>" + counts[status] + "</b></div>";
+      }).join("");
+    });
+    panel(d, "throughput", function (t) {
+      $("chart-hour").innerHTML = chart(t.hour, 10, function (x) { return x.slice(11, 16); });
+      $("chart-day").innerHTML = chart(t.day, 4, function (x) { return x.slice(11, 16); });
+      $("hour-total").textContent = sum(t.hour) + " images";
+      $("day-total").textContent = sum(t.day) + " images";
+    });
+    panel(d, "queue", function (q) {
+      $("queue").textContent = (q.pending_tasks === null ? "queue unreadable" : q.pending_tasks + " task(s) waiting, " +
+        q.scheduled_tasks + " scheduled") + "; " + q.series_in_flight + " series in flight";
+    });
+    panel(d, "workers", function (w) {
+      var alive = w.alive.length;
+      $("workers").innerHTML = '<span class="' + (alive ? "ok" : "bad") + '">' + alive + "</span>" +
+        ' <span class="muted small">seen in the last ' + w.alive_seconds + " s</span>";
+    });
+    panel(d, "disk", renderDisk);
+    panel(d, "destinations", function (dests) {
+      $("destinations").innerHTML = dests.length ? dests.map(function (dest) {
+        return '<div><span class="' + (dest.reachable ? "ok" : "bad") + '">' + (dest.reachable ? "reachable" : "unreachable") +
+          "</span> " + esc(dest.name) + (dest.problem ? ' <span class="muted small">' + esc(dest.problem) + "</span>" : "") + "</div>";
+      }).join("") : '<span class="muted">none configured</span>';
+    });
+    panel(d, "scans", renderScans);
+    panel(d, "recent", function (recent) {
+      $("recent").tBodies[0].innerHTML = recent.length ? recent.map(function (s) {
+        return '<tr data-series="' + s.id + '"><td><a href="/series/' + s.id + '/">#' + s.id + "</a></td><td>" + esc(s.modality) +
+          '</td><td class="status">' + badge(s.status) + "</td><td>" + esc(s.stage) + "</td><td>" + progressBar(s) +
+          '</td><td class="n">' + s.finished + "/" + s.total + '</td><td class="small">' + clock(s.updated) + "</td></tr>";
+      }).join("") : '<tr><td colspan="7" class="muted">No series yet.</td></tr>';
+    });
+    panel(d, "attention", function (a) {
+      $("attention-count").textContent = a.count + " series";
+      $("attention").tBodies[0].innerHTML = a.series.length ? a.series.map(function (s) {
+        return '<tr data-series="' + s.id + '"><td><a href="/series/' + s.id + '/">#' + s.id + "</a></td><td>" + esc(s.modality) +
+          '</td><td class="n">' + s.errors + '</td><td class="n">' + s.quarantined + '</td><td class="small">' + esc(s.reason) +
+          "</td><td>" + forms(s.id, "/") + "</td></tr>";
+      }).join("") : '<tr><td colspan="6" class="muted">Nothing needs attention.</td></tr>';
+    });
+    panel(d, "problems", function (problems) {
+      $("problems").tBodies[0].innerHTML = problems.length ? problems.map(function (p) {
+        return "<tr><td>" + badge(p.status) + '</td><td class="small">' + esc(p.reason) + '</td><td class="n">' + p.n + "</td></tr>";
+      }).join("") : '<tr><td colspan="3" class="muted">None.</td></tr>';
+    });
   }
 
   function dashboard(snapshot) {
