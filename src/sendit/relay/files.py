@@ -1,13 +1,28 @@
-"""Where files live: originals (relative to the input folder), working copies, quarantine, kept originals."""
+"""Where files live: originals (relative to the input folder), working copies, quarantine, kept originals.
+
+Names on disk are bytes; names in the database are text. A name that is not valid UTF-8 (common in
+European exports: ``M\\xfcller``) is stored escaped, so that it can be shown and still leads back
+to its file: each byte that is not part of valid UTF-8, and each control character, is written as
+``\\xNN``, and a backslash as ``\\\\``. Every other name is stored as it is. ``original()`` undoes the
+escaping, so every caller that opens, moves or deletes ``original(image.path)`` finds the real file.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
 from sendit.relay.runtime import config
+
+# Linux: a path handed to the kernel is at most 4,095 bytes (PATH_MAX with its terminating NUL).
+PATH_MAX = 4096
+# The path columns (Image.path, ReceivedFile.path and .stored_at) hold 1,024 characters.
+RECORD_MAX = 1024
+_UNIQUE_ROOM = 8  # ".NNN" that _unique may append, and a slash
+_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
 
 
 def sha256_of(path: Path) -> str:
@@ -16,21 +31,111 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def escape_name(raw: str) -> str:
+    """A path as the OS gave it (undecodable bytes as surrogates) → printable text for the database."""
+    text = os.fsencode(raw).decode("utf-8", "surrogateescape")
+    if text.isprintable() and "\\" not in text:
+        return text  # the usual case: nothing to escape
+    out: list[str] = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not part of valid UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char == "\\":
+            out.append("\\\\")
+        elif code < 0x20 or 0x7F <= code < 0xA0:  # control characters: no line breaks in logs or pages
+            out.extend(f"\\x{byte:02x}" for byte in char.encode("utf-8"))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def real_name(stored: str) -> str:
+    """The inverse of ``escape_name``: the name to hand to the OS (surrogates for undecodable bytes)."""
+    if "\\" not in stored:
+        return stored
+    data = bytearray()
+    position = 0
+    for match in _ESCAPE.finditer(stored):
+        data += stored[position : match.start()].encode("utf-8", "surrogateescape")
+        token = match.group(1)
+        data += b"\\" if token == "\\" else bytes([int(token[1:], 16)])
+        position = match.end()
+    data += stored[position:].encode("utf-8", "surrogateescape")
+    return os.fsdecode(bytes(data))
+
+
 def original(stored: str) -> Path:
     """Stored paths are relative to the input folder, or absolute for `sendit import` of another folder."""
-    path = Path(stored)
+    path = Path(real_name(stored))
     return path if path.is_absolute() else Path(config().INPUT_FOLDER) / path
 
 
-def stored_name(path: Path) -> str:
+def input_root() -> Path:
+    """The input folder with its symbolic links resolved (it may itself be a link: configured so)."""
+    return Path(config().INPUT_FOLDER).resolve()
+
+
+def stored_name(path: Path, follow: bool = False, root: Path | None = None) -> str:
+    """How a path is recorded: relative to the input folder (else absolute), escaped.
+
+    Only the folders above are resolved, never the entry itself unless ``follow`` (the folder given
+    to a scan): a symbolic link is recorded as the link. Never raises for a link loop.
+    """
+    base = root if root is not None else input_root()
     try:
-        return str(path.resolve().relative_to(Path(config().INPUT_FOLDER).resolve()))
+        full = path.resolve() if follow else path.parent.resolve() / path.name
+    except (OSError, RuntimeError):  # a loop among the folders above: record the path as given
+        full = Path(os.path.abspath(path))
+    try:
+        relative = str(full.relative_to(base))
     except ValueError:
-        return str(path.resolve())
+        relative = str(full)
+    return escape_name(relative)
 
 
 def inside_input(stored: str) -> bool:
     return not Path(stored).is_absolute()
+
+
+def _set_aside_bases() -> list[Path]:
+    cfg = config()
+    data = Path(cfg.DATA_DIR)
+    return [Path(cfg.QUARANTINE_FOLDER), data / "skipped", data / "kept"]
+
+
+def longest_name() -> int:
+    """The longest stored name whose set-aside place (quarantine/NAME.N, ...) still fits its column."""
+    return RECORD_MAX - max(len(str(base)) for base in _set_aside_bases()) - _UNIQUE_ROOM
+
+
+def too_long(path: Path, stored: str) -> str:
+    """Why a path cannot be recorded or opened (its length), or "" when it can."""
+    limit = longest_name()
+    if len(stored) > limit:
+        return f"path too long to record (over {limit} characters inside the input folder)"
+    longest_base = max(len(os.fsencode(base)) for base in _set_aside_bases())
+    if len(os.fsencode(path)) >= PATH_MAX or longest_base + len(stored.encode()) + _UNIQUE_ROOM >= PATH_MAX:
+        return f"path too long to open (over {PATH_MAX - 1} bytes)"
+    return ""
+
+
+def recordable(stored: str) -> str:
+    """A stored name that fits its column: a too-long one is cut, with a digest that keeps it unique."""
+    limit = longest_name()
+    if len(stored) <= limit:
+        return stored
+    digest = hashlib.sha256(stored.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{stored[: max(limit - 20, 0)]}…#{digest}"
+
+
+def masked(stored: str) -> str:
+    """A stored name for a log line: each part holding a ``^`` (a DICOM person name) or ``,`` is ***.
+
+    Folders are often named after the patient (``DOE^JOHN``, ``Doe, John``); other parts (study,
+    series and file names) are kept so that an operator can find the file.
+    """
+    return "/".join("***" if "^" in part or "," in part else part for part in stored.split("/"))
 
 
 def working_copy(series_id: int, image_id: int) -> Path:
@@ -39,24 +144,45 @@ def working_copy(series_id: int, image_id: int) -> Path:
 
 def _unique(target: Path) -> Path:
     candidate, number = target, 1
-    while candidate.exists():
+    while os.path.lexists(candidate):
         candidate = target.with_name(f"{target.name}.{number}")
         number += 1
     return candidate
 
 
-def set_aside(stored: str, folder_name: str) -> str:
+def set_aside(stored: str, folder_name: str, source: Path | None = None) -> str:
     """Move an original out of the input folder into quarantine (or kept); returns where it went.
 
     Files outside the input folder (`sendit import` of another folder) are the user's: never moved.
+    A symbolic link is moved as the link, never its target. Raises OSError when the move fails.
     """
-    source = original(stored)
-    if not inside_input(stored) or not source.exists():
+    source = source if source is not None else original(stored)
+    if not inside_input(stored) or not os.path.lexists(source):
         return ""
     base = Path(config().QUARANTINE_FOLDER) if folder_name == "quarantine" else Path(config().DATA_DIR) / folder_name
+    # the stored (escaped, printable) name on disk too: what the dashboard shows is what is there
     target = _unique(base / stored)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(source), str(target))
+    shutil.move(str(source), str(target))  # a rename; across file systems a link is re-made, not followed
+    remove_empty_parents(source.parent)
+    return str(target)
+
+
+def set_aside_long(source: Path, stored: str) -> str:
+    """Move an entry whose path is too long to record or open into quarantine/too-long/, under a short name.
+
+    Renamed through its folder's descriptor, so a path beyond the kernel's limit can still be moved;
+    a folder goes as a whole. Raises OSError (another file system, no permission): it stays in place.
+    """
+    digest = hashlib.sha256(stored.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    tail = escape_name(source.name)[:100]
+    target = _unique(Path(config().QUARANTINE_FOLDER) / "too-long" / f"{digest}-{tail}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(source.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(source.name, target, src_dir_fd=folder)
+    finally:
+        os.close(folder)
     remove_empty_parents(source.parent)
     return str(target)
 
@@ -72,8 +198,11 @@ def remove_original(stored: str) -> None:
 
 def remove_empty_parents(folder: Path) -> None:
     """Remove emptied folders up to, not including, the input folder itself."""
-    root = Path(config().INPUT_FOLDER).resolve()
-    current = folder.resolve()
+    try:
+        root = input_root()
+        current = folder.resolve()
+    except (OSError, RuntimeError):
+        return
     while current != root and root in current.parents:
         try:
             os.rmdir(current)

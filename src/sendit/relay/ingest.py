@@ -1,39 +1,148 @@
 """Ingest: complete files in → Study / Series / Image rows (status NEW), in bulk, by SeriesInstanceUID.
 
-Headers only are read. Every file ends recorded: as an Image, or as a ReceivedFile that says why it
-was rejected (moved to quarantine), skipped as a duplicate, or quarantined as a conflict.
+Headers only are read. Every entry of a scanned folder ends visible: as an Image, as a ReceivedFile
+that says why it was rejected (moved to quarantine), skipped as a duplicate or quarantined as a
+conflict, or counted as ignored by a documented rule (in progress, hidden). No single entry can stop
+a scan: whatever goes wrong with one file (its name, its header, a link, its length) is that file's
+rejection, and the rest flows. Only the scan as a whole can fail (the folder unreadable, the database
+down); the watcher records that in ScanState.
+
+Rules (docs/operations.md):
+- in progress: a name whose last dot-part starts with ``tmp``, any case (``NAME.tmp``,
+  ``NAME.tmpXXXX``, also ``x.tmpl``); never read, moved or deleted; a folder so named is not entered.
+- hidden: a name starting with ``.``; never read; a hidden folder is not entered.
+- a symbolic link is never followed: the link itself is rejected once and moved to quarantine.
+- the walk is sorted name by name at every level, so of two copies of one instance found in one
+  scan, the one whose path sorts first is the image, however the folder is chunked.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
-from django.db import transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, transaction
+from django.db.models import Q
+from django.utils import timezone
 
-from sendit.dicomio import FileHeader, RejectedFile, read_header
+from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, RejectedFile, read_header
 from sendit.relay import files
 from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Status, Study
-from sendit.relay.transitions import clip, refresh_series_status
+from sendit.relay.transitions import clip, lock_series, refresh_series_status
 
 log = logging.getLogger("sendit.ingest")
 
+# ScanState.ignored keys: entries left alone on purpose, by rule
+IN_PROGRESS = "in_progress"
+HIDDEN = "hidden"
+REJECTED_EARLIER = "rejected_earlier"  # rejected once and left in place (could not be moved); not recorded again
+
 
 def in_progress(name: str) -> bool:
-    """The producer's convention: any name with a `.tmp` part is still being written."""
-    return ".tmp" in name
+    """The producer's convention `NAME.tmpXXXX`: the last dot-part of the name starts with `tmp` (any case)."""
+    dot = name.rfind(".")
+    return dot >= 0 and name[dot + 1 :].lower().startswith("tmp")
 
 
-def complete_files(root: Path) -> Iterator[Path]:
-    """Files under ``root`` whose path holds no `.tmp` part, in a stable order; hidden files ignored."""
-    for folder, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not in_progress(d) and not d.startswith("."))
-        for name in sorted(filenames):
-            if not in_progress(name) and not name.startswith("."):
-                yield Path(folder) / name
+def hidden(name: str) -> bool:
+    """Hidden files (`.name`): editors' and rsync's temporary files, `.DS_Store`; never read."""
+    return name.startswith(".")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a scanned folder: where it is on disk, how it is recorded, and what is wrong with it.
+
+    ``how`` says what rejecting it does: ``move`` (to quarantine, a link as the link), ``long`` (a path
+    too long for the usual move: renamed through its folder into quarantine/too-long/), ``keep``
+    (left in place: a folder that cannot be read, so that fixing its permissions is enough).
+    """
+
+    path: Path
+    name: str
+    problem: str = ""
+    how: str = "move"
+
+
+def _listing(folder: Path, stored: str) -> list[tuple[os.DirEntry[str], str]]:
+    with os.scandir(folder) as entries:
+        ordered = sorted(entries, key=lambda entry: entry.name)
+    prefix = "" if stored in ("", ".") else stored + "/"
+    return [(entry, prefix + files.escape_name(entry.name)) for entry in ordered]
+
+
+def walk(root: Path, ignored: Counter[str] | None = None) -> Iterator[Entry]:
+    """Every entry under ``root`` to record, in name order at each level; ignored ones counted.
+
+    ``root`` itself may be a link (the configured folder); nothing below it is followed. Raises only
+    when ``root`` cannot be listed: that is the whole scan failing.
+    """
+    counts: Counter[str] = ignored if ignored is not None else Counter()
+    top = root.resolve()
+    stack = [iter(_listing(top, files.stored_name(top, follow=True)))]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        dirent, stored = item
+        if in_progress(dirent.name):
+            counts[IN_PROGRESS] += 1
+            continue
+        if hidden(dirent.name):
+            counts[HIDDEN] += 1
+            continue
+        path = Path(dirent.path)
+        try:
+            link = dirent.is_symlink()
+            folder = dirent.is_dir(follow_symlinks=False)
+            regular = dirent.is_file(follow_symlinks=False)
+        except OSError:
+            continue  # gone since the listing
+        too_long = files.too_long(path, stored)
+        if too_long:
+            yield Entry(path, files.recordable(stored), too_long, how="long")
+        elif link:
+            yield Entry(path, stored, SYMLINK)
+        elif folder:
+            try:
+                stack.append(iter(_listing(path, stored)))
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # moved or removed since the listing: the next scan sees what is there
+            except OSError as exc:
+                yield Entry(path, stored, f"folder cannot be read ({exc.strerror})", how="keep")
+        elif not regular:
+            yield Entry(path, stored, NOT_REGULAR)
+        else:
+            yield Entry(path, stored)
+
+
+def complete_files(root: Path, ignored: Counter[str] | None = None) -> Iterator[Entry]:
+    """The entries of ``root`` to ingest (for `sendit import` of a folder); see ``walk``."""
+    return walk(root, ignored)
+
+
+def entry_for(path: Path) -> Entry:
+    """An explicitly named file (`sendit import FILE`): the same rules as for an entry of a walk."""
+    name = files.stored_name(path)
+    too_long = files.too_long(path, name)
+    if too_long:
+        return Entry(path, files.recordable(name), too_long, how="long")
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return Entry(path, name)  # the header read tells: vanished, or why it cannot be read
+    if stat.S_ISLNK(mode):
+        return Entry(path, name, SYMLINK)
+    if not stat.S_ISREG(mode):
+        return Entry(path, name, NOT_REGULAR)
+    return Entry(path, name)
 
 
 @dataclass
@@ -46,6 +155,7 @@ class IngestReport:
     quarantined: int = 0
     reprocessed: int = 0
     problems: list[tuple[str, Status, str]] = field(default_factory=list)  # (path, status, reason)
+    ignored: Counter[str] = field(default_factory=Counter)  # by rule: in_progress, hidden, rejected_earlier
 
     def add(self, other: IngestReport) -> None:
         self.images += other.images
@@ -56,19 +166,40 @@ class IngestReport:
         self.quarantined += other.quarantined
         self.reprocessed += other.reprocessed
         self.problems.extend(other.problems)
+        self.ignored.update(other.ignored)
 
 
 def known_paths() -> dict[str, tuple[int, str]]:
-    """Paths of recorded files still in place → (series id, status); a rescan skips them.
+    """Paths of recorded files still in place → (series id, status); a rescan skips them unread.
 
-    In flight and ERROR only: after DONE, QUARANTINED or SKIPPED the original was removed or moved
-    away, so a file now at that path is a new arrival and is read like any other.
+    In flight and ERROR, and DONE until clean-up has run (its original is still there, about to be
+    removed: reading it again would race clean-up). After clean-up, QUARANTINED or SKIPPED the
+    original was removed or moved away, so a file now at that path is a new arrival.
     """
-    rows = Image.objects.filter(status__in=(*IN_FLIGHT, Status.ERROR)).values_list("path", "series_id", "status")
+    rows = Image.objects.filter(
+        Q(status__in=(*IN_FLIGHT, Status.ERROR)) | Q(status=Status.DONE, cleaned_at__isnull=True)
+    ).values_list("path", "series_id", "status")
     return {path: (series_id, status) for path, series_id, status in rows}
 
 
-def ingest_paths(paths: Iterable[Path], chunk: int = 500) -> IngestReport:
+def rejected_in_place() -> dict[str, datetime]:
+    """Rejected entries that could not be moved away (stored nowhere) → when they were recorded."""
+    latest: dict[str, datetime] = {}
+    for path, created in ReceivedFile.objects.filter(stored_at="").values_list("path", "created"):
+        if path not in latest or created > latest[path]:
+            latest[path] = created
+    return latest
+
+
+def _unchanged_since(path: Path, recorded: datetime) -> bool:
+    """The entry recorded then is still the one there: not created, renamed or written since (ctime)."""
+    try:
+        return os.lstat(path).st_ctime <= recorded.timestamp()
+    except OSError:
+        return True  # gone, or too long to look at: nothing new to record
+
+
+def ingest_paths(paths: Iterable[Path | Entry], chunk: int = 500) -> IngestReport:
     """Ingest the given files (chunked so that a huge folder does not hold one long transaction).
 
     Files recorded earlier and still in flight are not read again, but their series are reported, so
@@ -76,147 +207,230 @@ def ingest_paths(paths: Iterable[Path], chunk: int = 500) -> IngestReport:
     """
     report = IngestReport()
     known = known_paths()
-    batch: list[tuple[str, Path]] = []
-    for path in paths:
-        name = files.stored_name(path)
-        if name in known:
-            series_id, status = known[name]
+    earlier = rejected_in_place()
+    batch: list[Entry] = []
+    for item in paths:
+        entry = item if isinstance(item, Entry) else entry_for(item)
+        if entry.name in known:
+            series_id, status = known[entry.name]
             if status in IN_FLIGHT:
                 report.resumable.add(series_id)
             continue
-        batch.append((name, path))
+        if entry.name in earlier and _unchanged_since(entry.path, earlier[entry.name]):
+            report.ignored[REJECTED_EARLIER] += 1
+            continue
+        if entry.problem:
+            _reject(entry, entry.problem, report)
+            continue
+        batch.append(entry)
         if len(batch) >= chunk:
-            report.add(_ingest_batch(batch))
+            _ingest_chunk(batch, report)
             batch = []
     if batch:
-        report.add(_ingest_batch(batch))
+        _ingest_chunk(batch, report)
     return report
 
 
-def _ingest_batch(batch: list[tuple[str, Path]]) -> IngestReport:
-    report = IngestReport()
-    headers: dict[str, tuple[str, FileHeader]] = {}
-    for name, path in batch:
-        header = read_header(path)
+def _connection_trouble(exc: Exception) -> bool:
+    """The database itself is unwell (down, locked, deadlock): the scan fails and the next one retries."""
+    return isinstance(exc, (OperationalError, InterfaceError))
+
+
+def _ingest_chunk(batch: list[Entry], report: IngestReport) -> None:
+    """One transaction for the chunk; if one file's row spoils it, each file again on its own."""
+    try:
+        _ingest_batch(batch, report)
+        return
+    except (DatabaseError, ValueError) as exc:
+        if _connection_trouble(exc):
+            raise
+        log.warning(
+            "a chunk of %s file(s) could not be recorded (%s); recording one by one", len(batch), type(exc).__name__
+        )
+    for entry in batch:
+        try:
+            _ingest_batch([entry], report)
+        except (DatabaseError, ValueError) as exc:
+            if _connection_trouble(exc):
+                raise
+            _reject(entry, f"could not be recorded ({type(exc).__name__})", report)
+
+
+def _ingest_batch(batch: list[Entry], report: IngestReport) -> None:
+    order = {entry.name: position for position, entry in enumerate(batch)}
+    headers: dict[str, tuple[Entry, FileHeader]] = {}
+    again: list[tuple[Entry, FileHeader]] = []  # the same instance as a recorded image: decided after commit
+    for entry in batch:
+        header = read_header(entry.path)
         if isinstance(header, RejectedFile):
-            _record_rejected(name, header, report)
+            if not header.gone:  # a file that vanished since the listing is no one's problem
+                _reject(entry, header.reason, report, skip=header.skip)
             continue
-        if header.sop_instance_uid in headers:  # the same instance twice in one delivery
-            first_name, _ = headers[header.sop_instance_uid]
-            same = files.sha256_of(files.original(first_name)) == files.sha256_of(path)
-            _record_duplicate(name, same, None, report)
+        if header.sop_instance_uid in headers:  # a second copy in this chunk: the first (sorted) is the image
+            again.append((entry, header))
             continue
-        headers[header.sop_instance_uid] = (name, header)
-    if not headers:
-        return report
-    again: list[tuple[str, FileHeader]] = []
-    with transaction.atomic():
-        known_uids = Image.objects.filter(sop_instance_uid__in=list(headers)).values_list("sop_instance_uid", flat=True)
-        for uid in set(known_uids):
-            again.append(headers.pop(uid))
-        study_uids = {header.series.study_uid for _, header in headers.values()}
-        Study.objects.bulk_create([Study(study_uid=uid) for uid in study_uids], ignore_conflicts=True)
-        studies = {s.study_uid: s for s in Study.objects.filter(study_uid__in=study_uids)}
-        series_headers = {header.series.series_uid: header.series for _, header in headers.values()}
-        Series.objects.bulk_create(
-            [
-                Series(study=studies[h.study_uid], series_uid=uid, modality=h.modality[:16], header=asdict(h))
-                for uid, h in series_headers.items()
-            ],
-            ignore_conflicts=True,
-        )
-        series_map = {s.series_uid: s for s in Series.objects.filter(series_uid__in=list(series_headers))}
-        Image.objects.bulk_create(
-            [
-                Image(series=series_map[h.series.series_uid], sop_instance_uid=uid, path=name, size=h.size)
-                for uid, (name, h) in headers.items()
-            ],
-            ignore_conflicts=True,  # another ingestor (watcher and `sendit import`) may have won the race
-        )
-        rows = Image.objects.filter(sop_instance_uid__in=list(headers)).values_list(
-            "id", "series_id", "sop_instance_uid", "path"
-        )
-        mine: list[tuple[int, int]] = []
-        for image_id, series_id, uid, stored in rows:
-            if stored == headers[uid][0]:
-                mine.append((image_id, series_id))
-            else:
+        headers[header.sop_instance_uid] = (entry, header)
+    if headers:
+        with transaction.atomic():
+            known_uids = Image.objects.filter(sop_instance_uid__in=list(headers)).values_list(
+                "sop_instance_uid", flat=True
+            )
+            for uid in set(known_uids):
                 again.append(headers.pop(uid))
-        Event.objects.bulk_create(
-            [Event(series_id=sid, image_id=iid, to_status=Status.NEW, reason="ingested") for iid, sid in mine]
-        )
-        touched = {series_id for _, series_id in mine}
-        for series in Series.objects.filter(pk__in=touched):
-            refresh_series_status(series)
-        report.images += len(mine)
-        report.series_ids |= touched
+            study_uids = {header.series.study_uid for _, header in headers.values()}
+            Study.objects.bulk_create([Study(study_uid=uid) for uid in study_uids], ignore_conflicts=True)
+            studies = {s.study_uid: s for s in Study.objects.filter(study_uid__in=study_uids)}
+            series_headers = {header.series.series_uid: header.series for _, header in headers.values()}
+            Series.objects.bulk_create(
+                [
+                    Series(study=studies[h.study_uid], series_uid=uid, modality=h.modality[:16], header=asdict(h))
+                    for uid, h in series_headers.items()
+                ],
+                ignore_conflicts=True,
+            )
+            series_map = {s.series_uid: s for s in Series.objects.filter(series_uid__in=list(series_headers))}
+            Image.objects.bulk_create(
+                [
+                    Image(series=series_map[h.series.series_uid], sop_instance_uid=uid, path=entry.name, size=h.size)
+                    for uid, (entry, h) in headers.items()
+                ],
+                ignore_conflicts=True,  # another ingestor (watcher and `sendit import`) may have won the race
+            )
+            rows = Image.objects.filter(sop_instance_uid__in=list(headers)).values_list(
+                "id", "series_id", "sop_instance_uid", "path"
+            )
+            mine: list[tuple[int, int]] = []
+            for image_id, series_id, uid, stored in rows:
+                if stored == headers[uid][0].name:
+                    mine.append((image_id, series_id))
+                else:
+                    again.append(headers.pop(uid))
+            Event.objects.bulk_create(
+                [Event(series_id=sid, image_id=iid, to_status=Status.NEW, reason="ingested") for iid, sid in mine]
+            )
+            touched = {series_id for _, series_id in mine}
+            for series in Series.objects.filter(pk__in=touched):
+                refresh_series_status(series)
+            report.images += len(mine)
+            report.series_ids |= touched
     # Files are moved (duplicates, conflicts) only outside the transaction that records new images,
-    # so a rolled-back batch never leaves a moved file without its row.
-    for name, header in again:
+    # so a rolled-back batch never leaves a moved file without its row. In walk order: of two copies,
+    # the one that sorts first is decided first.
+    for entry, header in sorted(again, key=lambda pair: order[pair[0].name]):
         image = Image.objects.select_related("series").filter(sop_instance_uid=header.sop_instance_uid).first()
-        if image is not None:
-            with transaction.atomic():
-                _arrived_again(name, header, image, report)
-    return report
+        if image is not None:  # None: pruned in between; the next scan reads the file as new
+            _arrived_again(entry, header, image, report)
 
 
-def _arrived_again(name: str, header: FileHeader, image: Image, report: IngestReport) -> None:
-    """The same SOPInstanceUID again: a duplicate in flight, a re-send after DONE, or a conflict."""
-    if name == image.path and image.status in (*IN_FLIGHT, Status.ERROR):
-        if image.status in IN_FLIGHT:  # the very file already recorded (seen by a concurrent scan)
-            report.resumable.add(image.series_id)
+def _arrived_again(entry: Entry, header: FileHeader, image: Image, report: IngestReport) -> None:
+    """The same SOPInstanceUID as a recorded image: the very file, a duplicate, a re-send, or a conflict."""
+    if image.status == Status.DONE and image.cleaned_at is None:
+        # Its original awaits clean-up. At its own path this file is that original; at another path
+        # it is left alone, not recorded, until clean-up has run: the next scan decides then. So a
+        # scan never races clean-up.
         return
-    path = files.original(name)
-    if image.status in IN_FLIGHT:
+    if image.status in (*IN_FLIGHT, Status.ERROR):
+        if entry.name == image.path:  # the very file already recorded (seen by a concurrent scan)
+            if image.status in IN_FLIGHT:
+                report.resumable.add(image.series_id)
+            return
+        # a second copy while the first is in flight, or waits for a retry (its original still in place)
         first = files.original(image.path)
-        same = (
-            first.exists() and first.stat().st_size == header.size and files.sha256_of(first) == files.sha256_of(path)
-        )
-        _record_duplicate(name, same, image, report)
+        try:
+            same = first.stat().st_size == header.size and files.sha256_of(first) == files.sha256_of(entry.path)
+        except FileNotFoundError:
+            return  # one of the two vanished meanwhile: the next scan decides
+        _record_duplicate(entry, same, image, report)
         return
-    digest = files.sha256_of(path)
+    # finished: DONE and cleaned up, QUARANTINED or SKIPPED
+    try:
+        digest = files.sha256_of(entry.path)
+    except FileNotFoundError:
+        return
     if image.sha256 and image.sha256 != digest:
-        _record_duplicate(name, False, image, report)
+        _record_duplicate(entry, False, image, report)
         return
     # Arrived again after it finished: process it again; deterministic UIDs land on the same output.
     old = image.status
-    Image.objects.filter(pk=image.pk).update(
-        path=name, size=header.size, status=Status.NEW, reason="", attempts=0, cleaned_at=None, set_aside_at=""
-    )
-    Event.objects.create(
-        series=image.series, image=image, from_status=old, to_status=Status.NEW, reason="arrived again; reprocessing"
-    )
-    refresh_series_status(image.series)
+    with transaction.atomic():
+        lock_series(image.series_id)
+        guarded = Image.objects.filter(pk=image.pk, status=old)
+        if old == Status.DONE:
+            guarded = guarded.filter(cleaned_at__isnull=False)
+        changed = guarded.update(
+            path=entry.name,
+            size=header.size,
+            status=Status.NEW,
+            reason="",
+            attempts=0,
+            cleaned_at=None,
+            set_aside_at="",
+            updated=timezone.now(),
+        )
+        if not changed:
+            # Another writer moved this image first: a concurrent scan re-admitted it from another
+            # copy, or a person acted on it. That writer won; this file stays where it is, and the
+            # next scan decides against the new state (then most likely a duplicate in flight).
+            return
+        Event.objects.create(
+            series=image.series,
+            image=image,
+            from_status=old,
+            to_status=Status.NEW,
+            reason="arrived again; reprocessing",
+        )
+        refresh_series_status(image.series)
     report.reprocessed += 1
     report.series_ids.add(image.series_id)
 
 
-def _record_duplicate(name: str, same: bool, image: Image | None, report: IngestReport) -> None:
+def _record_duplicate(entry: Entry, same: bool, image: Image, report: IngestReport) -> None:
+    """A second copy: SKIPPED when its bytes are the recorded image's, else a conflict; both name the image."""
     if same:
-        reason = "duplicate of an instance already in progress" + (f" (image #{image.pk})" if image else "")
-        status, folder = Status.SKIPPED, "skipped"
-        report.skipped += 1
+        waiting = "waiting for a retry" if image.status == Status.ERROR else "already in progress"
+        reason = f"duplicate of an instance {waiting} (image #{image.pk})"
     else:
-        reason = "conflict: same SOPInstanceUID with different content" + (f" (image #{image.pk})" if image else "")
-        status, folder = Status.QUARANTINED, "quarantine"
-        report.quarantined += 1
-    stored = files.set_aside(name, folder)
-    ReceivedFile.objects.create(path=name, status=status, reason=clip(reason), stored_at=stored, image=image)
-    report.problems.append((name, status, reason))
-    log.warning("%s: %s", name, reason)
+        reason = f"conflict: same SOPInstanceUID with different content (image #{image.pk} is the one processed)"
+    _reject(entry, reason, report, skip=same, conflict=not same, image=image)
 
 
-def _record_rejected(name: str, rejected: RejectedFile, report: IngestReport) -> None:
-    status = Status.SKIPPED if rejected.skip else Status.QUARANTINED
-    stored = files.set_aside(name, "skipped" if rejected.skip else "quarantine")
-    ReceivedFile.objects.create(path=name, status=status, reason=clip(rejected.reason), stored_at=stored)
-    if rejected.skip:
+def _reject(
+    entry: Entry,
+    reason: str,
+    report: IngestReport,
+    *,
+    skip: bool = False,
+    conflict: bool = False,
+    image: Image | None = None,
+) -> None:
+    """Record one entry that does not become an image, and move it out of the input folder if we may."""
+    status = Status.SKIPPED if skip else Status.QUARANTINED
+    folder = "skipped" if skip else "quarantine"
+    stored = ""
+    if entry.how != "keep" and files.inside_input(entry.name):
+        try:
+            if entry.how == "long":
+                stored = files.set_aside_long(entry.path, entry.name)
+            else:
+                stored = files.set_aside(entry.name, folder, source=entry.path)
+        except OSError as exc:  # left in place, recorded once: a rescan skips it while it is unchanged
+            log.warning("%s could not be moved to %s (%s)", files.masked(entry.name), folder, type(exc).__name__)
+    row = ReceivedFile.objects.create(
+        path=entry.name, status=status, reason=clip(reason), stored_at=stored, image=image
+    )
+    if skip:
         report.skipped += 1
+    elif conflict:
+        report.quarantined += 1
     else:
         report.rejected += 1
-    report.problems.append((name, status, rejected.reason))
-    log.warning("%s: %s", name, rejected.reason)
+    report.problems.append((entry.name, status, reason))
+    log.warning("received file #%s (%s): %s", row.pk, files.masked(entry.name), reason)
 
 
 def ingest_folder(root: Path) -> IngestReport:
-    return ingest_paths(complete_files(root))
+    """One scan of ``root``; the report counts what was ignored by rule (``report.ignored``)."""
+    ignored: Counter[str] = Counter()
+    report = ingest_paths(walk(root, ignored))
+    report.ignored.update(ignored)
+    return report

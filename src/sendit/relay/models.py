@@ -125,7 +125,7 @@ class ReceivedFile(models.Model):
     created = models.DateTimeField(auto_now_add=True, db_index=True)
 
     def __str__(self) -> str:
-        return f"file {self.path}"
+        return f"received file #{self.pk}"  # not the path: folder names may be patient names
 
 
 class Event(models.Model):

@@ -362,6 +362,9 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
             target = files.working_copy(series.pk, image.pk)
             # a name of this lease generation: a stale worker never writes into the new holder's file
             mine = target.with_name(f"{image.pk}.g{lease.generation}.dcm")
+            if source.is_symlink():  # swapped for a link since ingest: never read what it points to
+                _quarantine(series, image, lease, "original was replaced by a symbolic link; not followed")
+                continue
             try:
                 digest = files.sha256_of(source)
                 result = engine.deidentify_file(source, mine, ids)

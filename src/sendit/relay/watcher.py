@@ -1,24 +1,83 @@
 """Watches the input folder: inotify events (watchdog) trigger a scan; a periodic rescan is the safety net.
 
 A scan ingests every complete file not yet recorded and enqueues its series. Nothing under a name
-with a `.tmp` part is touched; after a restart the first scan finds whatever was not yet ingested.
+in progress (`NAME.tmpXXXX`) is touched; after a restart the first scan finds whatever was not yet
+ingested. Each scan's outcome is written to ScanState (``record_scan``): a scan that fails as a whole
+(the folder unreadable, the database down) is shown on the dashboard, /health and /metrics, not only
+logged.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 
 from django.db import close_old_connections
+from django.db.models import F
+from django.utils import timezone
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from sendit.relay.ingest import IngestReport, ingest_folder
+from sendit.relay.models import ScanState
 
 log = logging.getLogger("sendit.watcher")
+
+
+def record_scan(
+    started: datetime,
+    ok: bool,
+    error: str = "",
+    ignored: Mapping[str, int] | None = None,
+    name: str | None = None,
+) -> None:
+    """Write the outcome of one scan to this host's ScanState row; never raises (the database may be down).
+
+    Fields: ``name`` the watcher's host; ``started``/``finished`` the last scan; ``ok`` whether it
+    went through; ``error`` a fixed phrase with the exception type, never a path or a value;
+    ``failures`` consecutive failed scans (0 after a good one); ``ignored`` the last good scan's
+    entries left alone by rule, by reason (``in_progress``, ``hidden``, ``rejected_earlier``).
+    """
+    host = name or socket.gethostname()
+    finished = timezone.now()
+    try:
+        if ok:
+            ScanState.objects.update_or_create(
+                name=host,
+                defaults={
+                    "started": started,
+                    "finished": finished,
+                    "ok": True,
+                    "error": "",
+                    "failures": 0,
+                    "ignored": dict(ignored or {}),
+                },
+            )
+            return
+        changed = ScanState.objects.filter(name=host).update(
+            started=started, finished=finished, ok=False, error=error[:500], failures=F("failures") + 1
+        )
+        if not changed:
+            ScanState.objects.get_or_create(
+                name=host,
+                defaults={"started": started, "finished": finished, "ok": False, "error": error[:500], "failures": 1},
+            )
+    except Exception as exc:  # the watcher must outlive a database that is down; the log says so
+        log.error("could not record the scan's state (%s)", type(exc).__name__)
+
+
+def scan_error(exc: BaseException, stage: str = "scan") -> str:
+    """The fixed phrase for a failed scan: what failed and the exception type, no text from it."""
+    if stage == "queue":
+        return f"could not queue the ingested series ({type(exc).__name__})"
+    if isinstance(exc, OSError):
+        return f"the input folder cannot be read ({type(exc).__name__})"
+    return f"scan of the input folder failed ({type(exc).__name__})"
 
 
 class _Poke(FileSystemEventHandler):
@@ -60,8 +119,15 @@ class Watcher:
         self.thread.join(timeout=30)
 
     def scan(self) -> IngestReport:
-        close_old_connections()
-        report = ingest_folder(self.root)
+        """One scan; its outcome goes to ScanState. Raises when the scan fails as a whole (after recording it)."""
+        started = timezone.now()
+        try:
+            close_old_connections()
+            report = ingest_folder(self.root)
+        except Exception as exc:
+            close_old_connections()  # a connection the failure broke is replaced for the record
+            record_scan(started, ok=False, error=scan_error(exc))
+            raise
         if report.images or report.reprocessed or report.problems:
             log.info(
                 "ingested %s image(s) in %s series; %s rejected, %s skipped, %s quarantined",
@@ -71,7 +137,12 @@ class Watcher:
                 report.skipped,
                 report.quarantined,
             )
-        self.on_ingest(report)
+        try:
+            self.on_ingest(report)
+        except Exception as exc:
+            record_scan(started, ok=False, error=scan_error(exc, "queue"))
+            raise
+        record_scan(started, ok=True, ignored=report.ignored)
         return report
 
     def _loop(self) -> None:
