@@ -95,7 +95,7 @@ def api_operations() -> Iterator[tuple[str, str]]:
             yield method.upper(), re.sub(r"\{[^}]+\}", "1", route)
 
 
-PAGES = ["/", "/series/", "/series/1/", "/api/docs", "/api/openapi.json", "/metrics", "/static/relay/live.js"]
+PAGES = ["/", "/series/", "/series/1/", "/api/docs", "/api/openapi.json", "/metrics", "/static/web/live.js"]
 ACTIONS = ["/series/1/retry", "/series/1/release", "/series/1/discard"]
 
 
@@ -444,3 +444,48 @@ def test_scale_200k_images_pages_are_paginated_and_flat(browser: Client, record_
     listed = browser.get("/api/images?size=1000").json()
     assert listed["count"] == 200_010 and len(listed["items"]) == 500  # the page size is capped
     assert statuses()[Status.DONE] == 200_010
+
+
+# --- one app for what the operator sees -------------------------------------------------------------
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "sendit"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a source file imports, absolute names (``from sendit import web`` counts as sendit.web)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_relay_never_imports_the_web_layer() -> None:
+    """The web sits on top of the relay: a relay module that imports sendit.web runs up the layers."""
+    upward = {
+        str(path.relative_to(SRC)): sorted(m for m in imported_modules(path) if m.split(".")[:2] == ["sendit", "web"])
+        for path in sorted((SRC / "relay").rglob("*.py"))
+    }
+    assert {name: mods for name, mods in upward.items() if mods} == {}
+
+
+def test_templates_and_static_files_ship_in_the_wheel() -> None:
+    """Every page template and script lives in sendit.web and is named by pyproject's package data."""
+    import tomllib
+
+    patterns = tomllib.loads((SRC.parent.parent / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
+        "package-data"
+    ]["sendit"]
+    shipped = {path for pattern in patterns for path in SRC.glob(pattern) if path.is_file()}
+    assets = {p for folder in ("templates", "static") for p in (SRC / "web" / folder).rglob("*") if p.is_file()}
+    assert {p.relative_to(SRC).as_posix() for p in assets} >= {
+        "web/templates/web/dashboard.html",
+        "web/static/web/live.js",
+    }
+    assert assets <= shipped
+    assert not (SRC / "relay" / "templates").exists() and not (SRC / "relay" / "static").exists()

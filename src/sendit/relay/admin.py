@@ -7,6 +7,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
+from sendit.relay.files import masked
 from sendit.relay.models import (
     ApiToken,
     Delivery,
@@ -36,9 +37,30 @@ class SeriesAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 @admin.register(Image)
 class ImageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ("id", "series_id", "status", "reason", "path", "updated")
+    """Paths are shown masked (folders are often named after the patient), as in the logs."""
+
+    list_display = ("id", "series_id", "status", "reason", "masked_path", "updated")
     list_filter = ("status",)
     raw_id_fields = ("series",)
+    exclude = ("path", "set_aside_at")
+    readonly_fields = ("masked_path",)
+
+    @admin.display(description="path (masked)")
+    def masked_path(self, obj: Image) -> str:
+        return masked(obj.path)
+
+
+@admin.register(ReceivedFile)
+class ReceivedFileAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("id", "status", "reason", "masked_path", "created")
+    list_filter = ("status",)
+    exclude = ("path", "stored_at")
+    readonly_fields = ("masked_path",)
+    raw_id_fields = ("image",)
+
+    @admin.display(description="path (masked)")
+    def masked_path(self, obj: ReceivedFile) -> str:
+        return masked(obj.path)
 
 
 @admin.register(SeriesIdentifiers)
@@ -55,7 +77,6 @@ class EventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_filter = ("to_status",)
 
 
-admin.site.register(ReceivedFile)
 admin.site.register(Delivery)
 admin.site.register(Summary)
 

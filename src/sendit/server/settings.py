@@ -21,7 +21,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "ninja",  # serves the API docs' assets from the package instead of a CDN
-    "sendit.relay",
+    "sendit.relay",  # the models, the pipeline and the queue
+    "sendit.web",  # the operator's pages, API and /metrics (templates and static files)
 ]
 
 MIDDLEWARE = [

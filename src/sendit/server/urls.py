@@ -6,7 +6,7 @@ from django.contrib.auth.decorators import login_required
 from django.contrib.staticfiles.views import serve
 from django.urls import path, re_path
 
-from sendit.relay import views
+from sendit.web import views
 from sendit.web.api import api
 
 

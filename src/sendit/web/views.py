@@ -32,7 +32,7 @@ def status_page(request: HttpRequest) -> HttpResponse:
     """The dashboard; its script renders the embedded snapshot, then polls /api/dashboard."""
     return render(
         request,
-        "relay/dashboard.html",
+        "web/dashboard.html",
         {"snapshot": overview.dashboard(), "statuses": [s.value for s in Status]},
     )
 
@@ -44,7 +44,7 @@ def series_list(request: HttpRequest) -> HttpResponse:
     page = overview.paginate(overview.series_queryset(status), request.GET.get("page", 1), 50)
     return render(
         request,
-        "relay/series_list.html",
+        "web/series_list.html",
         {"page": page, "rows": overview.series_rows(page.items), "status": status, "statuses": Status.values},
     )
 
@@ -67,7 +67,7 @@ def series_page(request: HttpRequest, series_id: int) -> HttpResponse:
             }
     return render(
         request,
-        "relay/series.html",
+        "web/series.html",
         {
             "series": series,
             "detail": detail,
@@ -128,7 +128,7 @@ class ThrottledLoginView(LoginView):
     429 with the form and the wait, without checking the password. Failures are counted by the
     authentication backend, so the admin's login is throttled as well."""
 
-    template_name = "relay/login.html"
+    template_name = "web/login.html"
     redirect_authenticated_user = True
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
