@@ -31,6 +31,7 @@ the underlying exception is dropped (``from None``) because its text may quote t
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import hmac
 import json
@@ -47,7 +48,6 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.config import IGNORE
-from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -73,7 +73,7 @@ from sendit.deid.profile import (
     descriptor_tags,
 )
 from sendit.deid.recipe import FUNCTIONS, PREDICATES, FuncContext, HeaderPlan, HeaderRule, Recipe, default_filter
-from sendit.deid.writer import write_part10
+from sendit.deid.writer import InvalidElementError, dictionary_vr, tag_text, write_part10
 from sendit.identifiers.base import Identifiers
 
 #: Registered DICOM UIDs are public knowledge and are never remapped.
@@ -180,20 +180,7 @@ class _BadValue(Exception):
     """A value the engine will not guess about; the text is PHI-free by construction."""
 
 
-def tag_text(tag: int) -> str:
-    """``0x00100010`` → ``"(0010,0010) PatientName"`` for messages (private tags get no name)."""
-    name = "" if (tag >> 16) & 1 else (keyword_for_tag(tag) or "")
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {name}".rstrip()
-
-
-@cache
-def _dictionary_vr(tag: int) -> str | None:
-    """The data dictionary's VR for a public tag, first choice of an ambiguous one; None if unknown."""
-    try:
-        vr = str(dictionary_VR(tag))
-    except KeyError:
-        return None
-    return vr.split(" or ")[0]
+_dictionary_vr = dictionary_vr  # the writer's cached look-up, shared
 
 
 def _strings(elem: DataElement | RawDataElement) -> list[str]:
@@ -849,6 +836,10 @@ class Deidentifier:
                 os.replace(part, dst)
             except BaseException as exc:
                 part.unlink(missing_ok=True)
+                if isinstance(exc, InvalidElementError):  # names the tag and the rule, never the value
+                    raise DeidError(str(exc)) from None
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise  # a full disk is the folder's problem, not the image's: the caller retries
                 if isinstance(exc, Exception):
                     raise DeidError(f"could not write the de-identified file ({type(exc).__name__})") from None
                 raise

@@ -36,13 +36,20 @@ class OutgoingImage:
 
 @dataclass(frozen=True)
 class SendResult:
-    """The outcome for one image. ``permanent`` failures are not retried."""
+    """The outcome for one image. ``permanent`` failures are not retried.
+
+    A failure is the image's own unless ``destination_fault`` is set: then the image was not tried,
+    or the destination was failing for everything when its turn came, so the failure says nothing
+    about the image and must not count toward giving up on it (it is simply sent again later).
+    Messages name the destination, the image by its id and the cause, never a DICOM value.
+    """
 
     image_id: int
     delivered: bool
     permanent: bool = False
     status: int | None = None
     message: str = ""
+    destination_fault: bool = False
 
     @property
     def warning(self) -> bool:
@@ -53,7 +60,12 @@ class Destination(Protocol):
     name: str
 
     def send(self, images: Sequence[OutgoingImage]) -> list[SendResult]:
-        """Deliver what it can; one result per image, in order. Raises DestinationError when it can't try."""
+        """Deliver what it can; one result per image, in order.
+
+        One image the destination chokes on (refused, timed out, aborted) fails alone: the others are
+        still sent. Raises DestinationError only when the destination as a whole fails (cannot be
+        reached, refuses us, or fails every image in a row while its own health check fails too).
+        """
         ...
 
     def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:

@@ -5,10 +5,19 @@ Failure policy, chosen so that no image is lost and the status stays honest:
 * The peer cannot be reached, or refuses the association (for any reason, including an unknown
   called/calling AE title, which is a configuration error an operator can fix) *before any image of
   the batch was tried*: ``send`` raises ``DestinationError(retryable=True)`` naming the reason.
-* The association is lost mid-batch (peer aborted, released, crashed, DIMSE time-out): it is
-  reopened (at most ``max_reconnects`` times per batch) and the image in flight is sent again —
-  delivery is idempotent, the UIDs are deterministic. If it cannot be reopened, every image not yet
-  answered gets a retryable ``SendResult`` with the reason; images already answered keep theirs.
+* One image does not take its batch down. When the association is lost while an image is in
+  flight, a new association is opened for the rest. An image the peer aborted on is sent again on
+  it (at most ``max_reconnects`` times: an abort may be a restart); an image the peer did not answer
+  within the time-out is not (a peer stuck on one image stays stuck on it, and each try costs a
+  time-out). Such an image gets a retryable ``SendResult`` naming it and the cause; its siblings
+  go on. The shell counts these per image and gives up on an image that keeps failing.
+* Only a failure of the whole destination fails the batch: when ``max_consecutive_failures``
+  images in a row were lost, a C-ECHO asks whether the peer is alive. If it is, the images are the
+  problem and the batch goes on; if not, or when the association cannot be reopened, the
+  destination is down: ``DestinationError`` if no image of the batch got an answer yet, otherwise
+  the images not answered get retryable results marked ``destination_fault`` (not counted against
+  them). After ``max_lost_images`` lost images in one batch the rest wait for the next attempt, so
+  a batch takes a bounded time.
 * Per-image statuses are classified by :mod:`sendit.destinations.dimse_status`: success and
   warnings are delivered, 0xA7xx is retryable, 0xA9xx/0xCxxx/0x01xx refusals are permanent.
 * A SOP class the peer rejects in negotiation is a permanent failure reported as 0x0122. A transfer
@@ -20,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -65,7 +75,22 @@ class _Group:
 
 
 class _Lost(Exception):
-    """The association went away while an image was in flight."""
+    """The association went away while an image was in flight (``timed_out``: the peer never answered)."""
+
+    def __init__(self, cause: str, *, timed_out: bool = False) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.timed_out = timed_out
+
+
+@dataclass
+class _Batch:
+    """What one ``send`` call has seen so far, across its associations."""
+
+    answered: int = 0  # images the peer answered with a DIMSE status (any status)
+    lost: int = 0  # images lost in flight
+    streak: list[int] = field(default_factory=list)  # indices of the images lost since the last answer
+    stop_reason: str | None = None  # set when the images not yet tried must wait for another attempt
 
 
 class _CannotAssociate(Exception):
@@ -88,6 +113,8 @@ class DicomDestination:
         dimse_timeout: float = 60.0,
         network_timeout: float = 60.0,
         max_reconnects: int = 2,
+        max_consecutive_failures: int = 3,
+        max_lost_images: int = 10,
         name: str | None = None,
     ) -> None:
         self.host = host
@@ -95,7 +122,9 @@ class DicomDestination:
         self.called_aet = _check_aet(called_aet, "called AE title")
         self.calling_aet = _check_aet(calling_aet, "calling AE title")
         self.max_pdu = int(max_pdu)
-        self.max_reconnects = max(0, int(max_reconnects))
+        self.max_reconnects = max(0, int(max_reconnects))  # re-sends of one image the peer aborted on
+        self.max_consecutive_failures = max(1, int(max_consecutive_failures))
+        self.max_lost_images = max(1, int(max_lost_images))
         self.name = name or f"dicom:{self.called_aet}@{host}:{self.port}"
         self._ae = AE(ae_title=self.calling_aet)
         self._ae.connection_timeout = connect_timeout
@@ -112,13 +141,15 @@ class DicomDestination:
     # -- the Destination protocol -------------------------------------------------------------
 
     def send(self, images: Sequence[OutgoingImage]) -> list[SendResult]:
-        """One result per image, in order; raises DestinationError if the peer can't be reached at all."""
+        """One result per image, in order; one image's failure does not fail the others. Raises
+        DestinationError only when the peer as a whole fails before any image got an answer."""
         results: list[SendResult | None] = [None] * len(images)
+        batch = _Batch()
         for group in _plan(images):
-            self._send_group(images, group, results)
-        return [
-            r or SendResult(images[i].image_id, delivered=False, message="not attempted") for i, r in enumerate(results)
-        ]
+            if batch.stop_reason is None:
+                self._send_group(images, group, results, batch)
+        reason = batch.stop_reason or "not attempted"
+        return [r or _not_tried(images[i], reason) for i, r in enumerate(results)]
 
     def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
         """C-FIND (Study Root, IMAGE level) by SeriesInstanceUID: what the peer does not hold."""
@@ -186,10 +217,12 @@ class DicomDestination:
             return assoc
         raise DestinationError(f"{self.name}: {_why_not(assoc)}", retryable=True)
 
-    def _send_group(self, images: Sequence[OutgoingImage], group: _Group, results: list[SendResult | None]) -> None:
+    def _send_group(
+        self, images: Sequence[OutgoingImage], group: _Group, results: list[SendResult | None], batch: _Batch
+    ) -> None:
         pending = group.indices
         pos = 0
-        reconnects = 0
+        resends = 0  # of the image at ``pos``, after the peer aborted on it
         while pos < len(pending):
             assoc = self._associate(group.contexts)
             if not assoc.is_established:
@@ -198,30 +231,64 @@ class DicomDestination:
                     for i in pending[pos:]:
                         results[i] = _refused_context(images[i], assoc)
                     return
-                reason = f"{self.name}: {_why_not(assoc)}"
-                if all(r is None for r in results):
-                    raise DestinationError(reason, retryable=True)
-                log.warning("%s; %d image(s) left for a retry", reason, len(pending) - pos)
-                for i in pending[pos:]:
-                    results[i] = SendResult(images[i].image_id, delivered=False, message=reason)
+                self._destination_down(_why_not(assoc), results, batch)
                 return
             accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
             try:
                 while pos < len(pending):
                     i = pending[pos]
-                    results[i] = self._store_one(assoc, accepted, images[i])
+                    result = self._store_one(assoc, accepted, images[i])
+                    results[i] = result
+                    if result.status is not None:  # the peer answered: it is working
+                        batch.answered += 1
+                        batch.streak.clear()
                     pos += 1
-            except _Lost:
+                    resends = 0
+            except _Lost as lost:
                 assoc.abort()  # never a polite release on a dead link: it would wait for acse_timeout
-                log.warning("%s: association lost while sending image %d", self.name, images[pending[pos]].image_id)
-                reconnects += 1
-                if reconnects > self.max_reconnects:
-                    reason = f"{self.name}: association lost {reconnects} times in one batch"
-                    for i in pending[pos:]:
-                        results[i] = SendResult(images[i].image_id, delivered=False, message=reason)
+                image = images[pending[pos]]
+                if not lost.timed_out and resends < self.max_reconnects:
+                    resends += 1
+                    log.warning(
+                        "%s: association lost while sending image %d (%s); sending it again on a new association",
+                        self.name,
+                        image.image_id,
+                        lost.cause,
+                    )
+                    continue
+                message = f"image {image.image_id}: association lost while sending it ({lost.cause})"
+                log.warning("%s: %s; the other images of the batch go on", self.name, message)
+                results[pending[pos]] = SendResult(image.image_id, delivered=False, message=message)
+                batch.lost += 1
+                batch.streak.append(pending[pos])
+                pos += 1
+                resends = 0
+                if len(batch.streak) >= self.max_consecutive_failures:
+                    problem = self.check()  # is the peer down, or are these images the problem?
+                    if problem is not None:
+                        problem = problem.removeprefix(f"{self.name}: ")
+                        streak = len(batch.streak)
+                        self._destination_down(f"{problem} (after {streak} images in a row were lost)", results, batch)
+                        return
+                    batch.streak.clear()
+                if batch.lost >= self.max_lost_images:
+                    batch.stop_reason = f"not attempted: {batch.lost} images lost in one batch before it"
                     return
             finally:
                 _close(assoc)
+
+    def _destination_down(self, reason: str, results: list[SendResult | None], batch: _Batch) -> None:
+        """The peer as a whole is failing: raise if nothing was answered yet, else stop the batch
+        with the images lost in the current streak (and all not yet tried) marked as not theirs."""
+        if batch.answered == 0:
+            raise DestinationError(f"{self.name}: {reason}", retryable=True)
+        log.warning("%s: %s; images not answered are left for a retry", self.name, reason)
+        for i in batch.streak:
+            lost = results[i]
+            if lost is not None:
+                results[i] = replace(lost, destination_fault=True)
+        batch.streak.clear()
+        batch.stop_reason = reason
 
     def _store_one(self, assoc: Association, accepted: set[tuple[str, str]], image: OutgoingImage) -> SendResult:
         sop = UID(image.sop_class_uid)
@@ -245,14 +312,15 @@ class DicomDestination:
         else:
             return _refused_context(image, assoc)
 
+        started = time.monotonic()
         try:
             status = assoc.send_c_store(payload)
         except (OSError, InvalidDicomError) as exc:
             if not assoc.is_established:
-                raise _Lost from exc
+                raise self._lost(started) from None
             return _unreadable(image, exc)
-        except RuntimeError as exc:  # "association must be established"
-            raise _Lost from exc
+        except RuntimeError:  # "association must be established"
+            raise self._lost(started) from None
         except (AttributeError, ValueError) as exc:
             # pynetdicom's text can include the file path; keep ours path-free.
             return SendResult(
@@ -261,8 +329,16 @@ class DicomDestination:
                 permanent=True,
                 message=f"cannot send as {syntax.name}: file meta or encoding does not match ({type(exc).__name__})",
             )
+        except Exception as exc:  # anything else is about this image or this association, not the batch
+            if not assoc.is_established:
+                raise self._lost(started) from None
+            return SendResult(
+                image.image_id,
+                delivered=False,
+                message=f"image {image.image_id}: unexpected error while sending ({type(exc).__name__})",
+            )
         if not status or "Status" not in status:
-            raise _Lost
+            raise self._lost(started)
         info = classify(int(status.Status))
         message = "" if info.code == 0 else info.describe()
         comment = status.get("ErrorComment")
@@ -275,6 +351,19 @@ class DicomDestination:
             status=info.code,
             message=message,
         )
+
+    def _lost(self, started: float) -> _Lost:
+        """Why the association went away: a time-out (the peer never answered) or an abort/close."""
+        waited = time.monotonic() - started
+        limits = [t for t in (self._ae.dimse_timeout, self._ae.network_timeout) if t]
+        if limits and waited >= 0.9 * min(limits):
+            return _Lost(f"no answer within {min(limits):g} s", timed_out=True)
+        return _Lost("aborted or closed by the peer")
+
+
+def _not_tried(image: OutgoingImage, reason: str) -> SendResult:
+    """A retryable result for an image this batch did not get to: not the image's failure."""
+    return SendResult(image.image_id, delivered=False, message=reason, destination_fault=True)
 
 
 def _plan(images: Sequence[OutgoingImage]) -> Iterator[_Group]:

@@ -7,6 +7,7 @@ written under a temporary name and renamed, so a crash never leaves a half file 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -61,8 +62,11 @@ class FolderDestination:
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     partial.unlink(missing_ok=True)
-                reason = f"folder write failed: {exc.strerror}"
-                results.append(SendResult(image.image_id, delivered=False, message=reason))
+                full = exc.errno == errno.ENOSPC
+                reason = "no space left on the output folder" if full else f"folder write failed: {exc.strerror}"
+                # a full disk is the folder's fault, not the image's: not counted against the image
+                message = f"image {image.image_id}: {reason}"
+                results.append(SendResult(image.image_id, delivered=False, message=message, destination_fault=full))
                 continue
             results.append(SendResult(image.image_id, delivered=True))
         for folder in written_to:  # the renames are durable before anything is reported delivered

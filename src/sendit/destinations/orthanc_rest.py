@@ -5,10 +5,13 @@ and stores the uploaded file byte for byte. Only de-identified UIDs go in reques
 Orthanc's own IDs go in URLs, so nothing from the original images can end up in an access log.
 
 Failure policy: HTTP 200 with Status Success or AlreadyStored is delivered (a re-send is
-idempotent); 400 means Orthanc cannot parse the file and is permanent; 5xx, time-outs and
-connection errors are retryable. When not one image of a batch reached Orthanc (unreachable, or
-credentials refused), ``send`` raises ``DestinationError(retryable=True)`` instead of returning a
-result per image.
+idempotent); 400 means Orthanc cannot parse the file and is permanent; 5xx, time-outs, connection
+errors and anything unexpected are retryable results for that one image, naming it and the cause:
+one upload Orthanc chokes on never fails its siblings. Only a failure of the whole destination
+raises ``DestinationError(retryable=True)`` for the batch: not one image reached Orthanc
+(unreachable, or credentials refused), or no upload got any answer and ``GET /system`` gets none
+either. An image that could not even be tried because Orthanc was unreachable gets a result marked
+``destination_fault`` (not counted against the image).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -33,6 +36,7 @@ class _Attempt:
     result: SendResult
     # Set when the failure is about the destination, not the image (unreachable, auth refused).
     batch_reason: str | None = None
+    answered: bool = False  # Orthanc sent an HTTP response
 
 
 class OrthancRestDestination:
@@ -79,11 +83,16 @@ class OrthancRestDestination:
             return []
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sendit-orthanc-rest")
-        attempts = list(self._pool.map(self._post, images))
+        attempts = list(self._pool.map(self._guarded_post, images))
         reasons = {a.batch_reason for a in attempts}
         if None not in reasons:
             raise DestinationError(f"{self.name}: {sorted(r for r in reasons if r)[0]}", retryable=True)
-        return [a.result for a in attempts]
+        if not any(a.answered for a in attempts):
+            # Every upload timed out or dropped: is Orthanc down, or are these images the problem?
+            problem = self.check()
+            if problem is not None:
+                raise DestinationError(f"{problem} (no upload of the batch got an answer)", retryable=True)
+        return [replace(a.result, destination_fault=True) if a.batch_reason else a.result for a in attempts]
 
     def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
         """``/tools/lookup`` then the series' instance list (index only, no file reads)."""
@@ -118,6 +127,13 @@ class OrthancRestDestination:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _guarded_post(self, image: OutgoingImage) -> _Attempt:
+        """``_post``, with anything unexpected made this image's retryable failure, never the batch's."""
+        try:
+            return self._post(image)
+        except Exception as exc:
+            return _Attempt(_failed(image, False, f"unexpected error while uploading ({type(exc).__name__})"))
+
     def _post(self, image: OutgoingImage) -> _Attempt:
         try:
             body = image.path.read_bytes()
@@ -133,8 +149,11 @@ class OrthancRestDestination:
             except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 if attempt:
                     return _Attempt(_failed(image, False, f"connection dropped ({type(exc).__name__})"))
-            except httpx.TimeoutException:
-                return _Attempt(_failed(image, False, "timed out waiting for Orthanc"))
+            except httpx.ConnectTimeout:
+                reason = "cannot reach Orthanc (ConnectTimeout)"
+                return _Attempt(_failed(image, False, reason), batch_reason=reason)
+            except httpx.TimeoutException as exc:
+                return _Attempt(_failed(image, False, f"timed out waiting for Orthanc ({type(exc).__name__})"))
             except httpx.TransportError as exc:
                 reason = f"cannot reach Orthanc ({type(exc).__name__})"
                 return _Attempt(_failed(image, False, reason), batch_reason=reason)
@@ -159,6 +178,11 @@ class OrthancRestDestination:
 
 
 def _classify(image: OutgoingImage, response: httpx.Response) -> _Attempt:
+    attempt = _classify_response(image, response)
+    return replace(attempt, answered=True)
+
+
+def _classify_response(image: OutgoingImage, response: httpx.Response) -> _Attempt:
     code = response.status_code
     if code == 200:
         try:
@@ -197,4 +221,6 @@ def _http_reason(response: httpx.Response) -> str:
 
 
 def _failed(image: OutgoingImage, permanent: bool, message: str, status: int | None = None) -> SendResult:
-    return SendResult(image.image_id, delivered=False, permanent=permanent, status=status, message=message)
+    """A failed result whose message names the image by its id (never by a path or a DICOM value)."""
+    text = f"image {image.image_id}: {message}"
+    return SendResult(image.image_id, delivered=False, permanent=permanent, status=status, message=text)
