@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,6 @@ def sendit_dirs(tmp_path: Path, settings: object) -> Iterator[dict[str, Path]]:
     """Fresh input/work/quarantine/output folders for one test, wired into the live configuration."""
     from django.conf import settings as dj
 
-    from sendit.config import Config
     from sendit.relay import runtime
 
     folders = {name: tmp_path / name.lower() for name in ("INPUT_FOLDER", "WORK_FOLDER", "QUARANTINE_FOLDER")}
@@ -30,7 +30,7 @@ def sendit_dirs(tmp_path: Path, settings: object) -> Iterator[dict[str, Path]]:
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     old = dj.SENDIT
-    dj.SENDIT = Config(values={**old.values, **folders}, source=old.source)
+    dj.SENDIT = replace(old, **folders)
     runtime.identifier_provider.cache_clear()
     yield folders
     dj.SENDIT = old
@@ -42,11 +42,10 @@ def reconfigure(sendit_dirs: dict[str, Path]) -> Iterator[object]:
     """Change configuration values for one test (restored by ``sendit_dirs``)."""
     from django.conf import settings as dj
 
-    from sendit.config import Config
     from sendit.relay import runtime
 
-    def apply(**values: object) -> None:
-        dj.SENDIT = Config(values={**dj.SENDIT.values, **values}, source=dj.SENDIT.source)
+    def apply(**values: object) -> None:  # a misspelt key or a value of the wrong type is a TypeError
+        dj.SENDIT = replace(dj.SENDIT, **values)
         runtime.identifier_provider.cache_clear()
 
     yield apply

@@ -152,7 +152,9 @@ def test_a_clean_up_cut_short_is_found_by_the_requeue(sendit_dirs: dict[str, Pat
     assert not left & set(Image.objects.filter(series_id=series_id).values_list("path", flat=True))
 
 
-def test_a_series_whose_task_was_lost_is_requeued_within_a_minute(sendit_dirs: dict[str, Path], reconfigure: Any) -> None:
+def test_a_series_whose_task_was_lost_is_requeued_within_a_minute(
+    sendit_dirs: dict[str, Path], reconfigure: Any
+) -> None:
     """A push that failed after enqueued_at was written: not leased, nothing queued, work waiting."""
     from sendit.relay.tasks import huey, stale_series
 

@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
+from sendit.config import KEYS, KEYS_BY_NAME, Timeout, load_config
 from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
-from sendit.identifiers.dasher import (
-    DEFAULT_ID_SOURCE,
-    DEFAULT_ITEM_ID_SOURCE,
-    DasherProvider,
-    DasherSettings,
-)
+from sendit.identifiers.dasher import DasherProvider, DasherSettings
 from sendit.identifiers.loader import ProviderLoadError, load_provider
 from tests.dasher_server import DasherServer, jitter_for, suid_for
+
+DEFAULTS: dict[str, Any] = {key.name: key.default for key in KEYS}  # the configuration's, declared once
+DEFAULT_ID_SOURCE = KEYS_BY_NAME["DASHER_ID_SOURCE"].default
+DEFAULT_ITEM_ID_SOURCE = KEYS_BY_NAME["DASHER_ITEM_ID_SOURCE"].default
 
 PATIENT = "MRN-0042-PHI"
 OTHER_PATIENT = "MRN-0777-PHI"
@@ -66,6 +66,12 @@ class Sleeps(list[float]):
         self.append(seconds)
 
 
+def settings_with(**fields: Any) -> DasherSettings:
+    """The configuration's defaults with a service and a token, then ``fields`` on top."""
+    base = {**DEFAULTS, "DASHER_URL": "https://dasher.example.org", "DASHER_STUDY": "s", "DASHER_TOKEN": "t"}
+    return replace(DasherSettings.from_config(base), **fields)
+
+
 def make(server: DasherServer, sleeps: Callable[[float], None] | None = None, **overrides: Any) -> DasherProvider:
     fields: dict[str, Any] = {
         "base_url": server.url,
@@ -78,7 +84,7 @@ def make(server: DasherServer, sleeps: Callable[[float], None] | None = None, **
         "backoff_cap": 0.04,
     }
     fields.update(overrides)
-    return DasherProvider(DasherSettings(**fields), sleep=sleeps if sleeps is not None else Sleeps())
+    return DasherProvider(settings_with(**fields), sleep=sleeps if sleeps is not None else Sleeps())
 
 
 def phi_free(text: str, server: DasherServer | None = None, *extra: str) -> bool:
@@ -245,7 +251,7 @@ def test_unreachable_service_is_retryable() -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    settings = DasherSettings(
+    settings = settings_with(
         base_url=f"http://127.0.0.1:{port}",
         study="s",
         token="t",
@@ -470,27 +476,43 @@ def test_logs_carry_no_phi_or_secrets_through_retries_and_refresh(
 # -- settings and loading ----------------------------------------------------------------------------
 
 
-def test_settings_from_configuration_mapping(tmp_path: Path) -> None:
-    settings = DasherSettings.from_config(
-        {
-            "DASHER_URL": "https://dasher.example.org/api/",
-            "DASHER_STUDY": "study-1",
-            "DASHER_TOKEN_FILE": str(tmp_path / "t"),
-            "DASHER_TOKEN": "",
-            "DASHER_TIMEOUT": "2,20",
-            "DASHER_MAX_ATTEMPTS": "5",
-            "DASHER_MAX_ITEMS": 50,
-            "DASHER_JITTER_BOUND": "60",
-            "PATIENT_NAME_FORMAT": "{suid}^ANON",
-            "CUSTOM_FIELD_MAP": '{"site": "ClinicalTrialSiteID"}',
-            "UNRELATED": "ignored",
-        }
-    )
+def test_settings_from_the_loaded_configuration(tmp_path: Path) -> None:
+    """Environment text is parsed once, by the configuration; the provider takes the typed values."""
+    env = {
+        "SENDIT_SECRET_KEY": "k" * 40,
+        "SENDIT_DATA_DIR": str(tmp_path / "data"),
+        "SENDIT_DEIDENTIFY_RESTFUL": "true",
+        "SENDIT_DASHER_URL": "https://dasher.example.org/api/",
+        "SENDIT_DASHER_STUDY": "study-1",
+        "SENDIT_DASHER_TOKEN_FILE": str(tmp_path / "t"),
+        "SENDIT_DASHER_TIMEOUT": "2,20",
+        "SENDIT_DASHER_MAX_ATTEMPTS": "5",
+        "SENDIT_DASHER_MAX_ITEMS": "50",
+        "SENDIT_DASHER_JITTER_BOUND": "60",
+        "SENDIT_PATIENT_NAME_FORMAT": "{suid}^ANON",
+        "SENDIT_CUSTOM_FIELD_MAP": '{"site": "ClinicalTrialSiteID"}',
+    }
+    settings = DasherSettings.from_config(load_config(None, env=env).values)
     assert settings.base_url == "https://dasher.example.org/api"
     assert (settings.connect_timeout, settings.read_timeout) == (2.0, 20.0)
     assert (settings.max_attempts, settings.max_items_per_request, settings.jitter_bound) == (5, 50, 60)
     assert settings.custom_field_map == {"site": "ClinicalTrialSiteID"}
-    assert settings.id_source == DEFAULT_ID_SOURCE
+    assert settings.id_source == DEFAULT_ID_SOURCE and settings.patient_name_format == "{suid}^ANON"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"DASHER_MAX_ATTEMPTS": "5"}, "DASHER_MAX_ATTEMPTS must be a whole number"),  # text: not parsed here
+        ({"DASHER_TIMEOUT": 5}, "DASHER_TIMEOUT must be a pair"),
+        ({"CUSTOM_FIELD_MAP": '{"site": "ClinicalTrialSiteID"}'}, "CUSTOM_FIELD_MAP must be a mapping"),
+        ({"DASHER_ID_SOURCE": None}, "DASHER_ID_SOURCE is missing"),
+    ],
+)
+def test_settings_take_typed_values_and_name_a_wrong_one(changes: dict[str, Any], message: str) -> None:
+    mapping = {**DEFAULTS, "DASHER_URL": "https://d.example", "DASHER_STUDY": "s", "DASHER_TOKEN": "t", **changes}
+    with pytest.raises(ValueError, match=message):
+        DasherSettings.from_config({k: v for k, v in mapping.items() if v is not None})
 
 
 @pytest.mark.parametrize(
@@ -501,7 +523,6 @@ def test_settings_from_configuration_mapping(tmp_path: Path) -> None:
         ({"token": "", "token_file": ""}, "DASHER_TOKEN"),
         ({"token_url": "https://t/token"}, "DASHER_CLIENT_ID"),
         ({"max_attempts": 0}, "DASHER_MAX_ATTEMPTS"),
-        ({"max_attempts": 1000}, "DASHER_MAX_ATTEMPTS"),
         ({"max_items_per_request": 0}, "DASHER_MAX_ITEMS"),
         ({"patient_name_format": "{suid.__class__}"}, "PATIENT_NAME_FORMAT"),
         ({"patient_name_format": "{suid"}, "PATIENT_NAME_FORMAT"),
@@ -509,16 +530,14 @@ def test_settings_from_configuration_mapping(tmp_path: Path) -> None:
     ],
 )
 def test_bad_settings_are_refused_naming_the_knob(overrides: dict[str, Any], message: str) -> None:
-    base = {"base_url": "https://dasher.example.org", "study": "s", "token": "secret-token"}
     with pytest.raises(ValueError, match=message) as err:
-        DasherSettings(**{**base, **overrides})
+        settings_with(**{"token": "secret-token", **overrides})
     assert "secret-token" not in str(err.value)
 
 
 def test_secrets_stay_out_of_repr() -> None:
-    settings = DasherSettings(
+    settings = settings_with(
         base_url="https://d",
-        study="s",
         token="tok-secret",
         token_url="https://d/token",
         client_id="id",
@@ -533,10 +552,11 @@ def test_load_provider_builds_dasher_from_the_configuration(dasher_server: Dashe
     provider = load_provider(
         "sendit.identifiers.dasher.DasherProvider",
         {
+            **DEFAULTS,
             "DASHER_URL": dasher_server.url,
             "DASHER_STUDY": dasher_server.study,
             "DASHER_TOKEN": dasher_server.initial_token,
-            "DASHER_TIMEOUT": 1,
+            "DASHER_TIMEOUT": Timeout(1.0, 1.0),
         },
     )
     assert provider.identify([header("1.9.1")])["1.9.1"].patient_id == suid_for(DEFAULT_ID_SOURCE, PATIENT)

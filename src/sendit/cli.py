@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sendit.config import ConfigError, load_config, write_config
+from sendit.config import Config, ConfigError, load_config, write_config
 
 
 def _fail(lines: list[str]) -> int:
@@ -20,7 +20,7 @@ def _fail(lines: list[str]) -> int:
     return 2
 
 
-def _django(migrate: bool = True) -> Any:
+def _django(migrate: bool = True) -> Config:
     """Set Django up on the validated configuration; makes the data folders and the schema."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sendit.server.settings")
     import django

@@ -1,19 +1,23 @@
 """Sendit's configuration: one TOML file plus ``SENDIT_<KEY>`` environment overrides.
 
-Every key is declared once here with its type, default and check, so that start-up can report each
-wrong value on one line, ``sendit check`` can print the effective values with secrets masked, and
-nothing else in the code reads the environment.
+Every key is declared once, in ``KEYS``, with its type, default, help text and check, so that start-up
+can report each wrong value on one line, ``sendit check`` can print the effective values with secrets
+masked, and nothing else in the code reads the environment. The result is ``Config``, a frozen
+dataclass with one typed attribute per key: mypy rejects a misspelt setting, and a test keeps its
+fields and ``KEYS`` in step.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 CONFIG_FILE = "sendit.toml"
 ENV_PREFIX = "SENDIT_"
@@ -27,17 +31,38 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+class Timeout(NamedTuple):
+    """Seconds to connect and to wait for each read; written ``"connect,read"`` or one number for both."""
+
+    connect: float
+    read: float
+
+
 @dataclass(frozen=True)
 class Key:
+    """One configuration key; ``kind`` is str, int, bool, Path, Timeout or dict (text to text)."""
+
     name: str
-    kind: type  # str, int, bool or Path
+    kind: type
     default: Any
     help: str
     secret: bool = False
     minimum: int | None = None
     maximum: int | None = None
-    choices: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    optional: bool = False  # the value may be None ("off")
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` has this key's type (after parsing), so code cannot put a string in an int."""
+        if value is None:
+            return self.optional
+        if self.kind is int:
+            return type(value) is int
+        if self.kind is dict:
+            return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        if self.kind is Timeout:
+            return isinstance(value, Timeout)
+        return isinstance(value, self.kind)
 
 
 KEYS: tuple[Key, ...] = (
@@ -51,7 +76,13 @@ KEYS: tuple[Key, ...] = (
     Key("DEBUG", bool, False, "Django debug mode; never in production."),
     Key("DATA_DIR", Path, "sendit-data", "Root for input, work, quarantine, database and queue."),
     Key("INPUT_FOLDER", Path, "", "Watched folder (default DATA_DIR/input)."),
-    Key("OUTPUT_FOLDER", Path, "", 'Folder destination (default DATA_DIR/output); set to "off" to disable.'),
+    Key(
+        "OUTPUT_FOLDER",
+        Path,
+        "",
+        'Folder destination (default DATA_DIR/output); set to "off" to disable.',
+        optional=True,
+    ),
     Key("WORK_FOLDER", Path, "", "Per-series working copies (default DATA_DIR/work)."),
     Key("QUARANTINE_FOLDER", Path, "", "Rejected and quarantined files (default DATA_DIR/quarantine)."),
     Key(
@@ -97,6 +128,7 @@ KEYS: tuple[Key, ...] = (
         "default",
         'Burned-in text filter: "default" (shipped), "none", or a deid recipe file with %filter sections.',
     ),
+    # -- the identifier service (docs/identifiers.md); checked as a whole when DEIDENTIFY_RESTFUL is on --
     Key("DASHER_URL", str, "", "Identifier service base URL (requests go to {DASHER_URL}/uid/{DASHER_STUDY})."),
     Key("DASHER_STUDY", str, "", "Study name in the identifier service."),
     Key("DASHER_TOKEN", str, "", "Bearer token (prefer DASHER_TOKEN_FILE).", secret=True),
@@ -105,14 +137,28 @@ KEYS: tuple[Key, ...] = (
     Key("DASHER_CLIENT_ID", str, "", "OAuth2 client id (client-credentials grant)."),
     Key("DASHER_CLIENT_SECRET", str, "", "OAuth2 client secret.", secret=True),
     Key("DASHER_REFRESH_TOKEN", str, "", "OAuth2 refresh token (refresh-token grant).", secret=True),
-    Key("DASHER_ID_SOURCE", str, "", 'id_source sent with each PatientID (default "Stanford MRN").'),
-    Key("DASHER_ITEM_ID_SOURCE", str, "", 'id_source sent with each AccessionNumber (default "Stanford Accession").'),
-    Key("DASHER_TIMEOUT", str, "", 'Seconds: one number, or "connect,read" (default 5,30).'),
-    Key("DASHER_MAX_ATTEMPTS", str, "", "Tries per request on 5xx and time-outs (default 4)."),
-    Key("DASHER_MAX_ITEMS", str, "", "Items per request; a larger study is split (default 100)."),
-    Key("DASHER_JITTER_BOUND", str, "", "Largest accepted |jitter| in days (default 3650)."),
-    Key("PATIENT_NAME_FORMAT", str, "", 'PatientName from the response, e.g. "{suid}" (the default).'),
-    Key("CUSTOM_FIELD_MAP", str, "", "JSON object: custom field name -> DICOM keyword."),
+    Key("DASHER_ID_SOURCE", str, "Stanford MRN", "id_source sent with each PatientID."),
+    Key("DASHER_ITEM_ID_SOURCE", str, "Stanford Accession", "id_source sent with each AccessionNumber."),
+    Key("DASHER_TIMEOUT", Timeout, Timeout(5.0, 30.0), 'Seconds: one number, or "connect,read".'),
+    Key("DASHER_MAX_ATTEMPTS", int, 4, "Tries per request on 5xx and time-outs.", minimum=1, maximum=20),
+    Key("DASHER_MAX_ITEMS", int, 100, "Items per request; a larger study is split.", minimum=1, maximum=100000),
+    # DASHER itself draws jitter from [-33, -3] and [3, 33]. The bound is a sanity check, not a policy:
+    # ten years lets any real configuration through and still rejects garbage such as seconds for days.
+    Key(
+        "DASHER_JITTER_BOUND",
+        int,
+        3650,
+        "Largest accepted jitter in days, either way.",
+        minimum=1,
+        maximum=36500,
+    ),
+    Key("PATIENT_NAME_FORMAT", str, "{suid}", "PatientName from the response (placeholders: docs/identifiers.md)."),
+    Key(
+        "CUSTOM_FIELD_MAP",
+        dict,
+        {},
+        "Custom field name -> DICOM keyword: a TOML table, or a JSON object in the environment.",
+    ),
     Key("SEND_TO_ORTHANC", bool, False, "Deliver to Orthanc over DICOM (C-STORE)."),
     Key("ORTHANC_IPADDRESS", str, "127.0.0.1", "Orthanc's DICOM host."),
     Key("ORTHANC_PORT", int, 4242, "Orthanc's DICOM port.", minimum=1, maximum=65535, aliases=("ORTHAC_PORT",)),
@@ -176,27 +222,122 @@ KEYS: tuple[Key, ...] = (
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Config:
-    values: Mapping[str, Any]
-    source: Path | None
+    """The validated configuration: one typed attribute per key of ``KEYS``, in the same order.
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    A plain dataclass rather than a lookup by name, so that mypy rejects ``cfg.ORTHANC_PROT``;
+    ``tests/test_config.py`` checks that the fields and ``KEYS`` agree in name and type, and
+    ``__post_init__`` refuses a value of the wrong type (a test's ``replace(cfg, WORKERS="3")``).
+    Build one with ``load_config`` (or ``Config.from_values``); change one with ``dataclasses.replace``.
+    """
+
+    SECRET_KEY: str
+    DEBUG: bool
+    DATA_DIR: Path
+    INPUT_FOLDER: Path
+    OUTPUT_FOLDER: Path | None
+    WORK_FOLDER: Path
+    QUARANTINE_FOLDER: Path
+    DATABASE_URL: str
+    QUEUE_URL: str
+    WORKERS: int
+    BATCH_SIZE: int
+    DEIDENTIFY_RESTFUL: bool
+    IDENTIFIER_PROVIDER: str
+    DATE_SHIFT_MIN_DAYS: int
+    DATE_SHIFT_MAX_DAYS: int
+    DEID_OPTIONS: str
+    DEID_RECIPE: str
+    DEID_FILTER: str
+    DASHER_URL: str
+    DASHER_STUDY: str
+    DASHER_TOKEN: str
+    DASHER_TOKEN_FILE: str
+    DASHER_TOKEN_URL: str
+    DASHER_CLIENT_ID: str
+    DASHER_CLIENT_SECRET: str
+    DASHER_REFRESH_TOKEN: str
+    DASHER_ID_SOURCE: str
+    DASHER_ITEM_ID_SOURCE: str
+    DASHER_TIMEOUT: Timeout
+    DASHER_MAX_ATTEMPTS: int
+    DASHER_MAX_ITEMS: int
+    DASHER_JITTER_BOUND: int
+    PATIENT_NAME_FORMAT: str
+    CUSTOM_FIELD_MAP: dict[str, str]
+    SEND_TO_ORTHANC: bool
+    ORTHANC_IPADDRESS: str
+    ORTHANC_PORT: int
+    ORTHANC_AET: str
+    SENDIT_AET: str
+    ORTHANC_MAX_PDU: int
+    ORTHANC_TIMEOUT: int
+    ORTHANC_URL: str
+    ORTHANC_USERNAME: str
+    ORTHANC_PASSWORD: str
+    SEND_TO_GOOGLE: bool
+    GOOGLE_CLOUD_STORAGE: str
+    GOOGLE_APPLICATION_CREDENTIALS: str
+    KEEP_ORIGINALS: bool
+    KEEP_WORKING: bool
+    RETENTION_DAYS: int
+    RESCAN_SECONDS: int
+    LEASE_SECONDS: int
+    MAX_ATTEMPTS: int
+    RETRY_BASE_SECONDS: int
+    RETRY_CAP_SECONDS: int
+    LOW_SPACE_MB: int
+    WEB_HOST: str
+    HTTPS: bool
+    WEB_PORT: int
+    ALLOWED_HOSTS: str
+    source: Path | None = field(default=None, kw_only=True)  # the file read, if any
+
+    def __post_init__(self) -> None:
+        wrong = [key.name for key in KEYS if not key.accepts(getattr(self, key.name))]
+        if wrong:  # names and types only: a value may be a secret
+            raise TypeError(f"configuration values of the wrong type: {', '.join(wrong)}")
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], source: Path | None = None) -> Config:
+        """From a mapping holding exactly the keys of ``KEYS``, each already of its type."""
+        unknown = sorted(set(values) - set(KEYS_BY_NAME))
+        if unknown:
+            raise TypeError(f"unknown configuration keys: {', '.join(unknown)}")
+        return cls(**values, source=source)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """A copy of every value by key name: for code that walks the keys, and for provider plug-ins."""
+        return {key.name: getattr(self, key.name) for key in KEYS}
 
     def masked(self) -> dict[str, str]:
         """The effective values for display; secrets shown as set / not set, never their text."""
-        shown: dict[str, str] = {}
+        result: dict[str, str] = {}
         for key in KEYS:
-            value = self.values[key.name]
+            value = getattr(self, key.name)
             if key.secret:
-                shown[key.name] = "****** (set)" if value else "(not set)"
+                result[key.name] = "****** (set)" if value else "(not set)"
             else:
-                shown[key.name] = str(value)
-        return shown
+                result[key.name] = shown(key, value)
+        return result
+
+    def __repr__(self) -> str:
+        return f"Config(source={self.source!r}, ...)"  # never the values: some are secrets
+
+
+def shown(key: Key, value: Any) -> str:
+    """A value as the operator writes it (``false``, ``5,30``, ``{}``, ``off``), for display and docs."""
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if key.kind is Timeout and isinstance(value, tuple):
+        return ",".join(f"{seconds:g}" for seconds in value)
+    if isinstance(value, Mapping):
+        return json.dumps(dict(value))
+    return str(value)
 
 
 def _parse(key: Key, raw: Any, origin: str) -> tuple[Any, str | None]:
@@ -221,9 +362,47 @@ def _parse(key: Key, raw: Any, origin: str) -> tuple[Any, str | None]:
         if key.minimum is not None and number < key.minimum or key.maximum is not None and number > key.maximum:
             return None, f"{origin}: must be between {key.minimum} and {key.maximum}, got {number}"
         return number, None
+    if key.kind is Timeout:
+        return _parse_timeout(raw, origin, shown)
+    if key.kind is dict:
+        return _parse_text_map(raw, origin, shown)
     if not isinstance(raw, str | int | float) or isinstance(raw, bool):
         return None, f"{origin}: must be a string, got {type(raw).__name__}"
     return str(raw), None
+
+
+def _parse_timeout(raw: Any, origin: str, shown: str) -> tuple[Timeout | None, str | None]:
+    """One number for both, or ``connect,read`` (text or a TOML array), because the two differ in practice."""
+    wrong = f'{origin}: must be seconds, one number or "connect,read", got {shown}'
+    parts = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, list | tuple) else [raw]
+    if not 1 <= len(parts) <= 2:
+        return None, wrong
+    seconds: list[float] = []
+    for part in parts:
+        if isinstance(part, bool) or not isinstance(part, str | int | float):
+            return None, wrong
+        try:
+            seconds.append(float(part))
+        except ValueError:
+            return None, wrong
+    if not all(math.isfinite(s) and s > 0 for s in seconds):
+        return None, f"{origin}: must be greater than 0 seconds, got {shown}"
+    return Timeout(seconds[0], seconds[-1]), None
+
+
+def _parse_text_map(raw: Any, origin: str, shown: str) -> tuple[dict[str, str] | None, str | None]:
+    """A TOML table, or a JSON object in text (the environment can only hold text)."""
+    wrong = f"{origin}: must be a JSON object (or TOML table) of text values, got {shown}"
+    if isinstance(raw, str):
+        if not raw.strip():
+            return {}, None
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            return None, wrong
+    if not isinstance(raw, Mapping) or not all(isinstance(v, str) for v in raw.values()):
+        return None, wrong
+    return {str(k): v for k, v in raw.items()}, None
 
 
 def find_config_file(explicit: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
@@ -280,7 +459,7 @@ def load_config(
     problems.extend(_check(values, require_secret))
     if problems:
         raise ConfigError(problems)
-    return Config(values=values, source=source)
+    return Config.from_values(values, source)
 
 
 def _derive(values: dict[str, Any], base: Path) -> None:
@@ -293,7 +472,7 @@ def _derive(values: dict[str, Any], base: Path) -> None:
         ("OUTPUT_FOLDER", "output"),
     ):
         raw = str(values[name]).strip()
-        if name == "OUTPUT_FOLDER" and raw.lower() in ("off", "none", "false"):
+        if KEYS_BY_NAME[name].optional and raw.lower() in ("off", "none", "false"):
             values[name] = None
         else:
             values[name] = (base / raw).resolve() if raw else data_dir / default
@@ -349,7 +528,7 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
     if values["ORTHANC_URL"] and not values["ORTHANC_URL"].startswith(("http://", "https://")):
         problems.append("ORTHANC_URL: must start with http:// or https://")
     if values["DEIDENTIFY_RESTFUL"] and not values["IDENTIFIER_PROVIDER"]:
-        from sendit.identifiers.dasher import DasherSettings
+        from sendit.identifiers.dasher.settings import DasherSettings
 
         try:
             DasherSettings.from_config(values)
@@ -397,7 +576,7 @@ def write_config(directory: Path, overrides: Mapping[str, Any] | None = None) ->
     for key in KEYS:
         lines.append(f"# {key.help}")
         value = chosen.get(key.name, key.default)
-        line = f"{key.name} = {_toml_value(value)}"
+        line = f"{key.name} = {_toml_value(key, value)}"
         lines.append(line if key.name in chosen else "# " + line)
         lines.append("")
     target.write_text("\n".join(lines), encoding="utf-8")
@@ -405,12 +584,11 @@ def write_config(directory: Path, overrides: Mapping[str, Any] | None = None) ->
     return target
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+def _toml_value(key: Key, value: Any) -> str:
+    """Numbers and booleans bare; everything else as a TOML string in the form the environment takes."""
+    if isinstance(value, bool | int):
+        return shown(key, value)
+    text = shown(key, value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
 
@@ -421,7 +599,7 @@ def database_settings(url: str) -> dict[str, Any]:
     if url.startswith("sqlite:///"):
         return {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": url[len("sqlite:///") :] if not url.startswith("sqlite:////") else url[len("sqlite:///") :],
+            "NAME": url[len("sqlite:///") :],  # sqlite:////abs/path keeps its leading slash
             "OPTIONS": {
                 "timeout": 30,
                 "transaction_mode": "IMMEDIATE",
@@ -438,6 +616,3 @@ def database_settings(url: str) -> dict[str, Any]:
         "PORT": str(parts.port or ""),
         "CONN_MAX_AGE": 60,
     }
-
-
-ConfigLoader = Callable[[], Config]

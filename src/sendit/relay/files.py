@@ -138,8 +138,13 @@ def masked(stored: str) -> str:
     return "/".join("***" if "^" in part or "," in part else part for part in stored.split("/"))
 
 
+def series_folder(series_id: int) -> Path:
+    """The series' working folder: its de-identified copies and metadata.json."""
+    return Path(config().WORK_FOLDER) / f"series-{series_id}"
+
+
 def working_copy(series_id: int, image_id: int) -> Path:
-    return Path(config().WORK_FOLDER) / f"series-{series_id}" / f"{image_id}.dcm"
+    return series_folder(series_id) / f"{image_id}.dcm"
 
 
 def _unique(target: Path) -> Path:

@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 
 from django.db import connections
 
-from sendit.relay.pipeline import Outcome, process_series
+from sendit.relay.pipeline import NextStep, process_series
 
 BUSY_RETRY_SECONDS = 1.0
 FAILED_RETRY_SECONDS = 3.0
@@ -30,7 +30,7 @@ def _forget_inherited_connections() -> None:
         connection.connection = None
 
 
-def _process_guarded(series_id: int) -> Outcome:
+def _process_guarded(series_id: int) -> NextStep:
     """A step that raised (the database went away mid-step) is tried again in seconds, not lost."""
     try:
         return process_series(series_id)
@@ -39,10 +39,10 @@ def _process_guarded(series_id: int) -> Outcome:
             "series #%s: step failed (%s); retrying in %s s", series_id, type(exc).__name__, FAILED_RETRY_SECONDS
         )
         connections.close_all()
-        return Outcome(finished=False, retry_in=FAILED_RETRY_SECONDS, crashed=True)
+        return NextStep(finished=False, retry_in=FAILED_RETRY_SECONDS, crashed=True)
 
 
-def _process_in_worker(series_id: int) -> Outcome:
+def _process_in_worker(series_id: int) -> NextStep:
     try:
         return _process_guarded(series_id)
     finally:
@@ -52,7 +52,7 @@ def _process_in_worker(series_id: int) -> Outcome:
 _crashes: dict[int, int] = {}
 
 
-def _reschedule(due: dict[int, float], series_id: int, outcome: Outcome) -> None:
+def _reschedule(due: dict[int, float], series_id: int, outcome: NextStep) -> None:
     """A busy series (another worker holds it) is tried again soon; a failed step after its back-off."""
     if outcome.crashed:
         _crashes[series_id] = _crashes.get(series_id, 0) + 1
@@ -91,7 +91,7 @@ def run_inline(
     with ProcessPoolExecutor(
         max_workers=max(1, workers), mp_context=context, initializer=_forget_inherited_connections
     ) as pool:
-        running: dict[Future[Outcome], int] = {}
+        running: dict[Future[NextStep], int] = {}
         while due or running:
             now = time.monotonic()
             for series_id in [sid for sid, at in due.items() if at <= now]:

@@ -21,6 +21,19 @@ class Status(models.TextChoices):
     SKIPPED = "SKIPPED", "A duplicate or a filtered file; nothing to do."
 
 
+class Stage(models.TextChoices):
+    """Where a series is in the pipeline (its status is the aggregate of its images')."""
+
+    INGESTED = "ingested", "Recorded; waiting for a worker."
+    IDENTIFIED = "identified", "Replacement identifiers stored."
+    DEIDENTIFIED = "deidentified", "Working copies written."
+    DELIVERED = "delivered", "Every destination confirmed the images sent."
+    VERIFIED = "verified", "Every destination was asked and holds the images."
+    RETRYING = "retrying", "A step failed; it runs again after a back-off."
+    REQUEUED = "requeued", "A person sent images back into the pipeline."
+    ERROR = "error", "A step failed for good; images went to ERROR."
+
+
 TERMINAL = (Status.DONE, Status.SKIPPED, Status.QUARANTINED, Status.ERROR)
 IN_FLIGHT = (Status.NEW, Status.PROCESSING, Status.DONEPROCESSING, Status.SENT)
 
@@ -45,7 +58,7 @@ class Series(models.Model):
     # The identifying header values the identifier provider needs; PHI, pruned with the row.
     header = models.JSONField(default=dict)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW, db_index=True)
-    stage = models.CharField(max_length=32, default="ingested")
+    stage = models.CharField(max_length=32, choices=Stage.choices, default=Stage.INGESTED)
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.CharField(max_length=500, blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)

@@ -30,7 +30,7 @@ from django.utils import timezone
 from sendit.destinations.base import Destination, DestinationError, OutgoingImage
 from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
 from sendit.relay import files, runtime
-from sendit.relay.models import IN_FLIGHT, Delivery, Image, Series, SeriesIdentifiers, Status, Study
+from sendit.relay.models import IN_FLIGHT, Delivery, Image, Series, SeriesIdentifiers, Stage, Status, Study
 from sendit.relay.transitions import Lease, LeaseLost, clip, fenced, move_images, refresh_series_status
 
 log = logging.getLogger("sendit.pipeline")
@@ -45,7 +45,7 @@ class PermanentFailure(Exception):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class NextStep:
     """What the caller should do next: nothing, or run the series again after ``retry_in`` seconds."""
 
     finished: bool
@@ -210,11 +210,11 @@ def is_no_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
-def process_series(series_id: int) -> Outcome:
+def process_series(series_id: int) -> NextStep:
     owner = lease_owner_name()
     lease = acquire_lease(series_id, owner)
     if lease is None:
-        return Outcome(finished=False, busy=True)
+        return NextStep(finished=False, busy=True)
     _HELD.add(owner)
     try:
         with LeaseKeeper(lease) as keeper:
@@ -224,7 +224,7 @@ def process_series(series_id: int) -> Outcome:
         release_lease(lease)
 
 
-def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> Outcome:
+def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> NextStep:
     series = Series.objects.select_related("study").get(pk=series_id)
     try:
         if series.images.filter(status__in=IN_FLIGHT).exists():
@@ -235,12 +235,12 @@ def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> Outcome:
     except LeaseLost as lost:
         log.warning("%s; leaving it to that worker", lost)
         _drop_generation_files(series.pk, lease)
-        return Outcome(finished=False, busy=True)
+        return NextStep(finished=False, busy=True)
     except RetryableFailure as failure:
         return _schedule_retry(series, lease, str(failure))
     except PermanentFailure as failure:
         _fail_in_flight(series, lease, str(failure))
-        return Outcome(finished=True)
+        return NextStep(finished=True)
     except OSError as exc:
         if is_no_space(exc):
             return _schedule_retry(series, lease, no_space_reason(exc))
@@ -253,43 +253,43 @@ def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> Outcome:
     with fenced(lease):
         Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None)
         refresh_series_status(series)
-    return Outcome(finished=True)
+    return NextStep(finished=True)
 
 
 def _drop_generation_files(series_id: int, lease: Lease) -> None:
     """Working files this lease generation wrote but never renamed into place."""
-    folder = files.working_copy(series_id, 0).parent
+    folder = files.series_folder(series_id)
     for leftover in folder.glob(f"*.g{lease.generation}.*") if folder.exists() else ():
         leftover.unlink(missing_ok=True)
 
 
-def _schedule_retry(series: Series, lease: Lease, reason: str) -> Outcome:
+def _schedule_retry(series: Series, lease: Lease, reason: str) -> NextStep:
     try:
         with fenced(lease):
             attempts = Series.objects.filter(pk=series.pk).values_list("attempts", flat=True).get() + 1
             if attempts >= runtime.config().MAX_ATTEMPTS:
                 Series.objects.filter(pk=series.pk).update(attempts=attempts, next_attempt_at=None)
                 _fail_in_flight(series, lease, f"{reason} (gave up after {attempts} attempts)")
-                return Outcome(finished=True)
+                return NextStep(finished=True)
             delay = backoff_seconds(attempts)
             Series.objects.filter(pk=series.pk).update(
                 attempts=attempts,
                 last_error=clip(f"retrying: {reason}"),
                 next_attempt_at=timezone.now() + timedelta(seconds=delay),
-                stage="retrying",
+                stage=Stage.RETRYING,
             )
     except LeaseLost as lost:
         log.warning("%s; leaving it to that worker", lost)
-        return Outcome(finished=False, busy=True)
+        return NextStep(finished=False, busy=True)
     log.warning("series #%s: attempt %s failed (%s); retrying in %.0f s", series.pk, attempts, reason, delay)
-    return Outcome(finished=False, retry_in=delay)
+    return NextStep(finished=False, retry_in=delay)
 
 
 def _fail_in_flight(series: Series, lease: Lease, reason: str) -> None:
     with fenced(lease):
         ids = list(series.images.filter(status__in=IN_FLIGHT).values_list("id", flat=True))
         move_images(series, ids, Status.ERROR, reason, expect=IN_FLIGHT, lease=lease)
-        Series.objects.filter(pk=series.pk).update(last_error=clip(reason), stage="error")
+        Series.objects.filter(pk=series.pk).update(last_error=clip(reason), stage=Stage.ERROR)
     log.error("series #%s: %s image(s) to ERROR: %s", series.pk, len(ids), reason)
 
 
@@ -329,7 +329,7 @@ def ensure_identifiers(series: Series) -> Identifiers:
                 ignore_conflicts=True,
             )
         stored = SeriesIdentifiers.objects.get(series=series)
-        Series.objects.filter(pk=series.pk).update(stage="identified")
+        Series.objects.filter(pk=series.pk).update(stage=Stage.IDENTIFIED)
     return Identifiers.from_json(stored.response)
 
 
@@ -347,7 +347,7 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
     engine = runtime.deidentifier()
     batch_size = runtime.config().BATCH_SIZE
     written: Written = {}
-    files.working_copy(series.pk, 0).parent.mkdir(parents=True, exist_ok=True)
+    files.series_folder(series.pk).mkdir(parents=True, exist_ok=True)
     while True:
         keeper.check()
         batch = list(series.images.filter(status__in=(Status.NEW, Status.PROCESSING)).order_by("id")[:batch_size])
@@ -405,7 +405,7 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
             )
     write_series_metadata(series, ids)
     with fenced(lease):
-        Series.objects.filter(pk=series.pk).update(stage="deidentified")
+        Series.objects.filter(pk=series.pk).update(stage=Stage.DEIDENTIFIED)
     return written
 
 
@@ -431,7 +431,7 @@ def write_series_metadata(series: Series, ids: Identifiers) -> None:
             series_uid=series.deid_series_uid,
             images=made.count(),
         )
-        write_document(document, files.working_copy(series.pk, first.pk).parent / "metadata.json")
+        write_document(document, files.series_folder(series.pk) / "metadata.json")
     except Exception as exc:
         log.warning("series #%s: metadata.json not written (%s)", series.pk, type(exc).__name__)
 
@@ -594,7 +594,7 @@ def deliver_pending(
         move_images(series, delivered, Status.SENT, expect=(Status.DONEPROCESSING,), lease=lease)
     if not retry_reasons:
         with fenced(lease):
-            Series.objects.filter(pk=series.pk).update(stage="delivered")
+            Series.objects.filter(pk=series.pk).update(stage=Stage.DELIVERED)
     return retry_reasons
 
 
@@ -630,7 +630,7 @@ def verify_sent(series: Series, destinations: list[Destination], lease: Lease) -
             )
         found = [image.pk for image in sent if image.pk not in missing_ids]
         move_images(series, found, Status.DONE, "verified", expect=(Status.SENT,), lease=lease)
-        Series.objects.filter(pk=series.pk).update(stage="verified")
+        Series.objects.filter(pk=series.pk).update(stage=Stage.VERIFIED)
     return missing_at
 
 
@@ -668,7 +668,7 @@ def clean_up_done(series: Series, lease: Lease, keeper: LeaseKeeper) -> None:
             if not cfg.KEEP_WORKING:
                 files.working_copy(series.pk, image_id).unlink(missing_ok=True)
     if not cfg.KEEP_WORKING and not series.images.exclude(status__in=(Status.DONE, Status.SKIPPED)).exists():
-        folder = files.working_copy(series.pk, 0).parent
+        folder = files.series_folder(series.pk)
         (folder / "metadata.json").unlink(missing_ok=True)  # until a metadata store takes it (docs)
         for leftover in folder.glob("*.g*.dcm") if folder.exists() else ():
             leftover.unlink(missing_ok=True)  # a stale worker's file of an older lease generation

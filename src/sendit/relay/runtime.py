@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
@@ -14,19 +13,24 @@ from sendit.destinations.folder import FolderDestination
 from sendit.identifiers.base import IdentifierProvider
 from sendit.identifiers.local import LocalProvider
 
+if TYPE_CHECKING:  # the engine loads pydicom's tables and the recipes: only when a task needs it
+    from sendit.deid import Deidentifier
+
 
 def config() -> Config:
-    return settings.SENDIT  # type: ignore[no-any-return]
+    """The validated configuration Django was set up with (``server/settings.py``)."""
+    cfg: Config = settings.SENDIT
+    return cfg
 
 
-def deidentifier() -> Any:
+def deidentifier() -> Deidentifier:
     """The engine for the current configuration (built once per distinct set of DEID_* values)."""
     cfg = config()
     return _deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER)
 
 
 @cache
-def _deidentifier(secret_key: str, options: str, recipe: str, pixel_filter: str) -> Any:
+def _deidentifier(secret_key: str, options: str, recipe: str, pixel_filter: str) -> Deidentifier:
     from sendit.deid import build_deidentifier
 
     return build_deidentifier(secret_key, options, recipe, pixel_filter)
@@ -38,11 +42,11 @@ def identifier_provider() -> IdentifierProvider:
     if cfg.IDENTIFIER_PROVIDER:
         from sendit.identifiers.loader import load_provider
 
-        return load_provider(cfg.IDENTIFIER_PROVIDER, dict(cfg.values))
+        return load_provider(cfg.IDENTIFIER_PROVIDER, cfg.values)
     if cfg.DEIDENTIFY_RESTFUL:
         from sendit.identifiers.loader import load_provider
 
-        return load_provider("sendit.identifiers.dasher.DasherProvider", dict(cfg.values))
+        return load_provider("sendit.identifiers.dasher.DasherProvider", cfg.values)
     return LocalProvider(cfg.SECRET_KEY, cfg.DATE_SHIFT_MIN_DAYS, cfg.DATE_SHIFT_MAX_DAYS)
 
 
@@ -51,7 +55,7 @@ def destinations() -> list[Destination]:
     cfg = config()
     chosen: list[Destination] = []
     if cfg.OUTPUT_FOLDER is not None:
-        chosen.append(FolderDestination(Path(cfg.OUTPUT_FOLDER)))
+        chosen.append(FolderDestination(cfg.OUTPUT_FOLDER))
     if cfg.SEND_TO_ORTHANC:
         from sendit.destinations.dicom import DicomDestination
 

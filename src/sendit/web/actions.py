@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sendit.relay import files, runtime
-from sendit.relay.models import Image, Series, Status
+from sendit.relay.models import Image, Series, Stage, Status
 from sendit.relay.transitions import move_images
 
 log = logging.getLogger("sendit.web.actions")
@@ -27,7 +27,7 @@ ACTIONS = ("retry", "release", "discard")
 
 
 @dataclass
-class Outcome:
+class ActionResult:
     action: str
     series_id: int
     changed: int = 0
@@ -74,7 +74,7 @@ def _targets(series: Series, statuses: tuple[str, ...], image_ids: list[int] | N
     return list(queryset)
 
 
-def _requeue(series: Series, images: list[Image], action: str, user: Any, outcome: Outcome) -> None:
+def _requeue(series: Series, images: list[Image], action: str, user: Any, outcome: ActionResult) -> None:
     ready = []
     for image in images:
         problem = _restore(image) if image.status == Status.QUARANTINED else None
@@ -88,26 +88,28 @@ def _requeue(series: Series, images: list[Image], action: str, user: Any, outcom
         series, ready, Status.NEW, reason, expect=(Status.ERROR, Status.QUARANTINED), user_id=user.pk
     )
     if outcome.changed:
-        Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None, stage="requeued")
+        Series.objects.filter(pk=series.pk).update(
+            attempts=0, last_error="", next_attempt_at=None, stage=Stage.REQUEUED
+        )
         from sendit.relay import tasks
 
         tasks.enqueue([series.pk])
 
 
-def retry(series: Series, user: Any, image_ids: list[int] | None = None) -> Outcome:
-    outcome = Outcome("retry", series.pk)
+def retry(series: Series, user: Any, image_ids: list[int] | None = None) -> ActionResult:
+    outcome = ActionResult("retry", series.pk)
     _requeue(series, _targets(series, (Status.ERROR, Status.QUARANTINED), image_ids), "retry", user, outcome)
     return outcome
 
 
-def release(series: Series, user: Any, image_ids: list[int] | None = None) -> Outcome:
-    outcome = Outcome("release", series.pk)
+def release(series: Series, user: Any, image_ids: list[int] | None = None) -> ActionResult:
+    outcome = ActionResult("release", series.pk)
     _requeue(series, _targets(series, (Status.QUARANTINED,), image_ids), "release", user, outcome)
     return outcome
 
 
-def discard(series: Series, user: Any, image_ids: list[int] | None = None) -> Outcome:
-    outcome = Outcome("discard", series.pk)
+def discard(series: Series, user: Any, image_ids: list[int] | None = None) -> ActionResult:
+    outcome = ActionResult("discard", series.pk)
     images = _targets(series, (Status.ERROR, Status.QUARANTINED), image_ids)
     outcome.changed = move_images(
         series,
@@ -132,8 +134,8 @@ def discard(series: Series, user: Any, image_ids: list[int] | None = None) -> Ou
     return outcome
 
 
-def perform(action: str, series: Series, user: Any, image_ids: list[int] | None = None) -> Outcome:
+def perform(action: str, series: Series, user: Any, image_ids: list[int] | None = None) -> ActionResult:
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
-    result: Outcome = {"retry": retry, "release": release, "discard": discard}[action](series, user, image_ids)
+    result: ActionResult = {"retry": retry, "release": release, "discard": discard}[action](series, user, image_ids)
     return result
