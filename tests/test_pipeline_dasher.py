@@ -9,6 +9,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from sendit.config import Timeout
 from sendit.relay.models import Series, SeriesIdentifiers, Status
 from tests.dasher_server import DasherServer, jitter_for, suid_for
 from tests.helpers import demo_into, ingest_and_run, statuses
@@ -24,8 +25,8 @@ def restful(reconfigure: Any, dasher_server: DasherServer) -> DasherServer:
         DASHER_URL=dasher_server.url,
         DASHER_STUDY=dasher_server.study,
         DASHER_TOKEN=dasher_server.initial_token,
-        DASHER_TIMEOUT="1,1",
-        DASHER_MAX_ATTEMPTS="2",
+        DASHER_TIMEOUT=Timeout(1.0, 1.0),
+        DASHER_MAX_ATTEMPTS=2,
     )
     return dasher_server
 
