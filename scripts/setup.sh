@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One-time (idempotent) set-up on a fresh Debian machine with Python >= 3.11:
-# system packages (Orthanc, DCMTK, dicom3tools) when we are root, then a virtualenv in .venv
-# with Sendit and its development tools installed in editable mode.
+# Developer set-up (idempotent), used by scripts/test.sh: the Debian packages the tests talk to
+# (Orthanc, DCMTK, dicom3tools, Chromium) when we are root, then .venv with Sendit in editable mode
+# and its development tools. It never stops or reconfigures a service: the tests start their own
+# Orthanc on free loopback ports, so a system Orthanc (maybe the site's PACS) is left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,10 +16,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
         echo "setup: installing ${need_apt[*]} from Debian" >&2
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-        # Debian starts a system Orthanc on 4242/8042; Sendit's tests start their own.
-        (systemctl stop orthanc || service orthanc stop || pkill -x Orthanc) >/dev/null 2>&1 || true
     else
-        echo "setup: not root; install ${need_apt[*]} yourself for the Orthanc tests" >&2
+        echo "setup: not root; install ${need_apt[*]} yourself for the Orthanc and browser tests" >&2
     fi
 fi
 
@@ -28,4 +27,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[dev]"
-echo "setup: ready (.venv)" >&2
+echo "setup: ready (.venv, with development tools)" >&2
