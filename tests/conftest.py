@@ -11,10 +11,17 @@ import pytest
 pytest_plugins = ["tests.orthanc", "tests.dasher_server"]
 
 
+# Fixtures that start a server process (Orthanc): a test using one, directly or through another
+# fixture, is slow, so `pytest -m "not slow"` stays a fast loop. CI runs everything.
+SLOW_FIXTURES = frozenset({"orthanc_factory", "orthanc_server"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("django_db"):
             item.add_marker(pytest.mark.db)
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

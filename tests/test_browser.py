@@ -22,6 +22,8 @@ import pytest
 from sendit.demo import generate_demo
 from tests.helpers import stop_process_group, wait_for
 
+pytestmark = pytest.mark.slow  # starts `sendit` processes
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",

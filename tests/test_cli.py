@@ -15,6 +15,8 @@ import pytest
 from sendit.demo import generate_demo
 from tests.helpers import stop_process_group, wait_for
 
+pytestmark = pytest.mark.slow  # starts `sendit` processes
+
 SECRET = "cli-test-secret-key-0123456789-abcdefghijkl"
 
 

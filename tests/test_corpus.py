@@ -13,7 +13,7 @@ import pytest
 from sendit.relay.models import IN_FLIGHT, Image, ReceivedFile, Status
 from tests.helpers import ingest_and_run
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]  # the whole corpus, end to end
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 
 

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(
 SUBSET = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "test-SR.dcm", "SC_rgb_rle_2frame.dcm", "waveform_ecg.dcm"]
 
 
+@pytest.mark.slow  # runs the dciodvfy program on every file
 @pytest.mark.parametrize(
     "options", [DeidOptions(), DeidOptions.from_names(["clean_descriptors", "clean_structured_content"])]
 )

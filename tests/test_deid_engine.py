@@ -22,20 +22,21 @@ from pydicom.uid import (
     JPEG2000Lossless,
     generate_uid,
 )
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import MAX_VALUE_LEN, validate_value
 
 from sendit.deid import Deidentifier, DeidError, DeidOptions
 from sendit.deid import engine as engine_module
-from sendit.deid.engine import read_dicom, shift_da, shift_dt
+from sendit.deid.dates import shift_da, shift_dt
 from sendit.deid.profile import Action, build_action_table, load_rows, resolve
 from sendit.deid.writer import write_part10
+from sendit.dicomio import read_dicom
 from sendit.identifiers import Identifiers
 
 KEY = "test-secret-key"
 IDS = Identifiers(patient_id="SIDPSEUDO1", patient_name="SIDPSEUDO1", accession_number="ACCPSEUDO1", jitter_days=-45)
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
-MAX_LEN = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "UI": 64, "DS": 16, "IS": 12, "AS": 4}
+MAX_LEN = {**MAX_VALUE_LEN, "AS": 4}  # pydicom's table, and AS (always 4 characters)
 
 
 # -- builders ---------------------------------------------------------------------------------------
@@ -529,6 +530,12 @@ def test_non_dicom_and_truncated_files_are_refused(engine: Deidentifier, ct_file
     with pytest.raises(DeidError, match="truncated"):
         engine.deidentify_file(pydicom_file("rtplan_truncated.dcm"), tmp_path / "out" / "z.dcm", IDS)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_every_dummy_text_fits_its_vr() -> None:
+    for vr, value in engine_module.DUMMY_VALUES.items():
+        if isinstance(value, str) and vr in MAX_LEN:
+            assert len(value) <= MAX_LEN[vr], vr
 
 
 def test_invalid_replacement_identifiers_are_refused(engine: Deidentifier, ct_file: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from sendit.deid import Deidentifier, deid_folder
+from sendit.deid import Deidentifier, DeidOptions, deid_folder
 from sendit.deid import folder as folder_module
 from sendit.identifiers import IdentifierError, Identifiers, SeriesHeader
 from sendit.identifiers.local import LocalProvider
@@ -72,7 +72,7 @@ def test_folder_is_deidentified_into_a_phi_free_tree(tree: Path, tmp_path: Path)
     assert (summary.studies, summary.series) == (2, 3)
     reasons = dict(summary.problems)
     assert set(reasons) == {"notes.txt", "0-cut.dcm", "bad.dcm", "copy-of-4.dcm"}
-    assert reasons["notes.txt"] == "not a DICOM file"
+    assert reasons["notes.txt"].startswith("not a DICOM file")  # the reason ingest gives, too
     assert "truncated" in reasons["0-cut.dcm"]  # and the good copy of it was still written
     assert reasons["bad.dcm"] == "(0008,0023) ContentDate: malformed DA value"
     assert "duplicate" in reasons["copy-of-4.dcm"]
@@ -148,3 +148,37 @@ def test_an_empty_folder_is_fine(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     summary = deid_folder(tmp_path / "in", tmp_path / "out", Deidentifier(KEY), CountingProvider())
     assert (summary.files_seen, summary.written, summary.problems) == (0, 0, [])
+
+
+def test_hidden_in_progress_and_linked_files_are_never_read(tree: Path, tmp_path: Path) -> None:
+    """The relay's walk rules: hidden and in-progress entries are counted, links reported, none read."""
+    (tree / ".DS_Store").write_bytes(b"Smith^Ann")
+    shutil.copy(tree / "4.dcm", tree / "late.dcm.tmp1234")  # still being written by its producer
+    elsewhere = write(
+        make_ct(study_uid=STUDY_1 + ".9", series_uid=STUDY_1 + ".9.1", patient_id="MRN-THREE"), tmp_path / "x.dcm"
+    )
+    (tree / "link.dcm").symlink_to(elsewhere)
+
+    summary = deid_folder(tree, tmp_path / "out", Deidentifier(KEY), CountingProvider())
+
+    reasons = dict(summary.problems)
+    assert ".DS_Store" not in reasons and "late.dcm.tmp1234" not in reasons
+    assert reasons["link.dcm"] == "symbolic link; not followed"
+    assert summary.files_seen == 11 and summary.written == 6  # the ten files and the link; nothing through it
+    assert (summary.studies, summary.series) == (2, 3)
+    assert dict(summary.ignored) == {"hidden": 1, "in_progress": 1}
+
+
+def test_uids_that_look_like_paths_stay_inside_the_output_folder(tmp_path: Path) -> None:
+    """With Retain UIDs the UIDs are written as they came: the output layout makes each a safe name."""
+    with pytest.warns(UserWarning):  # pydicom says the UID is invalid; it is what a hostile sender writes
+        ds = make_ct(study_uid="1.2/../../../escaped", series_uid="1.2.3", sop_uid="1.2.3.4")
+    write(ds, tmp_path / "in" / "x.dcm")
+    out = tmp_path / "out" / "deep"
+
+    summary = deid_folder(tmp_path / "in", out, Deidentifier(KEY, DeidOptions(retain_uids=True)), CountingProvider())
+
+    assert summary.written == 1
+    written = [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
+    assert len(written) == 2 and all(out in path.parents for path in written)  # the image and series.json
+    assert [result.path.parent.parent.name for result in summary.results] == ["1.2_.._.._.._escaped"]

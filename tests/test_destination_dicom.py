@@ -19,11 +19,12 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from pynetdicom.transport import AssociationSocket
 
 from sendit.destinations import DestinationError, OutgoingImage
 from sendit.destinations.dicom import DicomDestination
-from sendit.destinations.dimse_status import Outcome, classify, describe
+from sendit.destinations.dimse_status import StatusClass, classify, describe
 from tests.orthanc import (
     OrthancServer,
     dataset_part,
@@ -157,7 +158,7 @@ def test_sop_class_the_peer_refuses_is_permanent(orthanc_server: OrthancServer, 
     odd_result, ok_result = dest.send([odd, ok])
     assert ok_result.delivered
     assert (odd_result.delivered, odd_result.permanent, odd_result.status) == (False, True, 0x0122)
-    assert odd_result.message.startswith("0x0122 SOP Class not supported")
+    assert odd_result.message.startswith("0x0122 Refused: SOP Class Not Supported")
 
     # A batch of nothing but refused classes: the peer accepts no context at all; still per image.
     [alone] = dest.send(
@@ -190,7 +191,7 @@ def test_out_of_resources_is_retryable(orthanc_factory: Callable[..., OrthancSer
 
     assert fine_result.delivered
     assert (refused_result.delivered, refused_result.permanent, refused_result.status) == (False, False, 0xA700)
-    assert refused_result.message.startswith("0xA700 Refused: Out of resources")
+    assert refused_result.message.startswith("0xA700 Refused: Out of Resources")
     assert findscu_sop_uids(server, refused.series_uid) == set()
 
 
@@ -354,13 +355,13 @@ def stub_scp(_stub_server: StubSCP) -> StubSCP:
 @pytest.mark.parametrize(
     ("code", "delivered", "permanent", "words"),
     [
-        (0xB000, True, False, "0xB000 Coercion of data elements"),
-        (0xB006, True, False, "0xB006 Elements discarded"),
-        (0xB007, True, False, "0xB007 Data Set does not match SOP Class"),
-        (0xA701, False, False, "0xA701 Refused: Out of resources"),
-        (0xA900, False, True, "0xA900 Data Set does not match SOP Class"),
-        (0xC123, False, True, "0xC123 Cannot understand"),
-        (0x0124, False, True, "0x0124 Not authorized"),
+        (0xB000, True, False, "0xB000 Coercion of Data Elements"),
+        (0xB006, True, False, "0xB006 Element Discarded"),
+        (0xB007, True, False, "0xB007 Data Set Does Not Match SOP Class"),
+        (0xA701, False, False, "0xA701 Refused: Out of Resources"),
+        (0xA900, False, True, "0xA900 Data Set Does Not Match SOP Class"),
+        (0xC123, False, True, "0xC123 Cannot Understand"),
+        (0x0124, False, True, "0x0124 Refused: Not Authorised"),
     ],
 )
 def test_status_classes_reach_the_result(
@@ -419,20 +420,28 @@ class _Always(set[str]):
 
 
 @pytest.mark.parametrize(
-    ("code", "outcome"),
+    ("code", "status_class"),
     [
-        (0x0000, Outcome.DELIVERED),
-        (0xB006, Outcome.WARNING),
-        (0xBABE, Outcome.WARNING),
-        (0xA7FE, Outcome.RETRYABLE),
-        (0xA9FF, Outcome.PERMANENT),
-        (0xCFFF, Outcome.PERMANENT),
-        (0x0122, Outcome.PERMANENT),
-        (0x0117, Outcome.PERMANENT),
-        (0x0110, Outcome.RETRYABLE),
-        (0x1234, Outcome.RETRYABLE),  # unknown: keep the image, let a person see it after N tries
+        (0x0000, StatusClass.DELIVERED),
+        (0xB006, StatusClass.WARNING),
+        (0xBABE, StatusClass.WARNING),
+        (0xA7FE, StatusClass.RETRYABLE),
+        (0xA9FF, StatusClass.PERMANENT),
+        (0xCFFF, StatusClass.PERMANENT),
+        (0x0122, StatusClass.PERMANENT),
+        (0x0117, StatusClass.PERMANENT),
+        (0x0110, StatusClass.RETRYABLE),
+        (0x1234, StatusClass.RETRYABLE),  # unknown: keep the image, let a person see it after N tries
     ],
 )
-def test_classifier(code: int, outcome: Outcome) -> None:
-    assert classify(code).outcome is outcome
+def test_classifier(code: int, status_class: StatusClass) -> None:
+    assert classify(code).status_class is status_class
     assert describe(code).startswith(f"0x{code:04X} ")
+
+
+def test_status_words_are_pynetdicoms_and_only_the_retry_column_is_ours() -> None:
+    """Every Storage status pynetdicom knows reads in its words; its category agrees with ours."""
+    for code, (category, words) in STORAGE_SERVICE_CLASS_STATUS.items():
+        info = classify(code)
+        assert info.describe() == f"0x{code:04X} {words or category}"
+        assert info.delivered == (category in ("Success", "Warning")), hex(code)

@@ -290,6 +290,7 @@ def test_rest_unexpected_error_on_one_image_fails_only_that_image(
     assert_phi_free(results[2], bad)
 
 
+@pytest.mark.slow  # waits out a timeout per upload and the health check: seconds by design
 def test_rest_orthanc_answering_nothing_fails_the_batch(standin_orthanc: StandInOrthanc, tmp_path: Path) -> None:
     images = make_series(tmp_path, 4)
     standin_orthanc.stall_all = True

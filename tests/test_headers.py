@@ -1,4 +1,4 @@
-"""Header reading for ingest: one clear, PHI-free reason per bad file."""
+"""Reading DICOM files (sendit.dicomio): one clear, PHI-free reason per bad file, and whether it was cut short."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from sendit.deid import Deidentifier, DeidError
 from sendit.demo import generate_demo
-from sendit.dicomio import FileHeader, RejectedFile, read_header
+from sendit.dicomio import FileHeader, RejectedFile, UnreadableFile, read_dicom, read_header
+from sendit.identifiers import Identifiers
 
 
 @pytest.fixture
@@ -70,3 +72,22 @@ def test_overlong_uid_is_rejected(sample: Path, tmp_path: Path) -> None:
     ds.save_as(tmp_path / "long.dcm")
     result = read_header(tmp_path / "long.dcm")
     assert isinstance(result, RejectedFile) and "longer than 64" in result.reason
+
+
+def test_a_whole_read_says_whether_the_file_was_cut_short(sample: Path, tmp_path: Path) -> None:
+    """One reader decides whether a file is whole; its error says so, and the engine passes it on."""
+    assert read_dicom(sample).SOPInstanceUID == pydicom.dcmread(sample).SOPInstanceUID
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(sample.read_bytes()[:-700])
+    with pytest.raises(UnreadableFile) as info:
+        read_dicom(cut)
+    assert info.value.truncated and info.value.reason.startswith("truncated file")
+    assert isinstance(read_dicom(cut, headers_only=True), pydicom.Dataset)  # the header alone is whole
+    text = tmp_path / "notes.txt"
+    text.write_text("Smith^Alice " * 20)
+    with pytest.raises(UnreadableFile) as info:
+        read_dicom(text)
+    assert not info.value.truncated and info.value.reason == "not a DICOM file"
+    with pytest.raises(DeidError) as wrapped:
+        Deidentifier("key").deidentify_file(cut, tmp_path / "out.dcm", Identifiers("P", "P", "A", 0))
+    assert wrapped.value.reason.startswith("truncated file")

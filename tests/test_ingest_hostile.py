@@ -1,8 +1,10 @@
 """A hostile input folder: one bad entry never stops ingestion, links are never followed, names that
-are not UTF-8 are kept, a rescan never races clean-up, and every scan's outcome is visible."""
+are not UTF-8 are kept, a rescan never races clean-up or another scan, a name used again is a new file,
+and every scan's outcome is visible."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -15,6 +17,7 @@ import pydicom
 import pytest
 from django.db import OperationalError
 from django.utils import timezone
+from pydicom.uid import generate_uid
 
 from sendit.relay import files
 from sendit.relay import ingest as ingest_module
@@ -187,6 +190,40 @@ def test_a_rescan_leaves_a_done_image_awaiting_clean_up_alone(sendit_dirs: dict[
     assert report.reprocessed == 1  # now it is a re-send after DONE: processed again
     image = Image.objects.get(path="resent/IM.dcm")
     assert image.status == Status.NEW and image.cleaned_at is None
+
+
+def test_a_concurrent_scan_of_the_same_file_changes_nothing(
+    sendit_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=1)
+    ingest_folder(sendit_dirs["INPUT_FOLDER"])  # `sendit import` ...
+    monkeypatch.setattr(ingest_module, "known_paths", lambda: {})  # ... and a scan that read before it
+    report = ingest_folder(sendit_dirs["INPUT_FOLDER"])
+    monkeypatch.undo()
+    assert (report.images, report.skipped, report.quarantined) == (0, 0, 0)
+    assert ReceivedFile.objects.count() == 0
+    assert all(path.exists() for path in written)
+    run_inline(sorted(report.resumable), workers=1)
+    assert statuses() == {Status.DONE: len(written)}
+
+
+def test_a_new_file_where_a_quarantined_one_was_is_ingested(sendit_dirs: dict[str, Path]) -> None:
+    written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=2)
+    victim = written[0]
+    good = victim.read_bytes()
+    broken = pydicom.dcmread(victim)
+    broken.StudyDate = "2021-13-45"
+    broken.save_as(victim)
+    ingest_and_run(sendit_dirs["INPUT_FOLDER"])
+    assert statuses()[Status.QUARANTINED] == 1
+    fresh = pydicom.dcmread(io.BytesIO(good))
+    fresh.SOPInstanceUID = generate_uid()
+    fresh.file_meta.MediaStorageSOPInstanceUID = fresh.SOPInstanceUID
+    victim.parent.mkdir(parents=True, exist_ok=True)
+    fresh.save_as(victim)
+    report = ingest_and_run(sendit_dirs["INPUT_FOLDER"])
+    assert report.images == 1
+    assert statuses() == {Status.DONE: len(written), Status.QUARANTINED: 1}
 
 
 def test_readmission_changes_nothing_when_another_writer_moved_the_image_first(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
 from sendit.relay.housekeeping import prune, retry_errors, status_counts
@@ -138,6 +141,26 @@ def test_arriving_again_after_done_is_processed_again_onto_the_same_output(sendi
     assert statuses() == {Status.DONE: len(written)}
 
 
+def test_clean_up_never_removes_a_new_file_at_a_reused_path(sendit_dirs: dict[str, Path]) -> None:
+    written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=1)
+    blobs = {path: path.read_bytes() for path in written}
+    ingest_and_run(sendit_dirs["INPUT_FOLDER"])
+    reused = written[0]
+    newcomer = pydicom.dcmread(io.BytesIO(blobs[reused]))
+    newcomer.SeriesInstanceUID, newcomer.SOPInstanceUID = generate_uid(), generate_uid()
+    newcomer.file_meta.MediaStorageSOPInstanceUID = newcomer.SOPInstanceUID
+    reused.parent.mkdir(parents=True, exist_ok=True)
+    newcomer.save_as(reused)  # the producer re-used a file name
+    sibling = pydicom.dcmread(io.BytesIO(blobs[reused]))  # and the old series grew by one image
+    sibling.SOPInstanceUID = generate_uid()
+    sibling.file_meta.MediaStorageSOPInstanceUID = sibling.SOPInstanceUID
+    sibling.save_as(reused.parent / "IM99999.dcm")
+    report = ingest_folder(sendit_dirs["INPUT_FOLDER"])
+    assert report.images == 2
+    run_inline(sorted(report.series_ids), workers=1)
+    assert statuses() == {Status.DONE: len(written) + 2}
+
+
 class FailingProvider:
     """A provider that is down (retryable) or answers wrongly (permanent), for the failure paths."""
 
@@ -162,6 +185,30 @@ def test_identifier_failure_is_an_error_never_a_pass_through(sendit_dirs: dict[s
     reconfigure(IDENTIFIER_PROVIDER="")
     run_inline(retry_errors(), workers=1)
     assert statuses() == {Status.DONE: len(written)}
+
+
+class KeyErrorProvider:
+    """A custom provider with a bug whose message quotes a patient value."""
+
+    def __init__(self, settings: Any = None) -> None:
+        pass
+
+    def identify(self, series: list[SeriesHeader]) -> dict[str, Identifiers]:
+        raise KeyError(series[0].patient_id)
+
+
+def test_an_unexpected_exception_is_retried_then_shown_without_its_text(
+    sendit_dirs: dict[str, Path], reconfigure: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    reconfigure(IDENTIFIER_PROVIDER="tests.test_pipeline.KeyErrorProvider", MAX_ATTEMPTS=2)
+    written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=1)
+    patient_id = str(pydicom.dcmread(written[0]).PatientID)
+    with caplog.at_level(logging.DEBUG):
+        ingest_and_run(sendit_dirs["INPUT_FOLDER"])
+    assert statuses() == {Status.ERROR: len(written)}
+    assert all("unexpected error (KeyError)" in s.last_error for s in Series.objects.all())
+    assert patient_id not in caplog.text
+    assert not Image.objects.filter(reason__contains=patient_id).exists()
 
 
 def test_deid_failure_quarantines_only_that_image(sendit_dirs: dict[str, Path]) -> None:
@@ -194,6 +241,15 @@ def test_destination_down_retries_then_delivers_without_duplicates(
     assert len(list(sendit_dirs["OUTPUT_FOLDER"].rglob("*.dcm"))) == len(written)
     assert Delivery.objects.count() == len(written)
     assert len(report.series_ids) == Series.objects.count()
+
+
+def test_no_destination_is_never_done_and_keeps_the_originals(sendit_dirs: dict[str, Path], reconfigure: Any) -> None:
+    reconfigure(OUTPUT_FOLDER=None, SEND_TO_ORTHANC=False, ORTHANC_URL="")
+    written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=2)
+    ingest_and_run(sendit_dirs["INPUT_FOLDER"])
+    assert statuses() == {Status.ERROR: len(written)}
+    assert all("no destination" in s.last_error for s in Series.objects.all())
+    assert all(path.exists() for path in written)
 
 
 def test_restart_in_the_middle_loses_nothing(sendit_dirs: dict[str, Path]) -> None:
@@ -244,3 +300,35 @@ def test_prune_keeps_a_phi_free_summary(sendit_dirs: dict[str, Path]) -> None:
     assert not Study.objects.exists() and not SeriesIdentifiers.objects.exists()
     assert not Event.objects.filter(image__isnull=False).exists()
 
+
+def test_prune_keeps_what_still_needs_a_person(sendit_dirs: dict[str, Path]) -> None:
+    written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=2)
+    broken = pydicom.dcmread(written[0])
+    broken.StudyDate = "2021-13-45"
+    broken.save_as(written[0])
+    ingest_and_run(sendit_dirs["INPUT_FOLDER"])
+    quarantined_series = Image.objects.get(status=Status.QUARANTINED).series_id
+    prune(retention_days=0)
+    assert Series.objects.filter(pk=quarantined_series).exists()
+    assert Series.objects.count() == 1
+
+
+def test_import_wait_tallies_only_what_it_imported(
+    sendit_dirs: dict[str, Path], reconfigure: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sendit import --wait` judges its own series with the tally `sendit status` shows for all."""
+    from sendit.cli import _import
+    from sendit.relay.housekeeping import images_per_status
+
+    reconfigure(IDENTIFIER_PROVIDER="tests.test_pipeline.FailingProvider", MAX_ATTEMPTS=1)
+    earlier = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=1)
+    ingest_and_run(sendit_dirs["INPUT_FOLDER"])  # an earlier batch still waits in ERROR
+    reconfigure(IDENTIFIER_PROVIDER="")
+    later = demo_into(sendit_dirs["DATA_DIR"] / "later", patients=1, images=2)
+    capsys.readouterr()
+
+    assert _import([sendit_dirs["DATA_DIR"] / "later"], wait=True, workers=1) == 0
+
+    assert f"result: DONE {len(later)}\n" in capsys.readouterr().err
+    assert images_per_status() == {Status.ERROR: len(earlier), Status.DONE: len(later)}
+    assert status_counts()[Status.ERROR] == len(earlier)

@@ -67,6 +67,7 @@ def test_wrong_answer_is_an_error_and_nothing_is_delivered(sendit_dirs: dict[str
     assert all("identifier service" in s.last_error and "jitter" in s.last_error for s in Series.objects.all())
 
 
+@pytest.mark.slow  # waits out the client's own back-off between six failed requests
 def test_service_down_only_delays(sendit_dirs: dict[str, Path], restful: DasherServer, reconfigure: Any) -> None:
     reconfigure(MAX_ATTEMPTS=10, RETRY_BASE_SECONDS=0)
     written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=2)

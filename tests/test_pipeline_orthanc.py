@@ -295,7 +295,7 @@ def test_refused_sop_class_is_an_error_with_the_status_and_the_rest_done(
 
     assert statuses() == {Status.DONE: len(written) - 1, Status.ERROR: 1}
     refused = Image.objects.get(status=Status.ERROR)
-    assert refused.reason.startswith("orthanc-dicom: 0x0122 SOP Class not supported")
+    assert refused.reason.startswith("orthanc-dicom: 0x0122 Refused: SOP Class Not Supported")
     assert server.count_instances() == len(written) - 1
     assert refused.deid_sop_instance_uid not in server.instances_in_series(refused.series.deid_series_uid)
     assert not Delivery.objects.filter(image=refused).exists()

@@ -24,8 +24,8 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from sendit.deid import Deidentifier, DeidError
-from sendit.deid.engine import read_dicom
 from sendit.deid.writer import write_part10
+from sendit.dicomio import read_dicom
 from sendit.identifiers import Identifiers
 from tests.test_deid_engine import IDS, KEY, make_ct, write
 

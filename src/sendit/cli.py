@@ -147,6 +147,7 @@ def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) ->
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from sendit.relay.housekeeping import images_per_status, reasons_per_status
     from sendit.relay.ingest import IngestReport, complete_files, ingest_paths
     from sendit.relay.inline import run_inline
     from sendit.relay.models import TERMINAL, Image, Status
@@ -191,18 +192,15 @@ def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) ->
 
         run_inline(series_ids, workers, on_progress=update)
         update()
-    counts: dict[str, int] = {}
-    for status in images.values_list("status", flat=True):
-        counts[status] = counts.get(status, 0) + 1
+    counts = images_per_status(series_ids)
     console.print(
         "result: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "result: nothing"
     )
-    reasons: dict[tuple[str, str], int] = {}
-    for status, reason in images.exclude(status__in=(Status.DONE, Status.SKIPPED)).values_list("status", "reason"):
-        reasons[(status, reason)] = reasons.get((status, reason), 0) + 1
-    for _, status, reason in report.problems:
-        if status != Status.SKIPPED:
-            reasons[(status, reason)] = reasons.get((status, reason), 0) + 1
+    unfinished = [status for status in Status if status not in (Status.DONE, Status.SKIPPED)]
+    reasons = reasons_per_status(unfinished, series_ids)
+    for _, rejected_as, why in report.problems:  # files that never became images
+        if rejected_as != Status.SKIPPED:
+            reasons[(rejected_as, why)] = reasons.get((rejected_as, why), 0) + 1
     if reasons:
         console.print(f"[red]{sum(reasons.values())} file(s) did not end DONE or SKIPPED:[/red]")
         for (status, reason), n in sorted(reasons.items(), key=lambda item: -item[1]):

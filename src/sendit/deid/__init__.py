@@ -6,7 +6,8 @@ notebook needs; :func:`deid_folder` runs the engine over a folder with an identi
 :func:`build_deidentifier` builds the engine from the configuration's text values.
 """
 
-from sendit.deid.engine import BurnedInError, Deidentifier, DeidError, DeidResult
+from sendit.deid.engine import Deidentifier, DeidResult
+from sendit.deid.errors import BurnedInError, DeidError
 from sendit.deid.folder import FolderSummary, deid_folder
 from sendit.deid.profile import DeidOptions
 from sendit.deid.recipe import Recipe, RecipeError, load_recipe, parse_recipe

@@ -1,11 +1,14 @@
 """De-identify a folder with no database: the engine behind ``sendit deid IN OUT``.
 
-Files are grouped by StudyInstanceUID / SeriesInstanceUID from their headers (never by folder), the
-identifier provider is asked once per study, and every image is written as
-``<pseudonymized patient id>/<study uid>/<series uid>/<sop instance uid>.dcm`` — de-identified
-values only, so no PHI appears in any output path. A file that cannot be read or de-identified is
-listed with its reason and the rest carry on. Each series that was written gets a ``series.json``
-beside its images (:mod:`sendit.deid.metadata`).
+The folder is walked by the relay's rules (:mod:`sendit.dicomio.walk`: in-progress and hidden names
+are left alone and counted, links never followed) and each file's header is read as the relay reads
+it (:func:`sendit.dicomio.read_header`). Files are grouped by StudyInstanceUID / SeriesInstanceUID
+from their headers (never by folder), the identifier provider is asked once per study, and every
+image is written in the folder destination's layout
+(:func:`sendit.destinations.folder.series_path`): de-identified values only, so no PHI appears in
+any output path. A file that cannot be read or de-identified is listed with its reason and the rest
+carry on. Each series that was written gets a ``series.json`` beside its images
+(:mod:`sendit.deid.metadata`).
 
 With ``workers > 1`` both passes — reading the headers and de-identifying — run in one process
 pool, so two processes scale on both.
@@ -13,17 +16,17 @@ pool, so two processes scale on both.
 
 from __future__ import annotations
 
-import os
-import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from sendit.deid.engine import Deidentifier, DeidError, DeidResult, read_dicom
-from sendit.deid.metadata import describe_series, series_document, write_document
-from sendit.destinations.folder import safe_path_part
+from sendit.deid.engine import Deidentifier, DeidError, DeidResult
+from sendit.deid.metadata import write_series_document
+from sendit.destinations.folder import image_path, series_path
+from sendit.dicomio import FileHeader, Kind, RejectedFile, read_header, walk
 from sendit.identifiers.base import IdentifierError, IdentifierProvider, Identifiers, SeriesHeader
 
 _T = TypeVar("_T")
@@ -32,7 +35,8 @@ _CHUNK = 32
 
 @dataclass
 class FolderSummary:
-    """What a folder run did; ``problems`` holds (path relative to the input, PHI-free reason)."""
+    """What a folder run did; ``problems`` holds (path relative to the input, PHI-free reason);
+    ``ignored`` counts the entries left alone by rule (``in_progress``, ``hidden``)."""
 
     files_seen: int = 0
     written: int = 0
@@ -40,6 +44,7 @@ class FolderSummary:
     series: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
     results: list[DeidResult] = field(default_factory=list)
+    ignored: Counter[str] = field(default_factory=Counter)
 
     @property
     def failed(self) -> int:
@@ -55,7 +60,9 @@ class _Job:
 
 
 @dataclass
-class _Series:
+class _SeriesFiles:
+    """One input series: its header (for the identifier provider) and its files."""
+
     header: SeriesHeader
     files: list[tuple[Path, str, str]] = field(default_factory=list)  # (path, relative, sop uid)
 
@@ -87,7 +94,7 @@ def deid_folder(
         # Several files may claim one output (the same SOPInstanceUID twice): try them in order until
         # one is written, so a truncated copy found first does not cost the good one.
         candidates: dict[Path, list[_Job]] = {}
-        outputs: dict[Path, _Output] = {}
+        outputs: dict[Path, _OutputSeries] = {}
         for study in studies.values():
             headers = [s.header for s in study.values()]
             try:
@@ -103,22 +110,18 @@ def deid_folder(
                 if ids is None:
                     _fail_study(summary, {series_uid: series}, "identifiers: provider gave none for this series")
                     continue
-                base = (
-                    out_dir
-                    / safe_path_part(ids.patient_id)
-                    / deidentifier.remap_uid(series.header.study_uid)
-                    / deidentifier.remap_uid(series_uid)
-                )
-                outputs[base] = _Output(ids.patient_id)
+                remap = deidentifier.remap_uid
+                base = series_path(out_dir, ids.patient_id, remap(series.header.study_uid), remap(series_uid))
+                outputs[base] = _OutputSeries(ids.patient_id)
                 for path, rel, sop_uid in series.files:
-                    dst = base / f"{deidentifier.remap_uid(sop_uid)}.dcm"
+                    dst = image_path(base, remap(sop_uid))
                     candidates.setdefault(dst, []).append(_Job(path, dst, rel, ids))
 
         total = len(candidates)
         done = 0
         while candidates:
             batch = [jobs.pop(0) for jobs in candidates.values()]
-            for job, outcome in zip(batch, _run(batch, deidentifier, pool), strict=True):
+            for job, outcome in zip(batch, _deidentify_jobs(batch, deidentifier, pool), strict=True):
                 if isinstance(outcome, DeidResult):
                     summary.written += 1
                     summary.results.append(outcome)
@@ -143,57 +146,52 @@ def deid_folder(
     return summary
 
 
-def _group(in_dir: Path, out_dir: Path, summary: FolderSummary, pool: Executor | None) -> dict[str, dict[str, _Series]]:
+def _group(
+    in_dir: Path, out_dir: Path, summary: FolderSummary, pool: Executor | None
+) -> dict[str, dict[str, _SeriesFiles]]:
     """Read every header once (in the pool, if any); study UID → series UID → its files."""
-    studies: dict[str, dict[str, _Series]] = {}
-    paths = list(_files(in_dir, out_dir.resolve()))
-    summary.files_seen += len(paths)
+    studies: dict[str, dict[str, _SeriesFiles]] = {}
+    paths = _files(in_dir, out_dir.resolve(), summary)
     if pool is None:
-        outcomes: Iterable[_HeaderOutcome] = (_read_header(path) for path in paths)
+        outcomes: Iterable[FileHeader | RejectedFile] = (read_header(path) for path, _ in paths)
     else:
-        chunks = _chunks(paths, pool)
+        chunks = _chunks([path for path, _ in paths], pool)
         outcomes = (outcome for chunk in pool.map(_header_chunk, chunks) for outcome in chunk)
-    for path, outcome in zip(paths, outcomes, strict=True):
-        rel = path.relative_to(in_dir).as_posix()
-        if isinstance(outcome, str):
-            summary.problems.append((rel, outcome))
+    for (path, rel), outcome in zip(paths, outcomes, strict=True):
+        if isinstance(outcome, RejectedFile):
+            summary.problems.append((rel, outcome.reason))
             continue
-        values, header = outcome
-        missing = [k for k, v in values.items() if not v]
-        if missing:
-            summary.problems.append((rel, f"missing {', '.join(missing)}"))
-            continue
-        study = studies.setdefault(values["StudyInstanceUID"], {})
-        series = study.get(values["SeriesInstanceUID"])
+        series_header = outcome.series
+        study = studies.setdefault(series_header.study_uid, {})
+        series = study.get(series_header.series_uid)
         if series is None:
-            series = study[values["SeriesInstanceUID"]] = _Series(header)
-        series.files.append((path, rel, values["SOPInstanceUID"]))
+            series = study[series_header.series_uid] = _SeriesFiles(series_header)
+        series.files.append((path, rel, outcome.sop_instance_uid))
     return studies
 
 
-_HeaderOutcome = tuple[dict[str, str], SeriesHeader] | str
+def _files(root: Path, skip: Path, summary: FolderSummary) -> list[tuple[Path, str]]:
+    """(path, path relative to ``root``) of every file to read, in walk order; the output folder
+    ``skip`` is not entered; links, special files and unreadable folders are problems."""
+    found: list[tuple[Path, str]] = []
+    for entry in walk(root, ignored=summary.ignored, enter=lambda path, _: path.resolve() != skip):
+        if entry.kind is Kind.FOLDER:
+            continue  # the output folder
+        if entry.kind is not Kind.UNREADABLE_FOLDER:
+            summary.files_seen += 1
+        if entry.kind is Kind.FILE:
+            found.append((entry.path, entry.rel))
+        else:
+            summary.problems.append((entry.rel, entry.problem))
+    return found
 
 
-def _read_header(path: Path) -> _HeaderOutcome:
-    """The UIDs and identifying values of one file, or the reason it cannot be used."""
-    try:
-        ds = read_dicom(path, headers_only=True)
-    except DeidError as exc:
-        return exc.reason
-    with warnings.catch_warnings():  # pydicom's warnings quote the (PHI) values they complain about
-        warnings.simplefilter("ignore")
-        values = {}
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            values[keyword] = str(ds.get(keyword, "") or "").strip(" \x00")
-        return values, _header(ds, values)
-
-
-def _header_chunk(chunk: list[Path]) -> list[_HeaderOutcome]:
-    return [_read_header(path) for path in chunk]
+def _header_chunk(chunk: list[Path]) -> list[FileHeader | RejectedFile]:
+    return [read_header(path) for path in chunk]
 
 
 @dataclass
-class _Output:
+class _OutputSeries:
     """One output series folder: its pseudonym, how many images were written, the first source."""
 
     pseudonym: str
@@ -207,63 +205,32 @@ class _Output:
             self.first, self.result = src, result
 
 
-def _write_metadata(deidentifier: Deidentifier, base: Path, output: _Output, summary: FolderSummary) -> None:
+def _write_metadata(deidentifier: Deidentifier, base: Path, output: _OutputSeries, summary: FolderSummary) -> None:
     assert output.first is not None and output.result is not None
     try:
-        header = read_dicom(output.first, headers_only=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            described = describe_series(header, deidentifier.known_identifiers(header))
-        document = series_document(
-            described,
+        write_series_document(
+            output.first,
+            deidentifier.known_identifiers,
+            base / "series.json",
             pseudonym=output.pseudonym,
             study_uid=output.result.study_uid,
             series_uid=output.result.series_uid,
             images=output.images,
         )
-        write_document(document, base / "series.json")
     except Exception as exc:  # the images are written; say the metadata is missing, and why
         summary.problems.append((base.name + "/series.json", f"metadata not written ({type(exc).__name__})"))
 
 
-def _files(root: Path, skip: Path) -> Iterator[Path]:
-    """Every regular file under ``root`` in a stable order, leaving out the output folder."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if (here / d).resolve() != skip)
-        for name in sorted(filenames):
-            path = here / name
-            if path.is_file():
-                yield path
-
-
-def _header(ds: object, values: dict[str, str]) -> SeriesHeader:
-    def text(keyword: str) -> str:
-        return str(getattr(ds, keyword, "") or "").strip()
-
-    return SeriesHeader(
-        series_uid=values["SeriesInstanceUID"],
-        study_uid=values["StudyInstanceUID"],
-        patient_id=text("PatientID"),
-        patient_name=text("PatientName"),
-        patient_birth_date=text("PatientBirthDate"),
-        accession_number=text("AccessionNumber"),
-        study_date=text("StudyDate"),
-        study_time=text("StudyTime"),
-        modality=text("Modality"),
-    )
-
-
-def _fail_study(summary: FolderSummary, study: dict[str, _Series], reason: str) -> None:
+def _fail_study(summary: FolderSummary, study: dict[str, _SeriesFiles], reason: str) -> None:
     for series in study.values():
         summary.problems.extend((rel, reason) for _, rel, _ in series.files)
 
 
-def _run(jobs: list[_Job], deidentifier: Deidentifier, pool: Executor | None) -> Iterator[DeidResult | str]:
+def _deidentify_jobs(jobs: list[_Job], deidentifier: Deidentifier, pool: Executor | None) -> Iterator[DeidResult | str]:
     """Outcomes in the order of ``jobs``: the result, or the reason it failed."""
     if pool is None or len(jobs) <= _CHUNK:
         for job in jobs:
-            yield _one(deidentifier, job)
+            yield _deidentify_job(deidentifier, job)
         return
     for outcomes in pool.map(_worker_chunk, _chunks(jobs, pool)):
         yield from outcomes
@@ -276,7 +243,7 @@ def _chunks(items: list[_T], pool: Executor) -> list[list[_T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _one(deidentifier: Deidentifier, job: _Job) -> DeidResult | str:
+def _deidentify_job(deidentifier: Deidentifier, job: _Job) -> DeidResult | str:
     try:
         return deidentifier.deidentify_file(job.src, job.dst, job.ids)
     except DeidError as exc:
@@ -293,4 +260,4 @@ def _init_worker(deidentifier: Deidentifier) -> None:
 
 def _worker_chunk(chunk: list[_Job]) -> list[DeidResult | str]:
     assert _worker_deidentifier is not None, "worker not initialised"
-    return [_one(_worker_deidentifier, job) for job in chunk]
+    return [_deidentify_job(_worker_deidentifier, job) for job in chunk]

@@ -33,24 +33,26 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from pydicom.valuerep import MAX_VALUE_LEN
 
 from sendit.deid.clean import clean_text
+from sendit.dicomio import quiet, read_dicom
 
 SCHEMA = "sendit.series-metadata/1"
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _AGE = re.compile(r"^(\d{3})([DWMY])$")
+_CODE = re.compile(rf"[A-Z0-9 _]{{1,{MAX_VALUE_LEN['CS']}}}")
+_LO = MAX_VALUE_LEN["LO"]
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         try:
             value = ds.get(keyword)
         except Exception:
@@ -91,13 +93,13 @@ def describe_series(header: Dataset, known_identifiers: Iterable[str]) -> dict[s
     out: dict[str, Any] = {}
     for key, keyword in (("modality", "Modality"), ("body_part_examined", "BodyPartExamined")):
         value = _text(header, keyword)
-        if value and re.fullmatch(r"[A-Z0-9 _]{1,16}", value):
+        if value and _CODE.fullmatch(value):
             out[key] = value
     for key, keyword in (("study_description", "StudyDescription"), ("series_description", "SeriesDescription")):
         value = _text(header, keyword)
         cleaned = clean_text(value, known) if value else ""
         if cleaned:
-            out[key] = cleaned[:64]
+            out[key] = cleaned[:_LO]
     sex = _text(header, "PatientSex").upper()
     if sex in ("M", "F", "O"):
         out["sex"] = sex
@@ -107,7 +109,7 @@ def describe_series(header: Dataset, known_identifiers: Iterable[str]) -> dict[s
     for key, keyword in (("manufacturer", "Manufacturer"), ("model", "ManufacturerModelName")):
         value = _text(header, keyword)
         if value:
-            out[key] = value[:64]
+            out[key] = value[:_LO]
     sop_class = _text(header, "SOPClassUID")
     if sop_class:
         uid = UID(sop_class)
@@ -148,3 +150,27 @@ def write_document(document: dict[str, Any], path: Path) -> Path:
     part.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     part.replace(path)
     return path
+
+
+def write_series_document(
+    source: Path,
+    known_identifiers: Callable[[Dataset], Iterable[str]],
+    path: Path,
+    *,
+    pseudonym: str,
+    study_uid: str,
+    series_uid: str,
+    images: int,
+) -> Path:
+    """Describe a series from one of its *original* files (headers only) and write its document.
+
+    ``known_identifiers`` is the engine's (:meth:`sendit.deid.Deidentifier.known_identifiers`);
+    raises :class:`sendit.dicomio.UnreadableFile` when ``source`` cannot be read.
+    """
+    header = read_dicom(source, headers_only=True)
+    with quiet():
+        described = describe_series(header, known_identifiers(header))
+    document = series_document(
+        described, pseudonym=pseudonym, study_uid=study_uid, series_uid=series_uid, images=images
+    )
+    return write_document(document, path)

@@ -169,7 +169,7 @@ def _dictionary_vr(tag: int) -> str | None:
         return None
 
 
-def _test(criterion: Criterion, header: _Header) -> bool:
+def _holds(criterion: Criterion, header: _Header) -> bool:
     value = header.get(criterion.tag)
     test = criterion.test
     if test == "missing":
@@ -196,7 +196,7 @@ def _matches(label: Label, header: _Header) -> bool:
     for operator, parts in label.clauses:
         line: bool | None = None
         for inner, criterion in parts:
-            flag = _test(criterion, header)
+            flag = _holds(criterion, header)
             line = flag if line is None else (line or flag) if inner == "or" else (line and flag)
         assert line is not None
         result = line if result is None else (result or line) if operator == "or" else (result and line)

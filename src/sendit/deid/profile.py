@@ -53,6 +53,7 @@ from importlib import resources
 from pydicom.datadict import dictionary_VR
 
 DATA_FILE = "ps3.15-annex-e-attributes.json"
+SAFE_PRIVATE_FILE = "safe-private-attributes.json"
 
 #: Table column names of the options, in the order the standard lists them.
 OPTION_COLUMNS: tuple[str, ...] = (
@@ -236,6 +237,16 @@ def load_rows() -> tuple[ProfileRow, ...]:
     if not rows:
         raise ProfileError("the Annex E table is empty")
     return tuple(rows)
+
+
+@cache
+def safe_private_attributes() -> frozenset[tuple[str, int, int]]:
+    """(creator, group, element low byte) of every private attribute the Retain Safe Private option keeps."""
+    text = resources.files("sendit.deid").joinpath("data", SAFE_PRIVATE_FILE).read_text(encoding="utf-8")
+    return frozenset(
+        (str(entry["creator"]), int(entry["group"], 16), int(entry["element"], 16))
+        for entry in json.loads(text)["attributes"]
+    )
 
 
 @cache

@@ -52,6 +52,7 @@ from typing import Any
 from pydicom.datadict import DicomDictionary, keyword_dict
 
 from sendit.deid.clean import clean_text
+from sendit.dicomio import tags
 
 
 class RecipeError(ValueError):
@@ -66,8 +67,17 @@ _NO_VALUE_TESTS = frozenset({"missing", "present", "empty"})
 
 #: Attributes a recipe may not name directly: the file meta, the de-identification record and the
 #: pixel data are the engine's. The identifiers are the identifier service's (see KEEP below).
-PROTECTED_TAGS = frozenset({0x00120062, 0x00120063, 0x00120064, 0x00280303, 0x00280301, 0x7FE00010})
-IDENTIFIER_TAGS = frozenset({0x00100020, 0x00100010, 0x00080050})
+PROTECTED_TAGS = frozenset(
+    {
+        tags.PATIENT_IDENTITY_REMOVED,
+        tags.DEIDENTIFICATION_METHOD,
+        tags.DEIDENTIFICATION_METHOD_CODES,
+        tags.LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED,
+        tags.BURNED_IN_ANNOTATION,
+        tags.PIXEL_DATA,
+    }
+)
+IDENTIFIER_TAGS = frozenset({tags.PATIENT_ID, tags.PATIENT_NAME, tags.ACCESSION_NUMBER})
 
 _TAG_FORMS = (
     re.compile(r"^\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)$"),
@@ -91,14 +101,14 @@ class FuncContext:
     remap_uid: Callable[[str], str]
 
 
-def _keyed_hash(ctx: FuncContext) -> str:
-    digest = hmac.new(ctx.key, ctx.value.encode("utf-8"), hashlib.sha256).hexdigest()
+def _keyed_hash(call: FuncContext) -> str:
+    digest = hmac.new(call.key, call.value.encode("utf-8"), hashlib.sha256).hexdigest()
     return digest[:16].upper()
 
 
-def _age_bucket(ctx: FuncContext) -> str:
+def _age_bucket(call: FuncContext) -> str:
     """An AS value (``047Y``) → its 5-year bucket's lower bound (``045Y``); 90 and over → ``090Y``."""
-    match = re.fullmatch(r"(\d{3})([DWMY])", ctx.value.strip())
+    match = re.fullmatch(r"(\d{3})([DWMY])", call.value.strip())
     if match is None:
         return ""
     number, unit = int(match.group(1)), match.group(2)
@@ -106,31 +116,31 @@ def _age_bucket(ctx: FuncContext) -> str:
     return f"{min(90, years - years % 5):03d}Y"
 
 
-def _year_only(ctx: FuncContext) -> str:
-    text = ctx.value.strip()
+def _year_only(call: FuncContext) -> str:
+    text = call.value.strip()
     return f"{text[:4]}0101" if len(text) >= 4 and text[:4].isdigit() else ""
 
 
 FUNCTIONS: Mapping[str, Callable[[FuncContext], Any]] = {
     "keyed_hash": _keyed_hash,  # 16 hex digits of HMAC-SHA256(secret key, value)
-    "remap_uid": lambda ctx: ctx.remap_uid(ctx.value),  # the engine's keyed UID remap
-    "hashuid": lambda ctx: ctx.remap_uid(ctx.value),  # deid's example name for the same thing
+    "remap_uid": lambda call: call.remap_uid(call.value),  # the engine's keyed UID remap
+    "hashuid": lambda call: call.remap_uid(call.value),  # deid's example name for the same thing
     "age_bucket": _age_bucket,
     "year_only": _year_only,
-    "clean_text": lambda ctx: clean_text(ctx.value, set(ctx.known_identifiers)),
-    "empty": lambda ctx: "",
+    "clean_text": lambda call: clean_text(call.value, set(call.known_identifiers)),
+    "empty": lambda call: "",
 }
 
 
 #: Functions that answer a yes/no question, for ``REMOVE <field> func:NAME``.
-def _contains_identifier(ctx: FuncContext) -> bool:
+def _contains_identifier(call: FuncContext) -> bool:
     """True when a word of the value is an identifier known for the image (sendit.deid.clean)."""
-    return any(token.lower() in ctx.known_identifiers for token in re.split(r"[^\w]+|_", ctx.value) if token)
+    return any(token.lower() in call.known_identifiers for token in re.split(r"[^\w]+|_", call.value) if token)
 
 
 PREDICATES: Mapping[str, Callable[[FuncContext], bool]] = {
     "contains_identifier": _contains_identifier,
-    "is_empty": lambda ctx: not ctx.value.strip(),
+    "is_empty": lambda call: not call.value.strip(),
 }
 
 

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from functools import cache
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom.config import IGNORE
-from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO, DicomFileLike
@@ -41,8 +39,9 @@ from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from pydicom.valuerep import VR as _VR
 from pydicom.values import convert_value
 
+from sendit.dicomio.tags import UNDEFINED_LENGTH, dictionary_vr, tag_text
+
 PREAMBLE = b"\x00" * 128  # never the source's: a preamble can carry anything (TIFF headers, text)
-_UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
 _IMPLICIT = struct.Struct("<HHL")
 _EXPLICIT_SHORT = struct.Struct("<HH2sH")
@@ -67,22 +66,6 @@ _ROUND_TRIP_VRS = _TEXT_VRS | {"UI"}
 class InvalidElementError(ValueError):
     """An element that cannot be written so that a reader gets it back; the message names the tag
     and the rule it breaks, never the value."""
-
-
-def tag_text(tag: int) -> str:
-    """``0x00100010`` → ``"(0010,0010) PatientName"`` for messages (private tags get no name)."""
-    name = "" if (tag >> 16) & 1 else (keyword_for_tag(tag) or "")
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {name}".rstrip()
-
-
-@cache
-def dictionary_vr(tag: int) -> str | None:
-    """The data dictionary's VR for a public tag, first choice of an ambiguous one; None if unknown."""
-    try:
-        vr = str(dictionary_VR(tag))
-    except KeyError:
-        return None
-    return vr.split(" or ")[0]
 
 
 def _rule_vr(tag: int, vr: str | None) -> str:
@@ -164,7 +147,7 @@ def _write_elements(fp: DicomFileLike, out: BinaryIO, ds: Dataset, implicit: boo
         if not tag & 0xFFFF and tag >> 16 > 6:  # retired group lengths, as pydicom skips them
             continue
         elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED and isinstance(elem.value, bytes):
+        if isinstance(elem, RawDataElement) and elem.length != UNDEFINED_LENGTH and isinstance(elem.value, bytes):
             value = elem.value
             size = len(value)
             vr = elem.VR
@@ -279,7 +262,7 @@ def _check_dataset(ds: Dataset, encodings: Any, path: str) -> None:
         if not tag & 0xFFFF and tag >> 16 > 6:
             continue
         elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement) and (elem.length == _UNDEFINED or not isinstance(elem.value, bytes)):
+        if isinstance(elem, RawDataElement) and (elem.length == UNDEFINED_LENGTH or not isinstance(elem.value, bytes)):
             try:
                 elem = ds[tag]  # a sequence or encapsulated pixel data: parsed, so its items get checked
             except Exception as exc:

@@ -1,7 +1,9 @@
 """DIMSE status codes in words, and what each means for delivery.
 
-The table is data so an operator-facing message ("0xA900 Data Set does not match SOP Class") and the
-retry decision come from one place. Codes from PS3.7 Annex C and PS3.4 B.2.3 (Storage Service).
+The words are pynetdicom's (its Storage Service Class table, PS3.4 B.2.3 with the general statuses of
+PS3.7 Annex C); the one column that is ours is what the relay does with the image: delivered, delivered
+with a note, retried, or failed for good. So an operator-facing message ("0xA900 Data Set Does Not
+Match SOP Class") and the retry decision come from one place.
 """
 
 from __future__ import annotations
@@ -9,8 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from pynetdicom.status import (
+    PROCEDURE_STEP_STATUS,
+    STATUS_UNKNOWN,
+    STORAGE_SERVICE_CLASS_STATUS,
+    code_to_category,
+)
 
-class Outcome(Enum):
+
+class StatusClass(Enum):
     """What the shell should do with an image after the peer answered."""
 
     DELIVERED = "delivered"
@@ -22,70 +31,86 @@ class Outcome(Enum):
 @dataclass(frozen=True)
 class StatusInfo:
     code: int
-    outcome: Outcome
+    status_class: StatusClass
     meaning: str
 
     @property
     def delivered(self) -> bool:
-        return self.outcome in (Outcome.DELIVERED, Outcome.WARNING)
+        return self.status_class in (StatusClass.DELIVERED, StatusClass.WARNING)
 
     @property
     def permanent(self) -> bool:
-        return self.outcome is Outcome.PERMANENT
+        return self.status_class is StatusClass.PERMANENT
 
     def describe(self) -> str:
         return f"0x{self.code:04X} {self.meaning}"
 
 
-_D, _W, _R, _P = Outcome.DELIVERED, Outcome.WARNING, Outcome.RETRYABLE, Outcome.PERMANENT
+_D, _W, _R, _P = StatusClass.DELIVERED, StatusClass.WARNING, StatusClass.RETRYABLE, StatusClass.PERMANENT
 
-# Exact codes. A resource or protocol hiccup is retryable; anything about the data or the peer's
+# Our column. A resource or protocol hiccup is retryable; anything about the data or the peer's
 # capabilities is permanent, because re-sending the same bytes cannot change the answer.
-_EXACT: dict[int, tuple[Outcome, str]] = {
-    0x0000: (_D, "Success"),
-    0x0001: (_W, "Requested optional attributes are not supported"),
-    0x0107: (_W, "Attribute list error"),
-    0x0116: (_W, "Attribute value out of range"),
-    0xB000: (_W, "Coercion of data elements"),
-    0xB006: (_W, "Elements discarded"),
-    0xB007: (_W, "Data Set does not match SOP Class (stored anyway)"),
-    0x0105: (_P, "No such attribute"),
-    0x0106: (_P, "Invalid attribute value"),
-    0x0110: (_R, "Processing failure"),
-    0x0117: (_P, "Invalid SOP Instance"),
-    0x0118: (_P, "No such SOP Class"),
-    0x0119: (_P, "Class-instance conflict"),
-    0x0120: (_P, "Missing attribute"),
-    0x0121: (_P, "Missing attribute value"),
-    0x0122: (_P, "SOP Class not supported"),
-    0x0124: (_P, "Not authorized"),
-    0x0210: (_R, "Duplicate invocation"),
-    0x0211: (_P, "Unrecognized operation"),
-    0x0212: (_P, "Mistyped argument"),
-    0x0213: (_R, "Resource limitation"),
-    0xFE00: (_R, "Cancelled"),
+_EXACT: dict[int, StatusClass] = {
+    0x0000: _D,
+    0x0001: _W,
+    0x0107: _W,
+    0x0116: _W,
+    0xB000: _W,
+    0xB006: _W,
+    0xB007: _W,
+    0x0105: _P,
+    0x0106: _P,
+    0x0110: _R,
+    0x0117: _P,
+    0x0118: _P,
+    0x0119: _P,
+    0x0120: _P,
+    0x0121: _P,
+    0x0122: _P,
+    0x0124: _P,
+    0x0210: _R,
+    0x0211: _P,
+    0x0212: _P,
+    0x0213: _R,
+    0xFE00: _R,
 }
 
-# Ranges, checked after exact codes: (first, last, outcome, meaning).
-_RANGES: tuple[tuple[int, int, Outcome, str], ...] = (
-    (0xA700, 0xA7FF, _R, "Refused: Out of resources"),
-    (0xA900, 0xA9FF, _P, "Data Set does not match SOP Class"),
-    (0xC000, 0xCFFF, _P, "Cannot understand"),
-    (0xB000, 0xBFFF, _W, "Warning"),
+# Ranges, checked after exact codes: (first, last, class).
+_RANGES: tuple[tuple[int, int, StatusClass], ...] = (
+    (0xA700, 0xA7FF, _R),  # Refused: Out of Resources
+    (0xA900, 0xA9FF, _P),  # Data Set Does Not Match SOP Class
+    (0xC000, 0xCFFF, _P),  # Cannot Understand
+    (0xB000, 0xBFFF, _W),  # warnings: stored
 )
+
+# Where the words come from, in order: the Storage table (with the general statuses), then a table
+# that holds the one general warning the Storage table leaves out (0x0001).
+_WORDS = (STORAGE_SERVICE_CLASS_STATUS, PROCEDURE_STEP_STATUS)
+
+
+def _meaning(code: int) -> str:
+    """pynetdicom's words for ``code``: its text, else its category (Success, Cancel, Warning...)."""
+    for table in _WORDS:
+        if code in table and table[code][1]:
+            return table[code][1]
+    category = code_to_category(code)
+    return "Unknown status" if category == STATUS_UNKNOWN else category
+
+
+def _status_class(code: int) -> StatusClass:
+    if code in _EXACT:
+        return _EXACT[code]
+    for first, last, status_class in _RANGES:
+        if first <= code <= last:
+            return status_class
+    return _R  # an unknown failure is retryable, so nothing is lost: a person sees it after N tries
 
 
 def classify(code: int) -> StatusInfo:
-    """Classify a C-STORE response status; an unknown failure is retryable so nothing is lost."""
-    if code in _EXACT:
-        outcome, meaning = _EXACT[code]
-        return StatusInfo(code, outcome, meaning)
-    for first, last, outcome, meaning in _RANGES:
-        if first <= code <= last:
-            return StatusInfo(code, outcome, meaning)
-    return StatusInfo(code, Outcome.RETRYABLE, "Unknown status")
+    """Classify a C-STORE (or C-FIND / C-ECHO) response status."""
+    return StatusInfo(code, _status_class(code), _meaning(code))
 
 
 def describe(code: int) -> str:
-    """``0xA900 Data Set does not match SOP Class`` — the form used in messages."""
+    """``0xA900 Data Set Does Not Match SOP Class`` — the form used in messages."""
     return classify(code).describe()

@@ -1,7 +1,9 @@
 """The embedded default destination: a plain folder, laid out by pseudonym / study / series.
 
-Every path component is a pseudonym or a de-identified UID, so no PHI can appear in a path. Files are
-written under a temporary name and renamed, so a crash never leaves a half file that looks complete.
+The layout, ``<pseudonym>/<study UID>/<series UID>/<SOP instance UID>.dcm``, is defined here once
+(:func:`series_path`, :func:`image_path`) and shared with ``sendit deid IN OUT``. Every path
+component is a pseudonym or a de-identified UID, so no PHI can appear in a path. Files are written
+under a temporary name and renamed, so a crash never leaves a half file that looks complete.
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ def safe_path_part(text: str) -> str:
     return part if part.strip(".") else f"_{part}"
 
 
+def series_path(root: Path, patient_id: str, study_uid: str, series_uid: str) -> Path:
+    """Where one series' images go: ``<root>/<pseudonym>/<study UID>/<series UID>``, each part safe."""
+    return root.joinpath(safe_path_part(patient_id), safe_path_part(study_uid), safe_path_part(series_uid))
+
+
+def image_path(series_folder: Path, sop_instance_uid: str) -> Path:
+    """One image in its series folder (:func:`series_path`): ``<SOP instance UID>.dcm``."""
+    return series_folder / f"{safe_path_part(sop_instance_uid)}.dcm"
+
+
 def _fsync_directory(folder: Path) -> None:
     descriptor = os.open(folder, os.O_RDONLY)
     try:
@@ -43,8 +55,8 @@ class FolderDestination:
         self.root = root
 
     def target(self, image: OutgoingImage) -> Path:
-        parts = (image.patient_id, image.study_uid, image.series_uid)
-        return self.root.joinpath(*map(safe_path_part, parts)) / f"{safe_path_part(image.sop_instance_uid)}.dcm"
+        series = series_path(self.root, image.patient_id, image.study_uid, image.series_uid)
+        return image_path(series, image.sop_instance_uid)
 
     def send(self, images: Sequence[OutgoingImage]) -> list[SendResult]:
         results: list[SendResult] = []
@@ -74,6 +86,7 @@ class FolderDestination:
         return results
 
     def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
+        # any pseudonym and study: the series UID alone names the folder (see series_path)
         found = {path.stem for path in self.root.glob(f"*/*/{safe_path_part(series_uid)}/*.dcm")}
         return sop_instance_uids - found
 

@@ -1,7 +1,8 @@
 """Header-only reading of one file, and the checks that decide whether it can enter the pipeline.
 
-Pixel data is never loaded here; a truncated file is detected from the pixel element's declared
-length against the file size, which costs one small read instead of the whole image.
+Pixel data is never loaded here; whether the file is whole is decided by
+:func:`sendit.dicomio.reading.pixel_data_cut_short` from the pixel element's declared length against
+the file size, which costs one small read instead of the whole image.
 """
 
 from __future__ import annotations
@@ -10,26 +11,26 @@ import errno
 import os
 import stat
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import MAX_VALUE_LEN
 
+from sendit.dicomio.quiet import quiet
+from sendit.dicomio.reading import open_no_follow, pixel_data_cut_short
+from sendit.dicomio.tags import MEDIA_STORAGE_DIRECTORY_CLASS
+from sendit.dicomio.walk import NOT_REGULAR, SYMLINK
 from sendit.identifiers.base import SeriesHeader
 
-UNDEFINED_LENGTH = 0xFFFFFFFF
-PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
-SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+_UID_MAX = MAX_VALUE_LEN["UI"]
 
 
 @dataclass(frozen=True)
 class FileHeader:
-    """What ingest needs from one file; identifying values stay inside the database."""
+    """What ingest (and `sendit deid`) needs from one file to group it; identifying values stay inside the database."""
 
     sop_instance_uid: str
     sop_class_uid: str
@@ -51,12 +52,6 @@ class RejectedFile:
     gone: bool = False
 
 
-SYMLINK = "symbolic link; not followed"
-NOT_REGULAR = "not a regular file (a device, pipe or socket)"
-# Never follow a link at the last step, never wait on a pipe; O_NOFOLLOW is missing on Windows.
-_OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-
-
 def _text(value: object) -> str:
     """A header value as text; NUL characters (padding, or damage) are dropped: no database takes them."""
     return "" if value is None else str(value).replace("\x00", "").strip()
@@ -76,21 +71,16 @@ def read_header(path: Path) -> FileHeader | RejectedFile:
     that no such value reaches a log, and no reason carries a value from the file. A symbolic link is
     not followed (rejected), and nothing but a regular file is read.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         try:
             return _read_header(path)
         except Exception as exc:  # a last line: one file's surprise must never stop a scan
             return RejectedFile(f"unreadable DICOM header ({type(exc).__name__})")
 
 
-def _open(path: Path) -> BinaryIO:
-    return open(path, "rb", opener=lambda name, flags: os.open(name, flags | _OPEN_FLAGS))
-
-
 def _read_header(path: Path) -> FileHeader | RejectedFile:
     try:
-        handle = _open(path)
+        handle = open_no_follow(path)
     except (FileNotFoundError, NotADirectoryError):
         return RejectedFile("file vanished before it was read", gone=True)
     except OSError as exc:
@@ -107,8 +97,7 @@ def _read_header(path: Path) -> FileHeader | RejectedFile:
         try:
             ds = dcmread(handle, stop_before_pixels=True)
             pixel_start = handle.tell()
-            truncated = _pixel_data_truncated(handle, pixel_start, size, ds.is_little_endian, ds.is_implicit_VR)
-            if truncated:
+            if pixel_data_cut_short(handle, pixel_start, size, ds.is_little_endian, ds.is_implicit_VR):
                 return RejectedFile("truncated DICOM file (pixel data shorter than declared)")
             # every value is read inside this ``try``: pydicom converts lazily, and an unknown VR or a
             # damaged value raises only here
@@ -124,7 +113,7 @@ def _read_header(path: Path) -> FileHeader | RejectedFile:
 def _header_of(ds: Dataset, pixel_start: int, size: int) -> FileHeader | RejectedFile:
     meta = getattr(ds, "file_meta", None)
     sop_class = _text(ds.get("SOPClassUID")) or _text(meta.get("MediaStorageSOPClassUID") if meta else "")
-    if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+    if sop_class == MEDIA_STORAGE_DIRECTORY_CLASS or "DirectoryRecordSequence" in ds:
         return RejectedFile("DICOMDIR media directory, not an image", skip=True)
     uid_names = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
     uids = {name: _text(ds.get(name)) for name in uid_names}
@@ -132,9 +121,9 @@ def _header_of(ds: Dataset, pixel_start: int, size: int) -> FileHeader | Rejecte
     if missing:
         ended_early = pixel_start >= size
         return RejectedFile("missing " + ", ".join(missing) + (" (the file may be truncated)" if ended_early else ""))
-    too_long = [name for name in uid_names if len(uids[name]) > 64]
+    too_long = [name for name in uid_names if len(uids[name]) > _UID_MAX]
     if too_long:
-        return RejectedFile(", ".join(too_long) + " longer than 64 characters (not a valid UID)")
+        return RejectedFile(", ".join(too_long) + f" longer than {_UID_MAX} characters (not a valid UID)")
     for name in uid_names:
         problem = _uid_problem(name, uids[name])
         if problem:
@@ -158,29 +147,3 @@ def _header_of(ds: Dataset, pixel_start: int, size: int) -> FileHeader | Rejecte
         transfer_syntax_uid=transfer or "1.2.840.10008.1.2",
         size=size,
     )
-
-
-def _pixel_data_truncated(handle: object, start: int, size: int, little: bool | None, implicit: bool | None) -> bool:
-    """True when the pixel element that follows the header declares more bytes than the file holds."""
-    if start >= size:
-        return False  # no pixel data (SR, RT plans, ...)
-    read = handle.read  # type: ignore[attr-defined]
-    head = read(12)
-    if len(head) < 8:
-        return True
-    endian = "<" if little in (True, None) else ">"
-    group, element = struct.unpack(endian + "HH", head[:4])
-    if (group, element) not in PIXEL_TAGS:
-        return False  # trailing elements after the pixel group are read elsewhere
-    if implicit:
-        (length,) = struct.unpack(endian + "L", head[4:8])
-        header_length = 8
-    else:
-        if len(head) < 12:
-            return True
-        (length,) = struct.unpack(endian + "L", head[8:12])
-        header_length = 12
-    if length == UNDEFINED_LENGTH:
-        handle.seek(max(start, size - 4096))  # type: ignore[attr-defined]
-        return SEQUENCE_DELIMITER not in read(4096)
-    return start + header_length + length > size

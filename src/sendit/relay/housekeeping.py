@@ -2,36 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import timedelta
 
 from django.db import transaction
-from django.db.models import Count, Max, Min
+from django.db.models import Count, Max, Min, QuerySet
 from django.utils import timezone
 
 from sendit.relay.models import IN_FLIGHT, Image, ReceivedFile, Series, Status, Summary
 from sendit.relay.transitions import move_images
 
 
+def _images(series_ids: Collection[int] | None) -> QuerySet[Image]:
+    return Image.objects.all() if series_ids is None else Image.objects.filter(series_id__in=series_ids)
+
+
+def images_per_status(series_ids: Collection[int] | None = None) -> dict[str, int]:
+    """Images per status (only statuses that have any), of these series or of all: the one tally
+    that `sendit status`, `sendit import --wait`, the dashboard and /metrics show."""
+    rows = _images(series_ids).values("status").annotate(n=Count("id")).order_by()
+    return {row["status"]: row["n"] for row in rows}
+
+
+def reasons_per_status(
+    statuses: Collection[str], series_ids: Collection[int] | None = None
+) -> dict[tuple[str, str], int]:
+    """How many images of these series (or all) are in one of ``statuses``, by (status, reason)."""
+    rows = _images(series_ids).filter(status__in=statuses).values("status", "reason").annotate(n=Count("id"))
+    return {(row["status"], row["reason"]): row["n"] for row in rows.order_by()}
+
+
 def status_counts() -> dict[str, int]:
     """Images per status, plus files that never became images (rejected, duplicates)."""
     counts = {status.value: 0 for status in Status}
-    for row in Image.objects.values("status").annotate(n=Count("id")):
-        counts[row["status"]] += row["n"]
-    for row in ReceivedFile.objects.values("status").annotate(n=Count("id")):
+    for status, n in images_per_status().items():
+        counts[status] += n
+    for row in ReceivedFile.objects.values("status").annotate(n=Count("id")).order_by():
         counts[row["status"]] += row["n"]
     return counts
 
 
 def problem_reasons(limit: int = 20) -> list[tuple[str, str, int]]:
     """(status, reason, count) for everything that did not end DONE, most frequent first."""
-    rows = list(
-        Image.objects.filter(status__in=(Status.ERROR, Status.QUARANTINED, Status.SKIPPED))
-        .values("status", "reason")
-        .annotate(n=Count("id"))
-    )
-    rows += list(ReceivedFile.objects.values("status", "reason").annotate(n=Count("id")))
-    merged: dict[tuple[str, str], int] = {}
-    for row in rows:
+    merged = reasons_per_status((Status.ERROR, Status.QUARANTINED, Status.SKIPPED))
+    for row in ReceivedFile.objects.values("status", "reason").annotate(n=Count("id")).order_by():
         key = (row["status"], row["reason"])
         merged[key] = merged.get(key, 0) + row["n"]
     ordered = sorted(merged.items(), key=lambda item: -item[1])[:limit]
@@ -68,7 +82,7 @@ def prune(retention_days: int) -> int:
     )
     pruned = 0
     for series in old:
-        counts = {row["status"]: row["n"] for row in series.images.values("status").annotate(n=Count("id"))}
+        counts = images_per_status([series.pk])
         with transaction.atomic():
             Summary.objects.create(
                 series_id_was=series.pk,

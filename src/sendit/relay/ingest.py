@@ -7,13 +7,13 @@ a scan: whatever goes wrong with one file (its name, its header, a link, its len
 rejection, and the rest flows. Only the scan as a whole can fail (the folder unreadable, the database
 down); the watcher records that in ScanState.
 
-Rules (docs/operations.md):
-- in progress: a name whose last dot-part starts with ``tmp``, any case (``NAME.tmp``,
-  ``NAME.tmpXXXX``, also ``x.tmpl``); never read, moved or deleted; a folder so named is not entered.
-- hidden: a name starting with ``.``; never read; a hidden folder is not entered.
-- a symbolic link is never followed: the link itself is rejected once and moved to quarantine.
-- the walk is sorted name by name at every level, so of two copies of one instance found in one
-  scan, the one whose path sorts first is the image, however the folder is chunked.
+Rules (docs/operations.md): the walk's, shared with ``sendit deid`` (:mod:`sendit.dicomio.walk`):
+in-progress (``NAME.tmpXXXX``) and hidden (``.name``) entries are never read, moved or deleted, and
+are counted; a symbolic link is never followed; the walk is sorted name by name at every level, so
+of two copies of one instance found in one scan, the one whose path sorts first is the image,
+however the folder is chunked. Here: a link or special file is rejected once and moved to
+quarantine (a link as the link), a path too long to record is set aside through its folder, a
+folder that cannot be read is recorded and left in place.
 """
 
 from __future__ import annotations
@@ -31,28 +31,16 @@ from django.db import DatabaseError, InterfaceError, OperationalError, transacti
 from django.db.models import Q
 from django.utils import timezone
 
-from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, RejectedFile, read_header
+from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, Kind, RejectedFile, read_header
+from sendit.dicomio import walk as walk_folder
 from sendit.relay import files
 from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Status, Study
 from sendit.relay.transitions import clip, lock_series, refresh_series_status
 
 log = logging.getLogger("sendit.ingest")
 
-# ScanState.ignored keys: entries left alone on purpose, by rule
-IN_PROGRESS = "in_progress"
-HIDDEN = "hidden"
+# A ScanState.ignored key beside the walk's (sendit.dicomio.walk: in_progress, hidden)
 REJECTED_EARLIER = "rejected_earlier"  # rejected once and left in place (could not be moved); not recorded again
-
-
-def in_progress(name: str) -> bool:
-    """The producer's convention `NAME.tmpXXXX`: the last dot-part of the name starts with `tmp` (any case)."""
-    dot = name.rfind(".")
-    return dot >= 0 and name[dot + 1 :].lower().startswith("tmp")
-
-
-def hidden(name: str) -> bool:
-    """Hidden files (`.name`): editors' and rsync's temporary files, `.DS_Store`; never read."""
-    return name.startswith(".")
 
 
 @dataclass(frozen=True)
@@ -70,57 +58,30 @@ class Entry:
     how: str = "move"
 
 
-def _listing(folder: Path, stored: str) -> list[tuple[os.DirEntry[str], str]]:
-    with os.scandir(folder) as entries:
-        ordered = sorted(entries, key=lambda entry: entry.name)
-    prefix = "" if stored in ("", ".") else stored + "/"
-    return [(entry, prefix + files.escape_name(entry.name)) for entry in ordered]
-
-
 def walk(root: Path, ignored: Counter[str] | None = None) -> Iterator[Entry]:
     """Every entry under ``root`` to record, in name order at each level; ignored ones counted.
 
     ``root`` itself may be a link (the configured folder); nothing below it is followed. Raises only
     when ``root`` cannot be listed: that is the whole scan failing.
     """
-    counts: Counter[str] = ignored if ignored is not None else Counter()
     top = root.resolve()
-    stack = [iter(_listing(top, files.stored_name(top, follow=True)))]
-    while stack:
-        item = next(stack[-1], None)
-        if item is None:
-            stack.pop()
-            continue
-        dirent, stored = item
-        if in_progress(dirent.name):
-            counts[IN_PROGRESS] += 1
-            continue
-        if hidden(dirent.name):
-            counts[HIDDEN] += 1
-            continue
-        path = Path(dirent.path)
-        try:
-            link = dirent.is_symlink()
-            folder = dirent.is_dir(follow_symlinks=False)
-            regular = dirent.is_file(follow_symlinks=False)
-        except OSError:
-            continue  # gone since the listing
-        too_long = files.too_long(path, stored)
+    prefix = files.stored_name(top, follow=True)
+    prefix = "" if prefix in ("", ".") else prefix + "/"
+
+    def enter(path: Path, rel: str) -> bool:  # a folder whose path is too long is set aside whole
+        return not files.too_long(path, prefix + rel)
+
+    for found in walk_folder(top, ignored=ignored, name=files.escape_name, enter=enter):
+        stored = prefix + found.rel
+        too_long = files.too_long(found.path, stored)
         if too_long:
-            yield Entry(path, files.recordable(stored), too_long, how="long")
-        elif link:
-            yield Entry(path, stored, SYMLINK)
-        elif folder:
-            try:
-                stack.append(iter(_listing(path, stored)))
-            except (FileNotFoundError, NotADirectoryError):
-                pass  # moved or removed since the listing: the next scan sees what is there
-            except OSError as exc:
-                yield Entry(path, stored, f"folder cannot be read ({exc.strerror})", how="keep")
-        elif not regular:
-            yield Entry(path, stored, NOT_REGULAR)
-        else:
-            yield Entry(path, stored)
+            yield Entry(found.path, files.recordable(stored), too_long, how="long")
+        elif found.kind is Kind.FILE:
+            yield Entry(found.path, stored)
+        else:  # a link or special file (moved away), or a folder that cannot be read (left in place)
+            yield Entry(
+                found.path, stored, found.problem, how="keep" if found.kind is Kind.UNREADABLE_FOLDER else "move"
+            )
 
 
 def complete_files(root: Path, ignored: Counter[str] | None = None) -> Iterator[Entry]:

@@ -155,7 +155,9 @@ class LeaseKeeper:
         self.every = max(1.0, runtime.config().LEASE_SECONDS / 3)
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"sendit-lease-{lease.series_id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._renew_until_stopped, name=f"sendit-lease-{lease.series_id}", daemon=True
+        )
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()
@@ -169,7 +171,7 @@ class LeaseKeeper:
         if self.lost.is_set():
             raise LeaseLost(f"series #{self.lease.series_id}: lease generation {self.lease.generation} was lost")
 
-    def _run(self) -> None:
+    def _renew_until_stopped(self) -> None:
         try:
             while not self._stop.wait(self.every):
                 try:
@@ -413,25 +415,23 @@ def write_series_metadata(series: Series, ids: Identifiers) -> None:
     """WORK_FOLDER/series-<id>/metadata.json: the allow-listed, de-identified fields for researchers
     (sendit.deid.metadata), for the Google metadata store to pick up. A failure here is logged and
     does not hold the images back: the document carries no image and can be written again."""
-    from sendit.deid.engine import read_dicom
-    from sendit.deid.metadata import describe_series, series_document, write_document
+    from sendit.deid.metadata import write_series_document
 
     made = series.images.exclude(deid_sop_instance_uid="")
     first = made.order_by("id").first()
     if first is None:
         return
     try:
-        header = read_dicom(files.original(first.path), headers_only=True)
-        described = describe_series(header, runtime.deidentifier().known_identifiers(header))
         study_uid = Study.objects.filter(pk=series.study_id).values_list("deid_study_uid", flat=True).first()
-        document = series_document(
-            described,
+        write_series_document(
+            files.original(first.path),
+            runtime.deidentifier().known_identifiers,
+            files.series_folder(series.pk) / "metadata.json",
             pseudonym=ids.patient_id,
             study_uid=study_uid or "",
             series_uid=series.deid_series_uid,
             images=made.count(),
         )
-        write_document(document, files.series_folder(series.pk) / "metadata.json")
     except Exception as exc:
         log.warning("series #%s: metadata.json not written (%s)", series.pk, type(exc).__name__)
 
