@@ -266,7 +266,11 @@ def cmd_deid(args: argparse.Namespace) -> int:
     summary = deid_folder(Path(args.input), Path(args.output), engine, provider, workers=args.workers or cfg.WORKERS)
     for name, reason in summary.problems:
         print(f"{name}: {reason}", file=sys.stderr)
-    print(f"de-identified {summary.written} file(s); {len(summary.problems)} problem(s)")
+    ignored = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(summary.ignored.items()))
+    print(
+        f"de-identified {summary.written} file(s); {len(summary.problems)} problem(s)"
+        + (f"; left alone by rule: {ignored}" if ignored else "")
+    )
     return 1 if summary.problems else 0
 
 

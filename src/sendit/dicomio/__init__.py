@@ -8,7 +8,7 @@ Importing this package installs the filter that keeps pydicom's value-quoting lo
 
 from sendit.dicomio.headers import FileHeader, RejectedFile, read_header
 from sendit.dicomio.quiet import quiet, redact_pydicom_logs
-from sendit.dicomio.reading import UnreadableFile, read_dicom
+from sendit.dicomio.reading import UnreadableFile, read_dicom, sop_class_and_syntax
 from sendit.dicomio.walk import NOT_REGULAR, SYMLINK, Found, Kind, walk
 
 redact_pydicom_logs()
@@ -24,5 +24,6 @@ __all__ = [
     "quiet",
     "read_dicom",
     "read_header",
+    "sop_class_and_syntax",
     "walk",
 ]

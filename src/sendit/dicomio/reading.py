@@ -80,6 +80,15 @@ def read_dicom(path: Path, *, headers_only: bool = False) -> Dataset:
     return ds
 
 
+def sop_class_and_syntax(path: Path) -> tuple[str, str]:
+    """(SOPClassUID, TransferSyntaxUID) of a file we wrote ourselves, reading as little as possible."""
+    with quiet():
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return str(ds.get("SOPClassUID", "")), syntax
+
+
 def check_complete(ds: Dataset, path: Path) -> None:
     """Raise :class:`UnreadableFile` (``truncated``) when a whole read of ``path`` shows a cut."""
     keys = list(ds.keys())

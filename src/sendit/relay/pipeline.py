@@ -28,6 +28,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from sendit.destinations.base import Destination, DestinationError, OutgoingImage
+from sendit.dicomio import sop_class_and_syntax
 from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
 from sendit.relay import files, runtime
 from sendit.relay.models import IN_FLIGHT, Delivery, Image, Series, SeriesIdentifiers, Stage, Status, Study
@@ -456,8 +457,6 @@ def hold_lease_now(lease: Lease) -> None:
 
 
 def _outgoing(series: Series, images: list[Image], ids: Identifiers, written: Written) -> list[OutgoingImage]:
-    from pydicom import dcmread
-
     # One query per batch, not per image (the series' cached study predates de-identification).
     study_uid = Study.objects.filter(pk=series.study_id).values_list("deid_study_uid", flat=True).get()
     outgoing = []
@@ -466,9 +465,7 @@ def _outgoing(series: Series, images: list[Image], ids: Identifiers, written: Wr
         if image.pk in written:  # written by this run: we know what is in it
             sop_class_uid, transfer_syntax_uid = written[image.pk]
         else:  # resuming after a restart: read the header of the working copy
-            meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-            sop_class_uid = str(meta.get("SOPClassUID", ""))
-            transfer_syntax_uid = str(meta.file_meta.TransferSyntaxUID)
+            sop_class_uid, transfer_syntax_uid = sop_class_and_syntax(path)
         outgoing.append(
             OutgoingImage(
                 image_id=image.pk,
