@@ -31,9 +31,14 @@ def _django(migrate: bool = True) -> Config:
     for name in ("DATA_DIR", "INPUT_FOLDER", "WORK_FOLDER", "QUARANTINE_FOLDER"):
         Path(cfg.values[name]).mkdir(parents=True, exist_ok=True)
     if migrate:
-        from django.core.management import call_command
+        from sendit.relay.installation import KeyMismatch, check_key
+        from sendit.relay.installation import migrate as migrate_schema
 
-        call_command("migrate", verbosity=0, interactive=False)
+        migrate_schema(Path(cfg.DATA_DIR))
+        try:
+            check_key(cfg.SECRET_KEY)
+        except KeyMismatch as exc:
+            raise SystemExit(f"sendit: {exc}") from None
     return cfg
 
 

@@ -212,3 +212,29 @@ class ScanState(models.Model):
 
     def __str__(self) -> str:
         return f"scan by {self.name}"
+
+
+class Installation(models.Model):
+    """Facts every process of one installation must agree on (one row per name).
+
+    ``secret_key_fingerprint``: a keyed digest of SECRET_KEY. A process started with another key
+    would de-identify the same images under other UIDs; it refuses to start instead.
+    """
+
+    name = models.CharField(max_length=64, unique=True)
+    value = models.CharField(max_length=255)
+    created = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class PeriodicRun(models.Model):
+    """When a periodic job last ran anywhere: of many consumers on many hosts, one runs it per period."""
+
+    name = models.CharField(max_length=64, unique=True)
+    last_run = models.DateTimeField()
+    host = models.CharField(max_length=255, blank=True)
+
+    def __str__(self) -> str:
+        return self.name

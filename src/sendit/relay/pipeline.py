@@ -191,10 +191,12 @@ def backoff_seconds(attempts: int) -> float:
     return float(min(cfg.RETRY_CAP_SECONDS, cfg.RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1)))
 
 
-def no_space_reason(exc: OSError) -> str:
-    """ "no space left on the work folder": which of Sendit's folders filled up, never a file name."""
+def no_space_reason(exc: OSError, writing: Path | None = None) -> str:
+    """Which of Sendit's folders filled up ("no space left on the work folder"), never a file name.
+
+    ``writing`` names the file being written when the error carries none (a failed write or close)."""
     cfg = runtime.config()
-    where = str(exc.filename or "")
+    where = str(exc.filename or writing or "")
     folders = [
         ("WORK_FOLDER", "the work folder"),
         ("QUARANTINE_FOLDER", "the quarantine folder"),
@@ -378,7 +380,7 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
             except OSError as exc:
                 mine.unlink(missing_ok=True)
                 if is_no_space(exc):
-                    raise RetryableFailure(no_space_reason(exc)) from None
+                    raise RetryableFailure(no_space_reason(exc, writing=mine)) from None
                 _quarantine(series, image, lease, f"de-identification failed: {type(exc).__name__}")
                 continue
             except DeidError as exc:

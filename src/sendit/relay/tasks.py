@@ -8,17 +8,19 @@ is found by the requeue within a minute.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
 from django.db import close_old_connections
-from django.db.models import Q
+from django.db.models import DateTimeField, ExpressionWrapper, Q
+from django.db.models.functions import Now
 from django.utils import timezone
 from huey import crontab
 
 from sendit.relay import runtime
-from sendit.relay.models import IN_FLIGHT, Series, Status
+from sendit.relay.models import IN_FLIGHT, PeriodicRun, Series, Status
 from sendit.relay.pipeline import holder_is_dead, process_series
 from sendit.relay.queue import make_huey
 
@@ -28,7 +30,9 @@ huey = make_huey(runtime.config())
 #: a step that raised (connection dropped) runs again after this many seconds
 FAILED_STEP_RETRY_SECONDS = 5
 #: a series not leased, with work to do and no task in the queue for this long, is requeued
-ORPHAN_AFTER_SECONDS = 30
+ORPHAN_AFTER_SECONDS = 10
+#: the requeue runs once a minute on one consumer; a little less than 60 s, so the next minute is due
+REQUEUE_PERIOD_SECONDS = 50
 
 
 class StepFailed(Exception):
@@ -122,11 +126,24 @@ def requeue_stale() -> int:
     return enqueue(ids)
 
 
+def my_turn(name: str, period_seconds: float) -> bool:
+    """True for exactly one caller per period across every consumer on every host."""
+    now = timezone.now()
+    PeriodicRun.objects.bulk_create([PeriodicRun(name=name, last_run=now - timedelta(days=1))], ignore_conflicts=True)
+    # names the time it expects to be older than the period: of two consumers, the first UPDATE wins;
+    # the other changes nothing and skips this period
+    due = ExpressionWrapper(Now() - timedelta(seconds=period_seconds), output_field=DateTimeField())
+    return (
+        PeriodicRun.objects.filter(name=name, last_run__lte=due).update(last_run=Now(), host=socket.gethostname()) == 1
+    )
+
+
 @huey.periodic_task(crontab(minute="*"))
 def requeue_stale_periodically() -> None:
     close_old_connections()
     try:
-        requeue_stale()
+        if my_turn("requeue", REQUEUE_PERIOD_SECONDS):
+            requeue_stale()
     except Exception as exc:  # the next minute tries again; the type only (the text can quote a value)
         log.warning("requeue check failed (%s)", type(exc).__name__)
     finally:

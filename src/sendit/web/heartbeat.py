@@ -24,6 +24,7 @@ log = logging.getLogger("sendit.heartbeat")
 EVERY_SECONDS = 5.0
 ALIVE_SECONDS = 30
 FORGET_AFTER = timedelta(days=1)
+REQUEUE_EVERY_BEATS = 3  # 15 s
 
 
 def beat(name: str, started: Any) -> None:
@@ -35,16 +36,34 @@ def _loop(name: str) -> None:
     started = timezone.now()
     stop = threading.Event()
     first = True
+    beats = 0
     while not stop.wait(0 if first else EVERY_SECONDS):
         try:
             beat(name, started)
             if first:
                 WorkerHeartbeat.objects.filter(seen__lt=timezone.now() - FORGET_AFTER).delete()
             first = False
-        except Exception:  # a busy database must not kill the worker; the dashboard shows it as silent
-            log.warning("heartbeat of %s could not be written", name, exc_info=True)
+        except Exception as exc:  # a busy database must not kill the worker; the dashboard shows it as silent
+            log.warning("heartbeat of %s could not be written (%s)", name, type(exc).__name__)
         finally:
             close_old_connections()
+        beats += 1
+        if beats % REQUEUE_EVERY_BEATS == 0:
+            _requeue_if_my_turn()
+
+
+def _requeue_if_my_turn() -> None:
+    """Between the queue's once-a-minute ticks: a series whose task was lost with a dropped queue
+    connection is found within about 30 s, by one worker of all hosts per period."""
+    from sendit.relay.tasks import my_turn, requeue_stale
+
+    try:
+        if my_turn("requeue-between-ticks", REQUEUE_EVERY_BEATS * EVERY_SECONDS - 1):
+            requeue_stale()
+    except Exception as exc:
+        log.warning("requeue check failed (%s)", type(exc).__name__)
+    finally:
+        close_old_connections()
 
 
 def start_thread() -> threading.Thread:
