@@ -20,7 +20,7 @@ from django.utils import timezone
 from huey import crontab
 
 from sendit.relay import runtime
-from sendit.relay.models import IN_FLIGHT, PeriodicRun, Series, Status
+from sendit.relay.models import IN_FLIGHT, PeriodicRun, Series, Stage, Status
 from sendit.relay.pipeline import holder_is_dead, process_series
 from sendit.relay.queue import make_huey
 
@@ -117,6 +117,31 @@ def stale_series() -> list[int]:
         else:  # cannot tell: only those silent for a whole lease period
             stale |= {series_id for series_id, enqueued, _ in unleased if enqueued is None or enqueued < now - lease}
     return sorted(stale)
+
+
+def wake_when_destinations_are_back() -> list[int]:
+    """Series waiting out a back-off after a destination failure go at once when every destination
+    answers again, instead of after the rest of their back-off (up to RETRY_CAP_SECONDS)."""
+    now = timezone.now()
+    waiting = list(
+        Series.objects.filter(stage=Stage.RETRYING, next_attempt_at__gt=now, images__status__in=IN_FLIGHT)
+        .values_list("id", flat=True)
+        .distinct()
+    )
+    if not waiting:
+        return []
+    destinations = runtime.destinations()
+    try:
+        if any(destination.check() is not None for destination in destinations):
+            return []
+    finally:
+        for destination in destinations:
+            destination.close()
+    # names the back-off it expects: a series that ran meanwhile keeps what its worker wrote
+    Series.objects.filter(pk__in=waiting, stage=Stage.RETRYING, next_attempt_at__gt=now).update(next_attempt_at=now)
+    log.info("destinations answer again: %s waiting series go now", len(waiting))
+    enqueue(waiting)
+    return waiting
 
 
 def requeue_stale() -> int:

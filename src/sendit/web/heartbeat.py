@@ -53,13 +53,15 @@ def _loop(name: str) -> None:
 
 
 def _requeue_if_my_turn() -> None:
-    """Between the queue's once-a-minute ticks: a series whose task was lost with a dropped queue
-    connection is found within about 30 s, by one worker of all hosts per period."""
-    from sendit.relay.tasks import my_turn, requeue_stale
+    """Between the queue's once-a-minute ticks, by one worker of all hosts per period: a series whose
+    task was lost with a dropped queue connection is found within about 30 s, and series waiting out
+    a back-off go as soon as every destination answers again."""
+    from sendit.relay.tasks import my_turn, requeue_stale, wake_when_destinations_are_back
 
     try:
         if my_turn("requeue-between-ticks", REQUEUE_EVERY_BEATS * EVERY_SECONDS - 1):
             requeue_stale()
+            wake_when_destinations_are_back()
     except Exception as exc:
         log.warning("requeue check failed (%s)", type(exc).__name__)
     finally:
