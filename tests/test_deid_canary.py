@@ -1,4 +1,5 @@
-"""PHI canary: a unique marker in every attribute Table E.1-1 names, at several nesting levels and in
+"""PHI canary: a unique marker in every attribute Table E.1-1 names, and in every current PN/LT/ST/UT
+attribute of the data dictionary that the table does not name, at several nesting levels and in
 private tags, file meta and preamble; after de-identification no output byte may hold any of them.
 
 Markers are looked for in the raw bytes of the written file, so nothing the engine leaves behind —
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -28,6 +29,7 @@ IDS = Identifiers("SIDPSEUDO1", "SIDPSEUDO1", "ACCPSEUDO1", jitter_days=-45)
 TEXT_VRS = {"AE", "CS", "SH", "LO", "LT", "ST", "UT", "UC", "PN"}
 BYTES_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 WALKED = {0x00081140, 0x00082112}  # X/Z/U*: kept and walked, so they carry the next level
+UNLISTED_VRS = {"PN", "LT", "ST", "UT"}  # free text and names: none may survive, listed or not
 DEPTH = 3
 BASE_DATE = datetime.date(1000, 1, 1)
 
@@ -36,11 +38,12 @@ BASE_DATE = datetime.date(1000, 1, 1)
 class Canaries:
     """Hands out unique marker values per VR and remembers every one of them."""
 
-    keep_dated_times: bool
+    keep_dated_times: bool  # unused since times are shifted with their dates (kept for callers)
     markers: list[bytes] = field(default_factory=list)
     chain: list[int] = field(default_factory=list)  # the tags enclosing the value being made
     origin: dict[bytes, tuple[int, ...]] = field(default_factory=dict)  # marker → its tag chain
     covered: set[int] = field(default_factory=set)
+    unlisted: set[int] = field(default_factory=set)  # unlisted PN/LT/ST/UT attributes given a marker
     skipped: dict[str, set[int]] = field(default_factory=dict)
     counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -102,9 +105,27 @@ def _rows() -> list[tuple[int, str, dict[str, str], str]]:
     return rows
 
 
+def unlisted_text() -> list[tuple[int, str]]:
+    """(tag, VR) of every current PN/LT/ST/UT attribute of pydicom's data dictionary that Table E.1-1
+    does not list (exactly or by a wildcard row): found from the dictionary, not from the engine."""
+    rows = load_rows()
+    exact = {row.value for row in rows if row.is_exact}
+    wildcards = [(row.mask, row.value) for row in rows if not row.is_exact]
+    return sorted(
+        (tag, vr)
+        for tag, (vr, _vm, _name, retired, _keyword) in DicomDictionary.items()
+        if vr in UNLISTED_VRS
+        and not retired
+        and tag >> 16 > 0x0002
+        and tag not in exact
+        and not any(tag & mask == value for mask, value in wildcards)
+    )
+
+
 def fill(ds: Dataset, canaries: Canaries, level: int) -> None:
-    """Put a canary in every PHI-bearing attribute of the table, and private ones, into ``ds``."""
-    for tag, _basic, options, _name in _rows():
+    """Put a canary in every PHI-bearing attribute of the table, in every unlisted PN/LT/ST/UT
+    attribute, and in private ones, into ``ds``."""
+    for tag, _basic, _options, _name in _rows():
         group = tag >> 16
         if group in (0x0000, 0x0002):
             canaries.skip(tag, "command or file meta group: cannot be in a stored data set")
@@ -112,10 +133,6 @@ def fill(ds: Dataset, canaries: Canaries, level: int) -> None:
         vr = str(dictionary_VR(tag))
         if " or " in vr:
             canaries.skip(tag, "ambiguous VR")
-            continue
-        if vr == "TM" and canaries.keep_dated_times and options.get("rtnLongModifDatesOpt") == "C":
-            # Retained on purpose by the modified-dates option (a whole-day shift keeps times).
-            canaries.skip(tag, "time kept by the modified-dates option")
             continue
         if vr == "SQ":
             with canaries.within(tag):
@@ -128,6 +145,10 @@ def fill(ds: Dataset, canaries: Canaries, level: int) -> None:
             continue
         ds.add_new(tag, vr, value)
         canaries.covered.add(tag)
+    for tag, vr in unlisted_text():
+        with canaries.within(tag):
+            ds.add_new(tag, vr, canaries.value(vr))
+        canaries.unlisted.add(tag)
     with canaries.within(0x00090000):  # private, top level
         _private(ds, canaries)
     # Wildcard rows: overlay data and comments (60xx,3000/4000), curves (50xx,xxxx); and the
@@ -220,6 +241,32 @@ def test_no_canary_survives(tmp_path: Path, transfer_syntax: str, options: DeidO
     assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
     assert sum(1 for _ in out.iterall()) > 100
     assert out.PatientIdentityRemoved == "YES"
+
+
+UNLISTED_OPTIONS = [
+    DeidOptions(),
+    DeidOptions(retain_long_modified_dates=False),
+    DeidOptions.from_names(["clean_descriptors", "clean_structured_content", "clean_graphics"]),
+]
+
+
+@pytest.mark.parametrize("options", UNLISTED_OPTIONS, ids=["default", "basic-only", "clean-options"])
+def test_no_unlisted_free_text_or_name_survives(tmp_path: Path, options: DeidOptions) -> None:
+    """Every current PN/LT/ST/UT attribute the table does not list, at the top level and inside the
+    sequences the profile keeps and walks (three levels deep): no marker in any output byte."""
+    canaries = Canaries(keep_dated_times=False)
+    src = canary_file(tmp_path / "canary.dcm", canaries, ExplicitVRLittleEndian)
+    unlisted = {m: chain for m, chain in canaries.origin.items() if chain and chain[-1] in canaries.unlisted}
+    assert len(canaries.unlisted) >= 100  # EvaluatorName, DetectorDescription, ... (about 110 in 2024)
+    assert len(unlisted) == 7 * len(canaries.unlisted)  # the top level and six walked items
+
+    result = Deidentifier("canary-key", options).deidentify_file(src, tmp_path / "out.dcm", IDS)
+    output = result.path.read_bytes()
+    survivors = sorted({keyword_for_tag(chain[-1]) for m, chain in unlisted.items() if m in output})
+    assert survivors == []
+    out = pydicom.dcmread(result.path)
+    nested = out.ReferencedImageSequence[0].SourceImageSequence[0]
+    assert nested.ReferencedSOPInstanceUID.startswith("2.25.")  # the walked items are still there, remapped
 
 
 def test_option_names_match_the_table_columns() -> None:

@@ -5,7 +5,9 @@ Builders here (``make_ct``, ``write``) are reused by the canary and folder tests
 
 from __future__ import annotations
 
+import datetime
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.config import RAISE
 from pydicom.data import get_testdata_file
+from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -26,8 +29,16 @@ from pydicom.valuerep import MAX_VALUE_LEN, validate_value
 
 from sendit.deid import Deidentifier, DeidError, DeidOptions
 from sendit.deid import engine as engine_module
-from sendit.deid.dates import shift_da, shift_dt
-from sendit.deid.profile import Action, build_action_table, load_rows, resolve
+from sendit.deid.dates import DATE_OF_TIME, shift_da, shift_dt, shift_tm, time_offset
+from sendit.deid.profile import (
+    Action,
+    Unlisted,
+    build_action_table,
+    classify_unlisted,
+    load_rows,
+    resolve,
+    unlisted_attributes,
+)
 from sendit.deid.writer import write_part10
 from sendit.dicomio import read_dicom
 from sendit.identifiers import Identifiers
@@ -200,7 +211,7 @@ def test_table_is_built_from_the_shipped_standard_data() -> None:
     assert table.exact[0x00200010] is Action.EMPTY  # Study ID: Z
     assert table.exact[0x00100030] is Action.EMPTY  # Birth Date: Z, not covered by the dates option
     assert table.exact[0x00080022] is Action.SHIFT_DATE  # Acquisition Date: X/Z, option C
-    assert table.exact[0x00080032] is Action.KEEP  # Acquisition Time: a whole-day shift keeps times
+    assert table.exact[0x00080032] is Action.SHIFT_DATE  # Acquisition Time: X/Z, option C: shifted with its date
     assert table.exact[0x0020000D] is Action.REMAP_UID
     assert table.removed_groups == {0x50, 0x60}
     assert table.private is Action.REMOVE
@@ -230,6 +241,120 @@ def test_without_the_dates_option_dates_get_the_basic_profile_action() -> None:
 )
 def test_combined_codes_resolve_to_the_least_destructive_valid_action(code: str, vr: str, action: Action) -> None:
     assert resolve(code, vr) is action
+
+
+# -- attributes the table does not list ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("vr", "keyword", "kind"),
+    [
+        ("PN", "EvaluatorName", Unlisted.PERSON_NAME),
+        ("LT", "DetectorDescription", Unlisted.FREE_TEXT),
+        ("LT", "CommentsOnTheScheduledProcedureStep", Unlisted.FREE_TEXT),
+        ("LT", "GridAbsorbingMaterial", Unlisted.TECHNICAL_TEXT),
+        ("LO", "CodeMeaning", Unlisted.CODED),
+        ("SH", "CodingSchemeDesignator", Unlisted.CODED),
+        ("LO", "Manufacturer", Unlisted.TECHNICAL),
+        ("LO", "ManufacturerModelName", Unlisted.TECHNICAL),
+        ("LO", "SoftwareVersions", Unlisted.TECHNICAL),
+        ("SH", "ConvolutionKernel", Unlisted.TECHNICAL),
+        ("SH", "SequenceName", Unlisted.TECHNICAL),
+        ("LO", "MIMETypeOfEncapsulatedDocument", Unlisted.TECHNICAL),
+        ("LO", "DimensionIndexPrivateCreator", Unlisted.TECHNICAL),
+        ("LO", "WindowCenterWidthExplanation", Unlisted.FREE_TEXT),
+        ("LO", "DoseComment", Unlisted.FREE_TEXT),
+        ("LO", "PatientBirthDateInAlternativeCalendar", Unlisted.IDENTITY),
+        ("LO", "ContactDisplayName", Unlisted.IDENTITY),
+        ("LO", "HangingProtocolCreator", Unlisted.IDENTITY),
+        ("SH", "RouteID", Unlisted.IDENTITY),  # DICOS travel, unlike ContrastBolusRoute
+        ("LO", "ContrastBolusRoute", Unlisted.TECHNICAL),
+        ("UR", "RetrieveURL", Unlisted.UNCLASSIFIED),  # a host name and the original study UID
+        ("CS", "ScanOptions", None),  # coded by definition: the rule leaves it alone
+        ("DS", "SliceThickness", None),
+    ],
+)
+def test_unlisted_attributes_are_classed_from_their_vr_and_keyword(
+    vr: str, keyword: str, kind: Unlisted | None
+) -> None:
+    assert classify_unlisted(vr, keyword) is kind
+
+
+def test_the_rule_for_unlisted_attributes_covers_the_dictionary() -> None:
+    found = unlisted_attributes()
+    assert 0x00142006 in found and 0x00400400 in found and 0x00187006 in found  # the MR's planted three
+    assert not set(found) & {row.value for row in load_rows() if row.is_exact}
+    table = build_action_table(DeidOptions().columns())
+    assert table.exact[0x00142006] is Action.UNLISTED and table.unlisted[0x00142006] is Action.EMPTY
+    assert table.unlisted[0x00283003] is Action.DUMMY  # LUT Explanation: Type 1 in a module of PS3.3
+    assert table.unlisted[0x00187040] is Action.CLEAN  # Grid Absorbing Material: technical text
+    assert 0x00080070 not in table.exact  # Manufacturer: kept
+    cleaning = build_action_table(DeidOptions(clean_descriptors=True).columns())
+    assert cleaning.unlisted[0x00187006] is Action.CLEAN  # Detector Description: cleaned like a description
+    assert cleaning.unlisted[0x00142006] is Action.EMPTY  # a name is never cleaned into the output
+
+
+def test_the_unlisted_counts_are_the_documented_ones() -> None:
+    """The figures docs/deidentification.md gives ("Attributes the table does not list")."""
+    per_class: Counter[tuple[str, bool]] = Counter()
+    for tag, kind in unlisted_attributes().items():
+        per_class[(kind.value, bool(DicomDictionary[tag][3]))] += 1
+    assert per_class == {
+        ("person name", False): 2,
+        ("person name", True): 1,
+        ("free text", False): 162,
+        ("free text", True): 16,
+        ("technical text", False): 4,
+        ("identity", False): 24,
+        ("unclassified", False): 14,
+        ("unclassified", True): 10,
+        ("coded", False): 10,
+        ("technical", False): 208,
+        ("technical", True): 20,
+    }
+    table = build_action_table(DeidOptions().columns())
+    assert Counter(action.value for action in table.unlisted.values()) == {"Z": 190, "D": 39, "C": 4}
+
+
+def test_unlisted_text_is_removed_in_a_real_mr_at_every_kept_depth(engine: Deidentifier, tmp_path: Path) -> None:
+    """The issue's find: a name, a comment and a dated description planted in a real MR were kept."""
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    ds.add_new(0x00142006, "PN", "Evaluator^Eve")  # Evaluator Name
+    ds.add_new(0x00400400, "LT", "call Mrs Smith on 555-0199")  # Comments on the Scheduled Procedure Step
+    ds.add_new(0x00187006, "LT", "panel replaced 2023-04-01 by J. Doe")  # Detector Description
+    ds.add_new(0x00187040, "LT", "LEAD")  # Grid Absorbing Material: technical text
+    ds.add_new(0x00181250, "SH", "HEAD_32CH")  # Receive Coil Name: technical
+    lut = Dataset()
+    lut.add_new(0x00283002, "US", [2, 0, 16])  # LUT Descriptor
+    lut.ModalityLUTType = "HU"
+    lut.add_new(0x00283006, "US", [0, 1])  # LUT Data
+    lut.LUTExplanation = "drawn for Smith"  # Type 1 in PS3.3: a dummy, not an empty value
+    ds.ModalityLUTSequence = Sequence([lut])
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = ds.SOPClassUID
+    ref.ReferencedSOPInstanceUID = "1.2.3.4.5"
+    ref.add_new(0x00142006, "PN", "Evaluator^Eve")  # inside a walked reference sequence
+    ref.add_new(0x00187006, "LT", "nested note")
+    ds.ReferencedImageSequence = Sequence([ref])
+    out = deid(engine, write(ds, tmp_path / "mr.dcm"), tmp_path)
+
+    for item in (out, out.ReferencedImageSequence[0]):
+        assert item[0x00142006].is_empty and item[0x00187006].is_empty
+    assert out[0x00400400].is_empty
+    assert (out[0x00187040].value, out.ReceiveCoilName, out.Manufacturer) == ("LEAD", "HEAD_32CH", ds.Manufacturer)
+    assert out.ModalityLUTSequence[0].LUTExplanation == "ANONYMIZED"
+    assert out.ModalityLUTSequence[0].ModalityLUTType == "HU"
+    assert out.ReferencedImageSequence[0].ReferencedSOPInstanceUID == engine.remap_uid("1.2.3.4.5")
+
+
+def test_clean_descriptors_cleans_unlisted_free_text(tmp_path: Path) -> None:
+    ds = make_ct()
+    ds.add_new(0x00187006, "LT", "flat panel replaced 2023-04-01 for Smith")  # Detector Description
+    ds.add_new(0x00142006, "PN", "Evaluator^Eve")
+    engine = Deidentifier(KEY, DeidOptions.from_names(["clean_descriptors", "retain_long_modified_dates"]))
+    out = deid(engine, write(ds, tmp_path / "ct.dcm"), tmp_path)
+    assert out[0x00187006].value == "flat panel replaced for"  # the date and the patient's name cut
+    assert out[0x00142006].is_empty
 
 
 def test_contradictory_options_and_an_empty_key_are_refused() -> None:
@@ -275,7 +400,7 @@ def test_each_action_on_a_real_ct(engine: Deidentifier, ct_file: Path, tmp_path:
     assert item.StudyDate == "20231116"
     assert not any(elem.tag.is_private for elem in item)
     # K: untouched (values and pixel bytes)
-    for keyword in ("Modality", "Manufacturer", "SliceThickness", "ImageType", "Rows", "StudyTime", "SOPClassUID"):
+    for keyword in ("Modality", "Manufacturer", "SliceThickness", "ImageType", "Rows", "SOPClassUID"):
         assert out[keyword].value == original[keyword].value, keyword
     assert out.PixelData == original.PixelData
     # identifiers
@@ -448,20 +573,105 @@ def test_dt_shift(value: str, days: int, expected: str) -> None:
     assert shift_dt(value, days) == expected
 
 
-def test_dates_everywhere_are_shifted_and_times_kept(engine: Deidentifier, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("value", "seconds", "expected", "carried"),
+    [
+        ("083000", 3600, "093000", 0),
+        ("083000.123456", 3 * 3600 + 61, "113101.123456", 0),  # the fraction is kept as written
+        ("233000", 3600, "003000", 1),  # round the clock: one day carried into the date
+        ("23:30:00", 1800, "000000", 1),  # the ACR-NEMA form, written back as DICOM
+        ("0830", 45 * 60 + 59, "0915", 0),  # HHMM stays HHMM
+        ("08", 5400, "09", 0),  # HH stays HH
+        ("235960", 1, "000001", 1),  # a leap second
+    ],
+)
+def test_tm_shift(value: str, seconds: int, expected: str, carried: int) -> None:
+    assert shift_tm(value, seconds) == (expected, carried)
+
+
+@pytest.mark.parametrize(
+    ("value", "days", "seconds", "expected"),
+    [
+        ("20240115233000.5+0100", -45, 3600, "20231202003000.5+0100"),  # the day carried, the offset kept
+        ("2024011508", 1, 5400, "2024011609"),  # hour precision stays hour precision
+        ("20240115", -45, 3600, "20231201"),  # no time part: the days only
+    ],
+)
+def test_dt_shift_with_a_time_of_day_offset(value: str, days: int, seconds: int, expected: str) -> None:
+    assert shift_dt(value, days, seconds) == expected
+
+
+@pytest.mark.parametrize("bad", ["256199", "12:61:99", "8:30", "083000,5", "ab"])
+def test_a_malformed_time_is_refused(bad: str) -> None:
+    with pytest.raises(engine_module.BadValue, match="malformed TM value"):
+        shift_tm(bad, 60)
+
+
+def test_every_time_has_its_date_found_in_the_dictionary() -> None:
+    assert DATE_OF_TIME[0x00080030] == 0x00080020  # Study Time → Study Date
+    assert DATE_OF_TIME[0x00181201] == 0x00181200  # Time of Last Calibration → Date of Last Calibration
+    assert 0x00181072 not in DATE_OF_TIME  # Radiopharmaceutical Start Time: no date of its own
+
+
+def test_time_offset_is_keyed_per_patient_and_zero_without_a_shift() -> None:
+    offset = time_offset(b"k", "SIDPSEUDO1", -45)
+    assert 0 <= offset < 86400 and offset == time_offset(b"k", "SIDPSEUDO1", 30)  # the same in every study
+    assert offset != time_offset(b"other key", "SIDPSEUDO1", -45)
+    assert len({time_offset(b"k", f"SID{n}", 7) for n in range(20)}) > 15
+    assert time_offset(b"k", "SIDPSEUDO1", 0) == 0
+
+
+def _instant(date: str, time: str) -> datetime.datetime:
+    return datetime.datetime.strptime(date + time[:6].ljust(6, "0"), "%Y%m%d%H%M%S")
+
+
+def test_dates_and_times_everywhere_move_by_one_offset(engine: Deidentifier, tmp_path: Path) -> None:
+    """Modified dates: every date and time of the patient moves by the same days and seconds, so no
+    original time of day is left and every interval between two instants stays exact."""
     ds = make_ct()
-    ds.ContentDate = "20240301"
-    ds.CalibrationDate = ["20240101", "20231231"]  # multi-valued DA, not in the table
-    ds.ContentTime = "235959.5"
+    ds.ContentDate, ds.ContentTime = "20240301", "235959.5"
+    ds.SeriesDate, ds.SeriesTime = "20240115", "000001"
+    ds.CalibrationDate = ["20240101", "20231231"]  # multi-valued DA, not in the table, no time of its own
+    ds.RadiopharmaceuticalStartTime = "071500"  # no date of its own: round the clock
     src = write(ds, tmp_path / "a.dcm")
-    for days, content in ((-1, "20240229"), (31, "20240401")):
-        out = deid(engine, src, tmp_path, Identifiers("SIDX", "SIDX", "ACCX", days))
-        assert out.ContentDate == content
-        assert out.ContentTime == "235959.5"
-        assert out.StudyTime == "083000"
-        assert out.AcquisitionDateTime == ("20240114" if days < 0 else "20240215") + "083000.123456+0100"
-        assert list(out.CalibrationDate) == (["20231231", "20231230"] if days < 0 else ["20240201", "20240131"])
+    for days in (-1, 31):
+        ids = Identifiers("SIDX", "SIDX", "ACCX", days)
+        seconds = time_offset(KEY.encode(), "SIDX", days)
+        assert seconds  # (a zero offset for this key and patient would make the test prove nothing)
+        offset = datetime.timedelta(days=days, seconds=seconds)
+        out = deid(engine, src, tmp_path, ids)
+        for date, time in (("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
+            assert _instant(out[date].value, out[time].value) == _instant(ds[date].value, ds[time].value) + offset
+        assert out.ContentTime.endswith(".5") and out.StudyTime != ds.StudyTime
+        original = datetime.datetime(2024, 1, 15, 8, 30, 0, 123456)
+        shifted = datetime.datetime.strptime(out.AcquisitionDateTime[:21], "%Y%m%d%H%M%S.%f")
+        assert shifted == original + offset and out.AcquisitionDateTime.endswith("+0100")
+        expected_start = (datetime.datetime(2000, 1, 1, 7, 15) + datetime.timedelta(seconds=seconds)).strftime("%H%M%S")
+        assert out.RadiopharmaceuticalStartTime == expected_start
+        assert list(out.CalibrationDate) == [shift_da(d, days) for d in ds.CalibrationDate]
+        assert out.ReferencedImageSequence[0].StudyDate == shift_da("20231231", days)  # in a kept sequence
         assert_vr_valid(out)
+
+
+def test_a_time_that_comes_before_its_date_still_carries_into_it(engine: Deidentifier) -> None:
+    """The walk meets (0014,407C) Calibration Time before (0014,407E) Calibration Date."""
+    assert DATE_OF_TIME[0x0014407C] == 0x0014407E
+    seconds = time_offset(KEY.encode(), IDS.patient_id, IDS.jitter_days)
+    ds = make_ct()
+    before_midnight = (datetime.datetime(2000, 1, 1) - datetime.timedelta(seconds=seconds // 2 + 1)).strftime("%H%M%S")
+    ds.add_new(0x0014407C, "TM", before_midnight)
+    ds.add_new(0x0014407E, "DA", "20240115")
+    engine.deidentify(ds, IDS)
+    moved = _instant(ds[0x0014407E].value, ds[0x0014407C].value)
+    assert moved == _instant("20240115", before_midnight) + datetime.timedelta(days=IDS.jitter_days, seconds=seconds)
+    assert ds[0x0014407E].value != shift_da("20240115", IDS.jitter_days)  # the day was carried
+
+
+def test_times_are_kept_when_the_identifiers_ask_for_real_dates(
+    engine: Deidentifier, ct_file: Path, tmp_path: Path
+) -> None:
+    out = deid(engine, ct_file, tmp_path, Identifiers("SIDX", "SIDX", "ACCX", jitter_days=0))
+    assert (out.StudyDate, out.StudyTime, out.InstanceCreationTime) == ("20240115", "083000", "101010")
 
 
 # -- failing closed -----------------------------------------------------------------------------------

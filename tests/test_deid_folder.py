@@ -73,9 +73,10 @@ def test_folder_is_deidentified_into_a_phi_free_tree(tree: Path, tmp_path: Path)
     reasons = dict(summary.problems)
     assert set(reasons) == {"notes.txt", "0-cut.dcm", "bad.dcm", "copy-of-4.dcm"}
     assert reasons["notes.txt"].startswith("not a DICOM file")  # the reason ingest gives, too
-    assert "truncated" in reasons["0-cut.dcm"]  # and the good copy of it was still written
+    assert reasons["0-cut.dcm"] == "truncated DICOM file: pixel data shorter than declared"  # as ingest says
+    # (the cut copy never became the image: its good copy 4.dcm was written)
     assert reasons["bad.dcm"] == "(0008,0023) ContentDate: malformed DA value"
-    assert "duplicate" in reasons["copy-of-4.dcm"]
+    assert reasons["copy-of-4.dcm"] == "duplicate of an instance in the input (4.dcm)"  # ingest's words
 
     # one provider call per study, with that study's series
     assert sorted(len(call) for call in provider.calls) == [1, 2]
@@ -182,3 +183,22 @@ def test_uids_that_look_like_paths_stay_inside_the_output_folder(tmp_path: Path)
     written = [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
     assert len(written) == 2 and all(out in path.parents for path in written)  # the image and series.json
     assert [result.path.parent.parent.name for result in summary.results] == ["1.2_.._.._.._escaped"]
+
+
+def test_two_files_with_one_sop_instance_uid_are_decided_as_ingest_decides(tmp_path: Path) -> None:
+    """The first in the walk's (sorted) order is the image, wherever the other lies and whatever series
+    it claims; a later copy is a duplicate (same bytes) or a conflict (other bytes), never written."""
+    root = tmp_path / "in"
+    sop = STUDY_1 + ".1.7"
+    first = write(make_ct(series_uid=STUDY_1 + ".1", sop_uid=sop), root / "a" / "first.dcm")
+    shutil.copy(first, root / "b-same.dcm")
+    write(make_ct(series_uid=STUDY_1 + ".2", sop_uid=sop, patient_name="Smith^Other"), root / "c" / "other.dcm")
+
+    summary = deid_folder(root, tmp_path / "out", Deidentifier(KEY), CountingProvider())
+
+    assert summary.written == 1 and summary.results[0].series_uid == Deidentifier(KEY).remap_uid(STUDY_1 + ".1")
+    assert dict(summary.problems) == {
+        "b-same.dcm": "duplicate of an instance in the input (a/first.dcm)",
+        "c/other.dcm": "conflict: same SOPInstanceUID with different content (a/first.dcm is the one processed)",
+    }
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 1

@@ -10,8 +10,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from sendit.deid import Deidentifier, DeidOptions
-from sendit.deid.clean import clean_text
 from sendit.deid.metadata import age_bucket
+from sendit.deid.scrub import scrub_words
 from sendit.identifiers import Identifiers
 from tests.test_deid_engine import IDS, assert_vr_valid, make_ct, pydicom_file, write
 
@@ -146,7 +146,7 @@ def test_clean_graphics(tmp_path: Path) -> None:
 
 def test_clean_text_and_age_buckets() -> None:
     known = {"smith", "alice", "mrn0012345"}
-    assert clean_text("Smith^Alice: T1 3D brain (Jan 5 2021) tel 555-1234 x@y.org", known) == "T1 3D brain tel"
+    assert scrub_words("Smith^Alice: T1 3D brain (Jan 5 2021) tel 555-1234 x@y.org", known) == "T1 3D brain tel"
     assert [age_bucket(a) for a in (0, 4, 5, 47, 89, 90, 104)] == ["0-4", "0-4", "5-9", "45-49", "85-89", "90+", "90+"]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from sendit.deid import Deidentifier, DeidError
 from sendit.demo import generate_demo
@@ -33,7 +34,7 @@ def test_good_file_gives_grouping_values(sample: Path) -> None:
         (lambda data: b"", "empty file"),
         (lambda data: b"plain text, not an image" * 20, "not a DICOM file"),
         (lambda data: data[:-700], "truncated DICOM file"),
-        (lambda data: data[:200], "may be truncated"),
+        (lambda data: data[:200], "truncated DICOM file: no data elements; (0008,0018) SOPInstanceUID, "),
     ],
 )
 def test_bad_files_get_a_reason(sample: Path, tmp_path: Path, damage: object, reason: str) -> None:
@@ -44,11 +45,45 @@ def test_bad_files_get_a_reason(sample: Path, tmp_path: Path, damage: object, re
 
 
 def test_missing_uids_are_named(sample: Path, tmp_path: Path) -> None:
+    """One wording for ingest, `sendit deid` (both read_header) and the engine itself."""
     ds = pydicom.dcmread(sample)
     del ds.SeriesInstanceUID
     ds.save_as(tmp_path / "nouid.dcm")
     result = read_header(tmp_path / "nouid.dcm")
-    assert isinstance(result, RejectedFile) and result.reason == "missing SeriesInstanceUID"
+    assert isinstance(result, RejectedFile) and result.reason == "(0020,000E) SeriesInstanceUID is missing"
+    del ds.SOPInstanceUID
+    ds.save_as(tmp_path / "nouid.dcm")
+    result = read_header(tmp_path / "nouid.dcm")
+    assert isinstance(result, RejectedFile)
+    assert result.reason == "(0008,0018) SOPInstanceUID, (0020,000E) SeriesInstanceUID are missing"
+    ds.SeriesInstanceUID = "1.2.3"
+    ds.save_as(tmp_path / "nouid.dcm")
+    result = read_header(tmp_path / "nouid.dcm")
+    assert isinstance(result, RejectedFile) and result.reason == "(0008,0018) SOPInstanceUID is missing"
+    with pytest.raises(DeidError) as info:
+        Deidentifier("key").deidentify_file(tmp_path / "nouid.dcm", tmp_path / "out.dcm", Identifiers("P", "P", "A", 0))
+    assert info.value.reason == result.reason
+    assert not (tmp_path / "out.dcm").exists()
+
+
+@pytest.mark.parametrize("name", ["rtplan.dcm", "test-SR.dcm"])
+def test_a_complete_file_without_pixel_data_is_not_called_truncated(tmp_path: Path, name: str) -> None:
+    ds = pydicom.dcmread(get_testdata_file(name, download=False))
+    del ds.SOPInstanceUID
+    ds.save_as(tmp_path / name)
+    result = read_header(tmp_path / name)
+    assert isinstance(result, RejectedFile) and result.reason == "(0008,0018) SOPInstanceUID is missing"
+
+
+def test_an_image_cut_inside_its_header_is_called_truncated(sample: Path, tmp_path: Path) -> None:
+    data = sample.read_bytes()
+    ds = pydicom.dcmread(sample)
+    series_uid = ds.SeriesInstanceUID.encode()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: data.index(series_uid) - 8])  # just before the Series Instance UID element
+    result = read_header(cut)
+    assert isinstance(result, RejectedFile)
+    assert result.reason.startswith("truncated DICOM file: ") and "SeriesInstanceUID" in result.reason
 
 
 def test_bad_values_do_not_leak_into_logs_or_warnings(
@@ -81,7 +116,7 @@ def test_a_whole_read_says_whether_the_file_was_cut_short(sample: Path, tmp_path
     cut.write_bytes(sample.read_bytes()[:-700])
     with pytest.raises(UnreadableFile) as info:
         read_dicom(cut)
-    assert info.value.truncated and info.value.reason.startswith("truncated file")
+    assert info.value.truncated and info.value.reason.startswith("truncated DICOM file: ")
     assert isinstance(read_dicom(cut, headers_only=True), pydicom.Dataset)  # the header alone is whole
     text = tmp_path / "notes.txt"
     text.write_text("Smith^Alice " * 20)
@@ -90,4 +125,4 @@ def test_a_whole_read_says_whether_the_file_was_cut_short(sample: Path, tmp_path
     assert not info.value.truncated and info.value.reason == "not a DICOM file"
     with pytest.raises(DeidError) as wrapped:
         Deidentifier("key").deidentify_file(cut, tmp_path / "out.dcm", Identifiers("P", "P", "A", 0))
-    assert wrapped.value.reason.startswith("truncated file")
+    assert wrapped.value.reason.startswith("truncated DICOM file: ")

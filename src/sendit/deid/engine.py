@@ -14,9 +14,14 @@ handler in :meth:`Deidentifier._action_handlers`):
 * table actions: X removes, Z empties (a sequence gets no items), D writes the dummy of the VR
   (:data:`DUMMY_VALUES`; a sequence keeps its items with every value inside replaced), U remaps the
   UID (:mod:`sendit.deid.uids`), and ``U*`` sequences are walked;
+* text the table does not list and the profile's rule for the unlisted removes (person names, free
+  text, identity: :func:`sendit.deid.profile.unlisted_attributes`) is emptied, or given a dummy where
+  the standard makes it Type 1, at every depth where values are kept as they are; inside a cleaned or
+  dummied sequence it is cleaned or dummied like any other kept value;
 * everything else is kept, except that every UI value anywhere (file meta included) that is not a
-  registered DICOM UID is remapped, every DA/DT value is shifted by the identifiers' jitter when
-  the modified-dates option is on (:mod:`sendit.deid.dates`), and every kept sequence is walked;
+  registered DICOM UID is remapped, every DA/DT/TM value is shifted (the identifiers' jitter in days
+  plus a keyed time of day offset, :mod:`sendit.deid.dates`) when the modified-dates option is on,
+  and every kept sequence is walked;
 * a deid recipe's rule, where there is one, decides first (:mod:`sendit.deid.recipe_rules`).
 
 After the walk the image records what was done (:mod:`sendit.deid.marking`). Files are read by
@@ -41,8 +46,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.valuerep import MAX_VALUE_LEN
 
-from sendit.deid.clean import clean_text, identifier_tokens, name_tokens
-from sendit.deid.dates import shift_element
+from sendit.deid.clean import identifier_tokens, name_tokens
+from sendit.deid.dates import Carried, Shift, shift_element, time_offset
 from sendit.deid.elements import BadValue, element, first_text, one_or_many, strings
 from sendit.deid.errors import BurnedInError, DeidError
 from sendit.deid.marking import check_identifiers, mark, rebuild_file_meta
@@ -52,12 +57,15 @@ from sendit.deid.profile import (
     DeidOptions,
     build_action_table,
     descriptor_tags,
+    required_text_tags,
     safe_private_attributes,
 )
 from sendit.deid.recipe import HeaderPlan, Recipe, default_filter
 from sendit.deid.recipe_rules import RecipeRules
+from sendit.deid.scrub import scrub_words
 from sendit.deid.uids import uid_remapper
 from sendit.deid.writer import InvalidElementError, write_part10
+from sendit.dicomio.headers import missing_uids
 from sendit.dicomio.quiet import quiet
 from sendit.dicomio.reading import UnreadableFile, read_dicom
 from sendit.dicomio.tags import (
@@ -145,14 +153,16 @@ class DeidResult:
 
 
 class _WalkState:
-    """Per-image state of one walk: the date shift, the identifiers the clean action cuts, the
-    recipe's variables, how many attributes a recipe kept that the profile changes, and how the
-    sequence being walked treats kept values (``mode``: as is, cleaned, or dummied)."""
+    """Per-image state of one walk: the date and time shift (and the days times carried into their
+    dates), the identifiers the clean action cuts, the recipe's variables, how many attributes a
+    recipe kept that the profile changes, and how the sequence being walked treats kept values
+    (``mode``: as is, cleaned, or dummied)."""
 
-    __slots__ = ("jitter", "known", "variables", "retained", "mode")
+    __slots__ = ("shift", "carried", "known", "variables", "retained", "mode")
 
-    def __init__(self, jitter: int, variables: Mapping[str, str]) -> None:
-        self.jitter = jitter
+    def __init__(self, shift: Shift, variables: Mapping[str, str]) -> None:
+        self.shift = shift
+        self.carried: Carried = {}
         self.known: frozenset[str] = frozenset()
         self.variables = variables
         self.retained = 0
@@ -199,6 +209,7 @@ class Deidentifier:
         self._table = build_action_table(self.options.columns())
         self._profile = self._table.exact
         self._fallback = self._table.fallback
+        self._unlisted_actions = self._table.unlisted
         self._plan: HeaderPlan = recipe.header_plan() if recipe is not None else HeaderPlan({}, (), ())
         exact = dict(self._profile)
         for tag in self._plan.public:
@@ -242,7 +253,8 @@ class Deidentifier:
         """Read ``src``, de-identify, write ``dst`` atomically (``.part`` then rename).
 
         The transfer syntax and pixel data are kept byte for byte (nothing is decoded). On any
-        failure no output file is left behind and :class:`DeidError` says why.
+        failure no output file is left behind and :class:`DeidError` says why. A file without a SOP
+        Instance UID is refused in ingest's words, and so is a result a recipe left without one.
         """
         src, dst = Path(src), Path(dst)
         with quiet():
@@ -250,10 +262,12 @@ class Deidentifier:
                 ds = read_dicom(src)
             except UnreadableFile as exc:
                 raise DeidError(exc.reason) from None
+            if not first_text(ds, SOP_INSTANCE_UID):  # ingest refuses it too, in these words
+                raise DeidError(missing_uids(["SOPInstanceUID"]))
             self.deidentify(ds, ids)
             sop_instance = first_text(ds, SOP_INSTANCE_UID)
-            if not sop_instance:
-                raise DeidError("(0008,0018) SOPInstanceUID is missing")
+            if not sop_instance:  # a recipe emptied it: the file could not be stored anywhere
+                raise DeidError(f"{missing_uids(['SOPInstanceUID'])} after de-identification")
             part = dst.with_suffix(".part")
             try:
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +302,8 @@ class Deidentifier:
         check_identifiers(ids)
         with quiet():  # pydicom's warnings quote values; none may reach a log
             cleaned_pixels = self._pixels(ds)
-            state = _WalkState(ids.jitter_days, self._variables(ids) if self._plan else {})
+            shift = Shift(ids.jitter_days, time_offset(self._key, ids.patient_id, ids.jitter_days))
+            state = _WalkState(shift, self._variables(ids) if self._plan else {})
             if self._needs_known:
                 state.known = self.known_identifiers(ds)
             self._walk(ds, state)
@@ -425,6 +440,7 @@ class Deidentifier:
             Action.CLEAN: self._clean,
             Action.RETAIN: self._retain,
             Action.RECIPE: self._recipe,
+            Action.UNLISTED: self._unlisted,
         }
 
     def _keep(self, ds: Dataset, tag: int, elem: _Elem, vr: str, known_vr: str, state: _WalkState) -> None:
@@ -438,8 +454,8 @@ class Deidentifier:
         elif mode == _DUMMY:
             if vr not in _KEPT_WHEN_DUMMY and elem.value not in (None, b"", ""):
                 ds[tag] = element(tag, vr, DUMMY_VALUES.get(vr, _ZEROS))
-        elif self._shift and (vr == "DA" or vr == "DT"):
-            shift_element(ds, tag, elem, vr, state.jitter)
+        elif self._shift and (vr == "DA" or vr == "DT" or vr == "TM"):
+            shift_element(ds, tag, elem, vr, state.shift, state.carried)
         elif mode == _CLEAN:
             if vr == "PN":
                 ds[tag] = element(tag, vr, "")
@@ -472,9 +488,9 @@ class Deidentifier:
         self._remap_element(ds, tag, elem)
 
     def _shift_date(self, ds: Dataset, tag: int, elem: _Elem, vr: str, known_vr: str, state: _WalkState) -> None:
-        """Modified dates: DA/DT shifted by the jitter; TM (and anything else) kept."""
-        if vr == "DA" or vr == "DT":
-            shift_element(ds, tag, elem, vr, state.jitter)
+        """Modified dates: DA/DT/TM shifted (days and a time of day offset); anything else kept."""
+        if vr == "DA" or vr == "DT" or vr == "TM":
+            shift_element(ds, tag, elem, vr, state.shift, state.carried)
 
     def _walk_items(self, ds: Dataset, tag: int, elem: _Elem, vr: str, known_vr: str, state: _WalkState) -> None:
         """U*: a sequence walked item by item; anything else so marked is emptied."""
@@ -492,6 +508,19 @@ class Deidentifier:
 
     def _retain(self, ds: Dataset, tag: int, elem: _Elem, vr: str, known_vr: str, state: _WalkState) -> None:
         """R: kept exactly as it is (a retain option's K on a UID or date)."""
+
+    def _unlisted(self, ds: Dataset, tag: int, elem: _Elem, vr: str, known_vr: str, state: _WalkState) -> None:
+        """Unlisted text to remove: emptied, a dummy (Type 1 somewhere) or cleaned (technical text) —
+        where values are kept as they are; in a cleaned or dummied sequence, as any kept value there.
+        A vendor's odd encoding (a sequence, a UID) under such a tag is kept and walked or remapped."""
+        if state.mode != _NORMAL or vr == "SQ" or vr == "UI":
+            self._keep(ds, tag, elem, vr, known_vr, state)
+            return
+        action = self._unlisted_actions[tag]
+        if action is Action.CLEAN:
+            self._clean_element(ds, tag, elem, vr, state, self._fallback[tag])
+        else:
+            self._handlers[action](ds, tag, elem, vr, known_vr, state)
 
     def _recipe(self, ds: Dataset, tag: int, elem: _Elem, vr: str, known_vr: str, state: _WalkState) -> None:
         """A recipe rule decides; when it defers, the profile's action carries on."""
@@ -527,7 +556,7 @@ class Deidentifier:
             del ds[tag]
 
     def _clean_element(self, ds: Dataset, tag: int, elem: _Elem, vr: str, state: _WalkState, fallback: Action) -> None:
-        """The C action on text: keep what :func:`clean_text` leaves; anything else → ``fallback``."""
+        """The C action on text: keep what :func:`scrub_words` leaves; anything else → ``fallback``."""
         try:
             value = ds[tag].value  # decoded with the data set's character set
         except Exception:
@@ -539,10 +568,12 @@ class Deidentifier:
             self._apply_fallback(ds, tag, elem, vr, fallback, state)
             return
         known = set(state.known)
-        cleaned = [clean_text(v, known) for v in values]
+        cleaned = [scrub_words(v, known) for v in values]  # the same scrubber as researchers' metadata
         limit = MAX_VALUE_LEN.get(vr)
         cleaned = [c[:limit] if limit else c for c in cleaned]
         if not any(cleaned):
+            if fallback in (Action.EMPTY, Action.REMOVE) and tag in required_text_tags():
+                fallback = Action.DUMMY  # nothing left of a Type 1 value (a CodeMeaning): a dummy keeps it valid
             self._apply_fallback(ds, tag, elem, vr, fallback, state)
             return
         ds[tag] = element(tag, vr, cleaned[0] if len(cleaned) == 1 else cleaned)

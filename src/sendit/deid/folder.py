@@ -10,12 +10,18 @@ any output path. A file that cannot be read or de-identified is listed with its 
 carry on. Each series that was written gets a ``series.json`` beside its images
 (:mod:`sendit.deid.metadata`).
 
+Two files with one SOPInstanceUID are decided as ingest decides them, in its words: the one whose
+path comes first in the walk (sorted name by name) is the image; a later one is a ``duplicate of``
+it (the same bytes) or a ``conflict`` (other bytes), listed and not written — wherever it lies in
+the folder, whatever series it claims.
+
 With ``workers > 1`` both passes — reading the headers and de-identifying — run in one process
 pool, so two processes scale on both.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -91,9 +97,7 @@ def deid_folder(
         summary.studies = len(studies)
         summary.series = sum(len(series) for series in studies.values())
 
-        # Several files may claim one output (the same SOPInstanceUID twice): try them in order until
-        # one is written, so a truncated copy found first does not cost the good one.
-        candidates: dict[Path, list[_Job]] = {}
+        jobs: dict[Path, _Job] = {}
         outputs: dict[Path, _OutputSeries] = {}
         for study in studies.values():
             headers = [s.header for s in study.values()]
@@ -115,27 +119,21 @@ def deid_folder(
                 outputs[base] = _OutputSeries(ids.patient_id)
                 for path, rel, sop_uid in series.files:
                     dst = image_path(base, remap(sop_uid))
-                    candidates.setdefault(dst, []).append(_Job(path, dst, rel, ids))
+                    if dst in jobs:  # two UIDs made one safe file name (Retain UIDs, hostile UIDs)
+                        summary.problems.append((rel, f"conflict: same output file name as {jobs[dst].rel}"))
+                        continue
+                    jobs[dst] = _Job(path, dst, rel, ids)
 
-        total = len(candidates)
-        done = 0
-        while candidates:
-            batch = [jobs.pop(0) for jobs in candidates.values()]
-            for job, outcome in zip(batch, _deidentify_jobs(batch, deidentifier, pool), strict=True):
-                if isinstance(outcome, DeidResult):
-                    summary.written += 1
-                    summary.results.append(outcome)
-                    outputs[job.dst.parent].add(job.src, outcome)
-                    rest = candidates.pop(job.dst)
-                    summary.problems.extend((dup.rel, "duplicate SOPInstanceUID in the input; skipped") for dup in rest)
-                else:
-                    summary.problems.append((job.rel, outcome))
-                    if not candidates[job.dst]:
-                        del candidates[job.dst]
-                if job.dst not in candidates:
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
+        batch = list(jobs.values())
+        for done, (job, outcome) in enumerate(zip(batch, _deidentify_jobs(batch, deidentifier, pool), strict=True)):
+            if isinstance(outcome, DeidResult):
+                summary.written += 1
+                summary.results.append(outcome)
+                outputs[job.dst.parent].add(job.src, outcome)
+            else:
+                summary.problems.append((job.rel, outcome))
+            if progress is not None:
+                progress(done + 1, len(batch))
     finally:
         if pool is not None:
             pool.shutdown()
@@ -151,6 +149,7 @@ def _group(
 ) -> dict[str, dict[str, _SeriesFiles]]:
     """Read every header once (in the pool, if any); study UID → series UID → its files."""
     studies: dict[str, dict[str, _SeriesFiles]] = {}
+    first_of: dict[str, tuple[Path, str]] = {}  # SOPInstanceUID → (path, relative path) of its image
     paths = _files(in_dir, out_dir.resolve(), summary)
     if pool is None:
         outcomes: Iterable[FileHeader | RejectedFile] = (read_header(path) for path, _ in paths)
@@ -161,6 +160,10 @@ def _group(
         if isinstance(outcome, RejectedFile):
             summary.problems.append((rel, outcome.reason))
             continue
+        first = first_of.setdefault(outcome.sop_instance_uid, (path, rel))
+        if first[0] != path:  # a later copy in the walk's order
+            summary.problems.append((rel, _second_copy(first, path)))
+            continue
         series_header = outcome.series
         study = studies.setdefault(series_header.study_uid, {})
         series = study.get(series_header.series_uid)
@@ -168,6 +171,22 @@ def _group(
             series = study[series_header.series_uid] = _SeriesFiles(series_header)
         series.files.append((path, rel, outcome.sop_instance_uid))
     return studies
+
+
+def _second_copy(first: tuple[Path, str], path: Path) -> str:
+    """Ingest's words for a second file with the image's SOPInstanceUID (relay.ingest)."""
+    try:
+        same = first[0].stat().st_size == path.stat().st_size and _sha256(first[0]) == _sha256(path)
+    except OSError:
+        same = False
+    if same:
+        return f"duplicate of an instance in the input ({first[1]})"
+    return f"conflict: same SOPInstanceUID with different content ({first[1]} is the one processed)"
+
+
+def _sha256(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").digest()
 
 
 def _files(root: Path, skip: Path, summary: FolderSummary) -> list[tuple[Path, str]]:
@@ -254,8 +273,13 @@ _worker_deidentifier: Deidentifier | None = None
 
 
 def _init_worker(deidentifier: Deidentifier) -> None:
+    """Also the log guard, as in every Sendit process: a pool started by spawn or forkserver (the
+    default from Python 3.14) inherits none of the parent's."""
+    from sendit.dicomio.quiet import install_log_guard
+
     global _worker_deidentifier
     _worker_deidentifier = deidentifier
+    install_log_guard()
 
 
 def _worker_chunk(chunk: list[_Job]) -> list[DeidResult | str]:

@@ -9,8 +9,16 @@ field                      transform
 =========================  ===========================================================================
 modality                   as is (CS)
 body_part_examined         as is (CS)
-study_description          :func:`sendit.deid.clean.clean_text` with the image's known identifiers
-series_description         the same
+study_description          :func:`sendit.deid.scrub.scrub`: names, dates, IDs, phone numbers, e-mail
+                           addresses and unlisted words replaced by typed placeholders (``[NAME]``…),
+                           with the image's known identifiers and its institution's acronyms
+series_description,        the same
+protocol_name
+procedure_codes            controlled values: the codes of Procedure, Requested Procedure, Performed
+                           Protocol Code Sequences as ``{scheme, code, meaning}``, standard schemes
+                           only (:data:`STANDARD_SCHEMES`); the meaning is the standard's own where
+                           pydicom knows the code, else the image's meaning scrubbed
+anatomic_region_codes      the same for Anatomic Region Sequence
 sex                        ``M``, ``F`` or ``O``; anything else is left out
 age_bucket                 5-year buckets (``40-44``), ``90+`` for 90 and over; from Patient's Age,
                            or from birth date and study date when the age is missing
@@ -31,17 +39,18 @@ take the same document from there.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pydicom.valuerep import MAX_VALUE_LEN
 
-from sendit.deid.clean import clean_text
+from sendit.deid.scrub import scrub, site_tokens
 from sendit.dicomio import quiet, read_dicom
 
 SCHEMA = "sendit.series-metadata/1"
@@ -49,6 +58,18 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _AGE = re.compile(r"^(\d{3})([DWMY])$")
 _CODE = re.compile(rf"[A-Z0-9 _]{{1,{MAX_VALUE_LEN['CS']}}}")
 _LO = MAX_VALUE_LEN["LO"]
+_CODE_VALUE = re.compile(r"[\w.:/-]{1,64}")
+#: Coding schemes of the standard (PS3.16 Table 8-1) whose codes leave as they are. A private scheme
+#: ("99…", a site's own) can encode the site, so only its scrubbed meaning could; it is left out.
+STANDARD_SCHEMES = frozenset(
+    {"DCM", "SCT", "SRT", "LN", "RADLEX", "NCIt", "UMLS", "FMA", "MDC", "UCUM", "I10", "I9C", "C4", "C5", "NDC"}
+)
+_DESCRIPTIONS = (
+    ("study_description", "StudyDescription"),
+    ("series_description", "SeriesDescription"),
+    ("protocol_name", "ProtocolName"),
+)
+_PROCEDURE_SEQUENCES = ("ProcedureCodeSequence", "RequestedProcedureCodeSequence", "PerformedProtocolCodeSequence")
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -87,19 +108,64 @@ def _age_years(ds: Dataset) -> int | None:
     return years if years >= 0 else None
 
 
+@functools.cache
+def _standard_meanings() -> dict[tuple[str, str], str]:
+    """(scheme, code) → the standard's code meaning, from the concepts pydicom ships (PS3.16)."""
+    try:
+        from pydicom.sr._concepts_dict import concepts
+    except ImportError:  # a pydicom without its concept table: the scrubbed meaning stands in
+        return {}
+    table = cast(dict[str, dict[str, dict[str, tuple[str, list[int]]]]], concepts)  # scheme → keyword → code
+    meanings: dict[tuple[str, str], str] = {}
+    for scheme, by_keyword in table.items():
+        for by_code in by_keyword.values():
+            for code, (meaning, cids) in by_code.items():
+                if cids or (scheme, code) not in meanings:  # DICOM's own wording: the one in a CID
+                    meanings[(scheme, code)] = meaning
+    return meanings
+
+
+def coded_values(header: Dataset, keywords: Iterable[str], known: set[str]) -> list[dict[str, str]]:
+    """The standard-scheme codes of the named sequences' items, each once, in order."""
+    out: list[dict[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for keyword in keywords:
+        with quiet():
+            try:
+                items = header.get(keyword) or ()
+            except Exception:
+                continue
+        for item in items:
+            scheme, code = _text(item, "CodingSchemeDesignator"), _text(item, "CodeValue")
+            if scheme not in STANDARD_SCHEMES or not _CODE_VALUE.fullmatch(code) or (scheme, code) in seen:
+                continue
+            seen.add((scheme, code))
+            meaning = _standard_meanings().get((scheme, code)) or scrub(_text(item, "CodeMeaning"), known)
+            out.append({"scheme": scheme, "code": code, "meaning": meaning[:_LO]})
+    return out
+
+
 def describe_series(header: Dataset, known_identifiers: Iterable[str]) -> dict[str, Any]:
     """The allow-listed fields of one series from its first image's *original* header."""
-    known = {token.lower() for token in known_identifiers}  # clean_text compares lower case
+    known = {token.lower() for token in known_identifiers}  # the scrubber compares lower case
+    known |= site_tokens(_text(header, k) for k in ("InstitutionName", "InstitutionalDepartmentName"))
     out: dict[str, Any] = {}
     for key, keyword in (("modality", "Modality"), ("body_part_examined", "BodyPartExamined")):
         value = _text(header, keyword)
         if value and _CODE.fullmatch(value):
             out[key] = value
-    for key, keyword in (("study_description", "StudyDescription"), ("series_description", "SeriesDescription")):
+    for key, keyword in _DESCRIPTIONS:
         value = _text(header, keyword)
-        cleaned = clean_text(value, known) if value else ""
-        if cleaned:
-            out[key] = cleaned[:_LO]
+        scrubbed = scrub(value, known) if value else ""
+        if scrubbed:
+            out[key] = scrubbed[:_LO]
+    for key, keywords in (
+        ("procedure_codes", _PROCEDURE_SEQUENCES),
+        ("anatomic_region_codes", ("AnatomicRegionSequence",)),
+    ):
+        codes = coded_values(header, keywords, known)
+        if codes:
+            out[key] = codes
     sex = _text(header, "PatientSex").upper()
     if sex in ("M", "F", "O"):
         out["sex"] = sex

@@ -21,8 +21,9 @@ X/Z/U*    for a sequence: keep it and walk its items, so every UID inside is rem
 Option columns override the Basic Profile code when the option is on (the option's ``K`` or ``C``
 wins; PS3.15 E.3 says an option's action replaces the profile's). What ``C`` means per column:
 
-* Retain Longitudinal Temporal Information with Modified Dates: DA/DT shifted by the identifiers'
-  jitter; TM kept (a whole-day shift leaves a time of day unchanged); other VRs keep the Basic
+* Retain Longitudinal Temporal Information with Modified Dates: DA, DT and TM shifted by one offset
+  per patient — the identifiers' jitter in days plus a keyed time of day offset
+  (:mod:`sendit.deid.dates`), a time's day carried into its paired date; other VRs keep the Basic
   Profile code. With Full Dates (``K``) every date and time is kept unshifted.
 * Clean Descriptors, Clean Structured Content, Clean Graphics, and the ``C`` cells of Retain Device
   Identity (AE titles) and Retain Patient Characteristics (allergies, special needs…): text is
@@ -38,6 +39,28 @@ Wildcard rows: ``(50xx,xxxx)`` (curves) removes the whole group range; ``(60xx,3
 ``(60xx,4000)`` (overlay data and comments) are widened to the whole 60xx group, because an overlay
 module left without its data is invalid and the other overlay attributes (labels, descriptions)
 are free text. The ``(gggg,eeee) where gggg is odd`` row gives the action for all private tags.
+
+Attributes the table does not list (the rule for the unlisted, :func:`unlisted_attributes`): every
+character-string attribute of pydicom's data dictionary that no row names is classed from its VR
+and its keyword's words, and the class decides:
+
+* PN: a person's name — removed;
+* LT, ST, UT: free text — removed, except a short allow-list of technical text
+  (:data:`TECHNICAL_TEXT`), which is cleaned;
+* LO, SH, UC, UR: kept when the keyword says *coded* (a part of a code: ``...CodeValue``,
+  ``...CodeMeaning``, ``CodingScheme...``) or *technical* (its head word names equipment, software,
+  a kind, a mode, a label or an identifier of a thing: :data:`TECHNICAL_HEADS`), unless a word says
+  free text or a person, place or travel (:data:`FREE_TEXT_WORDS`, :data:`IDENTITY_WORDS`);
+  everything else (free text, identity, and any head word not known as technical) is removed;
+* CS is a coded string by definition, and numbers, dates, UIDs and sequences follow their own rules
+  (engine): kept.
+
+"Removed" is the table's conservative choice for ``X/Z`` and ``X/Z/D``: the value goes and the
+attribute stays empty (Z), valid where it is Type 2 or 3; where PS3.3 makes it Type 1 or 1C in some
+module (``data/ps3.3-required-text-attributes.json``, derived from the standard's module tables by
+``scripts/derive_required_text.py``) it gets the dummy (D) instead. With Clean Descriptors on, the
+unlisted free text (not names, not identity) is cleaned like the table's descriptions. The rule
+applies at every depth the walk keeps (engine: :attr:`Action.UNLISTED`).
 """
 
 from __future__ import annotations
@@ -50,10 +73,11 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 
 DATA_FILE = "ps3.15-annex-e-attributes.json"
 SAFE_PRIVATE_FILE = "safe-private-attributes.json"
+REQUIRED_TEXT_FILE = "ps3.3-required-text-attributes.json"
 
 #: Table column names of the options, in the order the standard lists them.
 OPTION_COLUMNS: tuple[str, ...] = (
@@ -71,7 +95,6 @@ OPTION_COLUMNS: tuple[str, ...] = (
 
 _TAG_RE = re.compile(r"^\(([0-9A-FX]{4}),([0-9A-FX]{4})\)$")
 _PRIVATE_ROW = "(GGGG,EEEE) WHERE GGGG IS ODD"
-_DATE_VRS = frozenset({"DA", "DT"})
 _TEMPORAL_VRS = frozenset({"DA", "DT", "TM"})
 
 
@@ -161,11 +184,12 @@ class Action(enum.Enum):
     EMPTY = "Z"  # zero-length value; an empty sequence
     DUMMY = "D"  # a fixed value valid for the VR; a UI gets remapped; a sequence gets one empty item
     REMAP_UID = "U"  # keyed UID remap
-    SHIFT_DATE = "S"  # DA/DT shifted by the jitter; TM kept
+    SHIFT_DATE = "S"  # DA/DT/TM shifted (sendit.deid.dates)
     WALK = "U*"  # a sequence kept and walked item by item
     CLEAN = "C"  # text cleaned (sendit.deid.clean); a sequence walked in clean mode
     RETAIN = "R"  # kept exactly as it is: no UID remap, no date shift (retain options' K on UI/DA/DT)
     RECIPE = "recipe"  # a deid recipe rule decides (engine); never produced from the table itself
+    UNLISTED = "unlisted"  # not in the table, classed as text to remove: ActionTable.unlisted says how
 
 
 class ProfileError(Exception):
@@ -202,6 +226,9 @@ class ActionTable:
     rows: int
     #: what a cleaned element falls back to when its value cannot be cleaned (the Basic Profile's action)
     fallback: Mapping[int, Action] = field(default_factory=dict)
+    #: what an :attr:`Action.UNLISTED` element gets where the walk keeps values as they are: EMPTY,
+    #: DUMMY (Type 1 somewhere) or CLEAN (technical text; free text under Clean Descriptors)
+    unlisted: Mapping[int, Action] = field(default_factory=dict)
 
 
 def parse_tag(text: str) -> tuple[int, int]:
@@ -324,18 +351,220 @@ def build_action_table(enabled_columns: frozenset[str]) -> ActionTable:
         elif "C" in codes:
             cleaning = any(row.options.get(col) == "C" for col in _CLEANING_COLUMNS if col in enabled_columns)
             if row.options.get("rtnLongModifDatesOpt") == "C" and "rtnLongModifDatesOpt" in enabled_columns:
-                if vr in _DATE_VRS:
+                if vr in _TEMPORAL_VRS:
                     action = Action.SHIFT_DATE
-                elif vr == "TM":
-                    action = Action.KEEP
             elif cleaning and vr in _CLEANABLE_VRS:
                 action = Action.CLEAN
                 fallback[row.value] = basic
         exact[row.value] = action
+    unlisted: dict[int, Action] = {}
+    required = required_text_tags()
+    clean_free_text = "cleanDescOpt" in enabled_columns
+    for tag, kind in unlisted_attributes().items():
+        if kind in KEPT_UNLISTED:
+            continue
+        removal = Action.DUMMY if tag in required else Action.EMPTY
+        exact[tag] = Action.UNLISTED
+        if kind is Unlisted.TECHNICAL_TEXT or (clean_free_text and kind is Unlisted.FREE_TEXT):
+            unlisted[tag] = Action.CLEAN
+            fallback[tag] = removal
+        else:
+            unlisted[tag] = removal
     return ActionTable(
         exact=exact,
         removed_groups=frozenset(removed_groups),
         private=private,
         rows=len(load_rows()),
         fallback=fallback,
+        unlisted=unlisted,
     )
+
+
+# -- attributes the table does not list ----------------------------------------------------------------
+
+
+class Unlisted(enum.Enum):
+    """The class the rule for unlisted attributes gives a character-string attribute (module docstring)."""
+
+    PERSON_NAME = "person name"  # PN: removed
+    FREE_TEXT = "free text"  # LT/ST/UT, or a free-text word in the keyword: removed
+    TECHNICAL_TEXT = "technical text"  # LT/ST/UT on the allow-list: cleaned
+    IDENTITY = "identity"  # a person, place, travel or registration word: removed
+    CODED = "coded"  # a part of a code: kept
+    TECHNICAL = "technical"  # equipment, software, a kind, a mode, a name or label of a thing: kept
+    UNCLASSIFIED = "unclassified"  # LO/SH/UC/UR whose head word is not known as technical: removed
+
+
+KEPT_UNLISTED = frozenset({Unlisted.CODED, Unlisted.TECHNICAL})
+
+#: The VRs the rule decides. CS (coded by definition), numbers, dates, UIDs, sequences and binary
+#: values are not free text and keep the engine's rules; AE has no unlisted attribute.
+_PERSON_VRS = frozenset({"PN"})
+_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+_NAMING_VRS = frozenset({"LO", "SH", "UC", "UR"})
+
+#: LT/ST/UT attributes that hold technical text by definition (PS3.3), cleaned rather than removed:
+#: ExtendedCodeMeaning — the long form of a Code Meaning, part of a code (Table 8.8-1a);
+#: CodingSchemeName — the name of a coding scheme in the Coding Scheme Identification Sequence;
+#: GridAbsorbingMaterial, GridSpacingMaterial — what an anti-scatter grid is made of (DX, C.8.11.5).
+TECHNICAL_TEXT = frozenset({"ExtendedCodeMeaning", "CodingSchemeName", "GridAbsorbingMaterial", "GridSpacingMaterial"})
+#: Keyword endings that make an LO/SH/UC/UR attribute a part of a code (PS3.3 Section 8).
+CODE_ENDINGS = (
+    "CodeValue",
+    "CodeMeaning",
+    "CodingSchemeDesignator",
+    "CodingSchemeVersion",
+    "CodingSchemeRegistry",
+    "CodingSchemeURL",
+    "MappingResourceName",
+)
+#: Words that make a keyword free text (removed whatever its head word).
+FREE_TEXT_WORDS = frozenset(
+    {
+        "Comment",
+        "Comments",
+        "Definition",
+        "Description",
+        "Descriptions",
+        "Detail",
+        "Explanation",
+        "Information",
+        "Note",
+        "Notes",
+        "Reason",
+        "Reasons",
+        "Summary",
+        "Text",
+        "Title",
+    }
+)
+#: Words that make a keyword about a person, a place, travel or a registration (removed). ``Creator``
+#: counts only when not a private creator (``...PrivateCreator`` names a vendor's block).
+IDENTITY_WORDS = frozenset(
+    {
+        "Address",
+        "Boarding",
+        "Breed",
+        "Calendar",
+        "Carrier",
+        "Certification",
+        "Contact",
+        "Creator",
+        "Itinerary",
+        "Location",
+        "Media",
+        "Operator",
+        "Owner",
+        "Person",
+        "Physician",
+        "Registration",
+    }
+)
+#: Head words (a keyword's last word) that name something technical: equipment, software, a kind, a
+#: mode or method, a setting, or a name, label or identifier of a thing (a coil, a beam, a segment).
+TECHNICAL_HEADS = frozenset(
+    {
+        "Acquired",
+        "Calibration",
+        "Code",
+        "Configuration",
+        "Data",
+        "Filter",
+        "Filters",
+        "Function",
+        "Group",
+        "ID",
+        "IDs",
+        "Identifier",
+        "Indicator",
+        "Kernel",
+        "Keyword",
+        "Label",
+        "Manufacturer",
+        "Material",
+        "Method",
+        "Mode",
+        "Name",
+        "Names",
+        "Nomenclature",
+        "Nucleus",
+        "Number",
+        "Parameters",
+        "Position",
+        "Power",
+        "Priority",
+        "Profile",
+        "Protocols",
+        "Radiopharmaceutical",
+        "Reference",
+        "Rejection",
+        "Route",
+        "Setting",
+        "Size",
+        "Source",
+        "Technique",
+        "Type",
+        "Types",
+        "Used",
+        "Vector",
+        "Version",
+        "Versions",
+    }
+)
+#: CamelCase words of a keyword; runs of capitals (``LUT``, ``MIME``, ``IDs``) stay one word.
+_WORDS_RE = re.compile(r"[A-Z]{2,}s?(?![a-z])|[A-Z]?[a-z]+|[A-Z]|\d+")
+
+
+def keyword_words(keyword: str) -> list[str]:
+    """``"MIMETypeOfEncapsulatedDocument"`` → ``["MIME", "Type", "Of", "Encapsulated", "Document"]``."""
+    return _WORDS_RE.findall(keyword)
+
+
+def classify_unlisted(vr: str, keyword: str) -> Unlisted | None:
+    """The class of an attribute the table does not list; None for VRs the rule leaves alone."""
+    if vr in _PERSON_VRS:
+        return Unlisted.PERSON_NAME
+    if vr in _TEXT_VRS:
+        return Unlisted.TECHNICAL_TEXT if keyword in TECHNICAL_TEXT else Unlisted.FREE_TEXT
+    if vr not in _NAMING_VRS:
+        return None
+    if keyword.endswith(CODE_ENDINGS):
+        return Unlisted.CODED
+    words = keyword_words(keyword)
+    if not words:
+        return Unlisted.UNCLASSIFIED
+    if FREE_TEXT_WORDS.intersection(words):
+        return Unlisted.FREE_TEXT
+    if keyword.endswith(("PrivateCreator", "PrivateCreatorReference")):
+        return Unlisted.TECHNICAL  # names a vendor's private block
+    if IDENTITY_WORDS.intersection(words) or words[0] == "Route":
+        return Unlisted.IDENTITY  # a leading Route is travel (DICOS); a trailing one a route of administration
+    if words[-1] in TECHNICAL_HEADS or "MIME" in words:
+        return Unlisted.TECHNICAL
+    return Unlisted.UNCLASSIFIED
+
+
+@cache
+def unlisted_attributes() -> Mapping[int, Unlisted]:
+    """Every data dictionary attribute (current or retired) that no row of the table names, with its
+    class; groups 0000 and 0002 are left out (the engine removes them from a data set anyway)."""
+    rows = load_rows()
+    listed = {row.value for row in rows if row.is_exact}
+    wildcards = [(row.mask, row.value) for row in rows if not row.is_exact]
+    found: dict[int, Unlisted] = {}
+    for tag, (vr, _vm, _name, _retired, keyword) in DicomDictionary.items():
+        if tag in listed or tag >> 16 <= 0x0002 or any(tag & mask == value for mask, value in wildcards):
+            continue
+        kind = classify_unlisted(vr, keyword)
+        if kind is not None:
+            found[tag] = kind
+    return found
+
+
+@cache
+def required_text_tags() -> frozenset[int]:
+    """Tags of the text attributes PS3.3 makes Type 1 or 1C in some module (shipped, derived data)."""
+    text = resources.files("sendit.deid").joinpath("data", REQUIRED_TEXT_FILE).read_text(encoding="utf-8")
+    tags = {tag_for_keyword(keyword) for keyword in json.loads(text)["keywords"]}
+    tags.discard(None)
+    return frozenset(tag for tag in tags if tag is not None)

@@ -51,7 +51,7 @@ from typing import Any
 
 from pydicom.datadict import DicomDictionary, keyword_dict
 
-from sendit.deid.clean import clean_text
+from sendit.deid.scrub import scrub_words
 from sendit.dicomio import tags
 
 
@@ -127,14 +127,14 @@ FUNCTIONS: Mapping[str, Callable[[FuncContext], Any]] = {
     "hashuid": lambda call: call.remap_uid(call.value),  # deid's example name for the same thing
     "age_bucket": _age_bucket,
     "year_only": _year_only,
-    "clean_text": lambda call: clean_text(call.value, set(call.known_identifiers)),
+    "clean_text": lambda call: scrub_words(call.value, set(call.known_identifiers)),
     "empty": lambda call: "",
 }
 
 
 #: Functions that answer a yes/no question, for ``REMOVE <field> func:NAME``.
 def _contains_identifier(call: FuncContext) -> bool:
-    """True when a word of the value is an identifier known for the image (sendit.deid.clean)."""
+    """True when a word of the value is an identifier known for the image (sendit.deid.clean's tokens)."""
     return any(token.lower() in call.known_identifiers for token in re.split(r"[^\w]+|_", call.value) if token)
 
 

@@ -2,7 +2,12 @@
 
 Pixel data is never loaded here; whether the file is whole is decided by
 :func:`sendit.dicomio.reading.pixel_data_cut_short` from the pixel element's declared length against
-the file size, which costs one small read instead of the whole image.
+the file size, which costs one small read instead of the whole image. A file whose header read
+reached its end (no pixel data) is called truncated only when :func:`~sendit.dicomio.reading.cut_short`
+sees a cut: an SR or RT plan without a UID is just that, not "truncated".
+
+The reasons here are the ones ingest and `sendit deid` report, word for word; the engine words a
+missing UID the same way (:func:`missing_uids`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import errno
 import os
 import stat
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +26,22 @@ from pydicom.errors import InvalidDicomError
 from pydicom.valuerep import MAX_VALUE_LEN
 
 from sendit.dicomio.quiet import quiet
-from sendit.dicomio.reading import open_no_follow, pixel_data_cut_short
-from sendit.dicomio.tags import MEDIA_STORAGE_DIRECTORY_CLASS
+from sendit.dicomio.reading import TRUNCATED, cut_short, open_no_follow, pixel_data_cut_short
+from sendit.dicomio.tags import MEDIA_STORAGE_DIRECTORY_CLASS, tag_text, tags_of
 from sendit.dicomio.walk import NOT_REGULAR, SYMLINK
 from sendit.identifiers.base import SeriesHeader
 
 _UID_MAX = MAX_VALUE_LEN["UI"]
+#: The UIDs a file needs to enter the pipeline (and the engine to write it), keyword → tag, in order.
+REQUIRED_UIDS: Mapping[str, int] = {
+    name: next(iter(tags_of(name))) for name in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+}
+
+
+def missing_uids(names: Sequence[str]) -> str:
+    """The one wording for missing UIDs: ``(0008,0018) SOPInstanceUID is missing``; several are listed."""
+    listed = ", ".join(tag_text(REQUIRED_UIDS[name]) for name in names)
+    return f"{listed} {'is' if len(names) == 1 else 'are'} missing"
 
 
 @dataclass(frozen=True)
@@ -98,29 +114,29 @@ def _read_header(path: Path) -> FileHeader | RejectedFile:
             ds = dcmread(handle, stop_before_pixels=True)
             pixel_start = handle.tell()
             if pixel_data_cut_short(handle, pixel_start, size, ds.is_little_endian, ds.is_implicit_VR):
-                return RejectedFile("truncated DICOM file (pixel data shorter than declared)")
+                return RejectedFile(f"{TRUNCATED}: pixel data shorter than declared")
             # every value is read inside this ``try``: pydicom converts lazily, and an unknown VR or a
             # damaged value raises only here
-            return _header_of(ds, pixel_start, size)
+            return _header_of(ds, path, pixel_start, size)
         except InvalidDicomError:
             return RejectedFile("not a DICOM file (no DICM preamble or valid header)")
         except (EOFError, struct.error):
-            return RejectedFile("truncated DICOM file (header ends early)")
+            return RejectedFile(f"{TRUNCATED}: header ends early")
         except Exception as exc:  # pydicom raises many types for damaged headers; the type only, no value
             return RejectedFile(f"unreadable DICOM header ({type(exc).__name__})")
 
 
-def _header_of(ds: Dataset, pixel_start: int, size: int) -> FileHeader | RejectedFile:
+def _header_of(ds: Dataset, path: Path, pixel_start: int, size: int) -> FileHeader | RejectedFile:
     meta = getattr(ds, "file_meta", None)
     sop_class = _text(ds.get("SOPClassUID")) or _text(meta.get("MediaStorageSOPClassUID") if meta else "")
     if sop_class == MEDIA_STORAGE_DIRECTORY_CLASS or "DirectoryRecordSequence" in ds:
         return RejectedFile("DICOMDIR media directory, not an image", skip=True)
-    uid_names = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+    uid_names = tuple(REQUIRED_UIDS)
     uids = {name: _text(ds.get(name)) for name in uid_names}
     missing = [name for name in uid_names if not uids[name]]
     if missing:
-        ended_early = pixel_start >= size
-        return RejectedFile("missing " + ", ".join(missing) + (" (the file may be truncated)" if ended_early else ""))
+        cut = cut_short(ds, path) if pixel_start >= size else ""  # the header read reached the end
+        return RejectedFile(f"{TRUNCATED}: {cut}; {missing_uids(missing)}" if cut else missing_uids(missing))
     too_long = [name for name in uid_names if len(uids[name]) > _UID_MAX]
     if too_long:
         return RejectedFile(", ".join(too_long) + f" longer than {_UID_MAX} characters (not a valid UID)")

@@ -5,10 +5,14 @@ pydicom reads a file cut short without complaint, so every reader here checks wh
 * header only (:func:`pixel_data_cut_short`, for ingest): the pixel element that follows the header
   declares more bytes than the file holds, or its undefined-length value has no closing delimiter
   near the end; one small read instead of the whole image;
-* whole file (:func:`check_complete`, for de-identification): the last element is shorter than its
+* whole file (:func:`check_complete`, for de-identification; :func:`cut_short`, also for a header
+  read that reached the end of a file without pixel data): the last element is shorter than its
   declared length; an undefined-length last element (sequence, encapsulated pixels) has no closing
   delimiter at the very end; an image has no pixel data at all (cut before it). A non-image object
-  cut exactly between two top-level elements is indistinguishable from a shorter object.
+  cut exactly between two top-level elements is indistinguishable from a shorter object, so a
+  complete SR or RT plan is never called truncated.
+
+Every reason for a cut starts with :data:`TRUNCATED`, the one wording ingest and `sendit deid` share.
 
 Every failure is an :class:`UnreadableFile` whose reason names what is wrong, never a value from the
 file (pydicom's own exception text may quote one, so it is dropped).
@@ -43,6 +47,8 @@ _OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | geta
 #: How far from the end a header-only read looks for the delimiter that closes the pixel data
 #: (elements may follow it: trailing padding, digital signatures).
 _PIXEL_TAIL = 4096
+#: The start of every reason given for a file cut short.
+TRUNCATED = "truncated DICOM file"
 
 
 class UnreadableFile(Exception):
@@ -91,26 +97,32 @@ def sop_class_and_syntax(path: Path) -> tuple[str, str]:
 
 def check_complete(ds: Dataset, path: Path) -> None:
     """Raise :class:`UnreadableFile` (``truncated``) when a whole read of ``path`` shows a cut."""
+    cut = cut_short(ds, path)
+    if cut:
+        raise UnreadableFile(f"{TRUNCATED}: {cut}", truncated=True)
+
+
+def cut_short(ds: Dataset, path: Path) -> str:
+    """What shows that the file ``ds`` was read from ended early ('' when nothing does)."""
     keys = list(ds.keys())
     if not keys:
-        raise UnreadableFile("truncated file: no data elements", truncated=True)
+        return "no data elements"
     last_tag = keys[-1]
     last = ds.get_item(last_tag)
     if isinstance(last, RawDataElement):
         declared, value = last.length, last.value
         if declared != UNDEFINED_LENGTH and value is not None and len(value) < declared:
-            raise UnreadableFile(
-                f"truncated file: {tag_text(last_tag)} is shorter than its declared length", truncated=True
-            )
+            return f"{tag_text(last_tag)} is shorter than its declared length"
     else:
         declared = UNDEFINED_LENGTH if last.is_undefined_length else 0
     if declared == UNDEFINED_LENGTH:
         with open(path, "rb") as handle:
             closed = _delimiter_in_tail(handle, 0, path.stat().st_size, ds.original_encoding[1] is not False, 8)
         if not closed:
-            raise UnreadableFile(f"truncated file: {tag_text(last_tag)} has no closing delimiter", truncated=True)
+            return f"{tag_text(last_tag)} has no closing delimiter"
     if not any(tag in ds for tag in PIXEL_DATA_TAGS) and (ROWS in ds or _is_image_class(ds)):
-        raise UnreadableFile("truncated file: an image without pixel data", truncated=True)
+        return "an image without pixel data"
+    return ""
 
 
 def pixel_data_cut_short(handle: BinaryIO, start: int, size: int, little: bool | None, implicit: bool | None) -> bool:

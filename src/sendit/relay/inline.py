@@ -16,6 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 
 from django.db import connections
 
+from sendit.dicomio.quiet import install_log_guard
 from sendit.relay.pipeline import NextStep, process_series
 
 BUSY_RETRY_SECONDS = 1.0
@@ -25,9 +26,11 @@ log = logging.getLogger("sendit.inline")
 
 
 def _forget_inherited_connections() -> None:
-    """In a forked worker: never close (that would end the parent's session) what the fork copied."""
+    """In a forked worker: never close (that would end the parent's session) what the fork copied;
+    and the log guard, as in every Sendit process (a fork inherits it; any other start would not)."""
     for connection in connections.all(initialized_only=True):
         connection.connection = None
+    install_log_guard()
 
 
 def _process_guarded(series_id: int) -> NextStep:

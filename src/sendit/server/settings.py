@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from sendit.config import ConfigError, database_settings, load_config
 
 try:
@@ -92,13 +94,31 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 
+
+def withheld_records() -> logging.Handler:
+    """The handler for pydicom's and pynetdicom's loggers. Their records quote DICOM values: it
+    counts them and writes nothing (a PHI-free count goes to the `sendit.dicomio` logger), and they
+    never propagate to a handler of the root logger. Their warnings are the business of
+    `sendit.dicomio.quiet.install_log_guard`, which also covers `py.warnings` should anything turn on
+    `logging.captureWarnings`. (A factory: the dotted path `sendit.dicomio.quiet.X` does not resolve,
+    the package's `quiet` is the function.)"""
+    from sendit.dicomio.quiet import WithheldRecords
+
+    return WithheldRecords()
+
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "withheld": {"()": "sendit.server.settings.withheld_records"},
+    },
     "loggers": {
         "sendit": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+        "pydicom": {"handlers": ["withheld"], "level": "WARNING", "propagate": False},
+        "pynetdicom": {"handlers": ["withheld"], "level": "WARNING", "propagate": False},
     },
 }
