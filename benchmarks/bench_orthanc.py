@@ -16,6 +16,7 @@ Compare ratios taken in one run, never absolutes across runs (DESIGN.md, "Measur
 
     .venv/bin/python benchmarks/bench_orthanc.py --files 1000
     .venv/bin/python benchmarks/bench_orthanc.py --files 300 --profile /tmp/e2e.prof   # + cProfile, 1 worker
+    .venv/bin/python benchmarks/bench_orthanc.py --stall-drops 50   # only the DICOM stall loop (issue 12.4)
 """
 
 from __future__ import annotations
@@ -225,6 +226,38 @@ def machine() -> str:
     )
 
 
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def stall_loop(drops: int) -> None:
+    """Issue 12.4's loop (tests/test_dicom_stall.py), longer: drops of 10 series x 20 images over DICOM
+    from 5 processes into one fresh Orthanc; C-STORE round trips, series send times, stalls."""
+    from tests.test_dicom_stall import IMAGES, SERIES, WORKERS, run_drops
+
+    work = Path(tempfile.mkdtemp(prefix="sendit-bench-stall-"))
+    server = fresh_orthanc(work, "stall")
+    try:
+        outcomes = run_drops(server, work / "in", drops, report=True)
+        held = server.count_instances()
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    series = [o for drop in outcomes for o in drop]
+    stores = [t for o in series for t in o.store_seconds]
+    sends = [o.send_seconds for o in series]
+    print(f"{drops} drops x {SERIES} series x {IMAGES} images (64x64 CT), {WORKERS} processes; {machine()}")
+    print(
+        f"C-STORE round trip: p50 {percentile(stores, 0.5) * 1000:.1f} ms, p99 {percentile(stores, 0.99) * 1000:.1f}"
+        f" ms, max {max(stores) * 1000:.0f} ms ({len(stores)} stores)"
+    )
+    print(f"series send: p50 {percentile(sends, 0.5):.2f} s, max {max(sends):.2f} s")
+    stalled_drops = sum(any(o.stalled for o in drop) for drop in outcomes)
+    print(f"stalled series: {sum(o.stalled for o in series)} of {len(series)}; drops with a stall: {stalled_drops}")
+    print(f"Orthanc holds {held} instances (expected {len(series) * IMAGES})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=1000)
@@ -234,7 +267,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="best of N rounds per step, steps interleaved")
     parser.add_argument("--only-e", action="store_true", help="skip a-d (to iterate on the pipeline)")
     parser.add_argument("--rest-too", action="store_true", help="also f) sendit end to end over ORTHANC_URL (REST)")
+    parser.add_argument("--stall-drops", type=int, help="run only the DICOM stall loop, this many drops")
     args = parser.parse_args()
+    if args.stall_drops:
+        stall_loop(args.stall_drops)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="sendit-bench-orthanc-"))
     try:

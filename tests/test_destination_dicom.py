@@ -6,7 +6,12 @@ provoked with a tiny pynetdicom storage SCP on loopback instead.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -18,6 +23,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from pynetdicom.transport import AssociationSocket
@@ -207,6 +213,7 @@ def test_called_aet_mismatch_is_a_clear_retryable_error(
     assert info.value.retryable
     assert "Called AE title not recognised" in str(info.value)
     assert "Called AE title not recognised" in (wrong.check() or "")
+    assert "set ORTHANC_AET to Orthanc's DicomAet" in (wrong.check() or "")
 
     right = dest_for(server)
     assert right.check() is None
@@ -276,6 +283,95 @@ def test_missing_counts_what_the_peer_holds(orthanc_server: OrthancServer, tmp_p
     assert dest.missing(images[0].series_uid, uids) == {images[2].sop_instance_uid}
     assert dest.missing(generate_uid(), uids) == uids
     assert dest.check() is None
+
+
+FIND_REFUSED = {
+    # An AE title Orthanc does not know, with Store (and Echo) open to all: the README's first mistake.
+    "unknown calling AE": {"loopback_only": False, "extra_config": {"DicomAlwaysAllowFind": False}},
+    # Listed, but without C-FIND.
+    "listed without AllowFind": {
+        "extra_config": {
+            "DicomModalities": {"sendit": {"AET": "SENDIT", "Host": "127.0.0.1", "Port": 104, "AllowFind": False}}
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("setup", list(FIND_REFUSED))
+def test_check_catches_an_orthanc_that_will_refuse_verification(
+    orthanc_factory: Callable[..., OrthancServer], tmp_path: Path, setup: str
+) -> None:
+    server = orthanc_factory(**FIND_REFUSED[setup])
+    dest = dest_for(server)
+    where = f"127.0.0.1:{server.dicom_port} (calling AE SENDIT, called AE ORTHANC)"
+
+    problem = dest.check() or ""
+
+    assert f"{where} refused C-FIND" in problem
+    assert "DicomModalities" in problem and '"DicomAlwaysAllowFind": true' in problem
+    # The run: delivery works, and verification says the same, as a refusal that waiting won't fix.
+    images = make_series(tmp_path, 2)
+    assert all(r.delivered for r in dest.send(images))
+    with pytest.raises(DestinationError) as info:
+        dest.missing(images[0].series_uid, {i.sop_instance_uid for i in images})
+    assert f"{where} refused C-FIND" in str(info.value) and "DicomAlwaysAllowFind" in str(info.value)
+    assert "association lost" not in str(info.value)
+    assert not info.value.retryable
+
+
+def test_check_catches_an_orthanc_that_refuses_echo(orthanc_factory: Callable[..., OrthancServer]) -> None:
+    server = orthanc_factory(loopback_only=False, extra_config={"DicomAlwaysAllowEcho": False})
+
+    problem = dest_for(server).check() or ""
+
+    assert f"127.0.0.1:{server.dicom_port} (calling AE SENDIT, called AE ORTHANC) refused C-ECHO" in problem
+    assert '"DicomAlwaysAllowEcho": true' in problem
+
+
+def test_check_names_address_titles_and_the_fix_when_the_association_is_refused(
+    orthanc_server: OrthancServer,
+) -> None:
+    stranger = dest_for(orthanc_server, calling_aet="STRANGER").check() or ""
+    assert f"127.0.0.1:{orthanc_server.dicom_port} (calling AE STRANGER, called AE ORTHANC)" in stranger
+    assert "Calling AE title not recognised" in stranger
+    assert "list STRANGER in DicomModalities" in stranger and "SENDIT_AET" in stranger
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nobody = DicomDestination("127.0.0.1", port, connect_timeout=2, acse_timeout=2).check() or ""
+    assert f"cannot connect to 127.0.0.1:{port} (calling AE SENDIT, called AE ORTHANC)" in nobody
+    assert "Connection refused" in nobody and "ORTHANC_PORT" in nobody
+
+
+def test_sendit_check_command_fails_on_an_orthanc_that_will_refuse_verification(
+    orthanc_factory: Callable[..., OrthancServer], tmp_path: Path
+) -> None:
+    """The operator's view: `sendit check` exits 1 with one line that says what to change."""
+    refusing = orthanc_factory(**FIND_REFUSED["unknown calling AE"])
+    fine = orthanc_factory()
+
+    def check(server: OrthancServer) -> subprocess.CompletedProcess[str]:
+        folder = tmp_path / str(server.dicom_port)
+        folder.mkdir()
+        (folder / "sendit.toml").write_text(
+            f'SECRET_KEY = "{"k" * 40}"\nDATA_DIR = "data"\nOUTPUT_FOLDER = "off"\nSEND_TO_ORTHANC = true\n'
+            f'ORTHANC_IPADDRESS = "127.0.0.1"\nORTHANC_PORT = {server.dicom_port}\nORTHANC_TIMEOUT = 10\n'
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDIT_", "DJANGO_")) and k != "DATABASE_URL"}
+        env["SENDIT_CONFIG"] = str(folder / "sendit.toml")
+        command = [sys.executable, "-m", "sendit", "check"]
+        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+
+    refused = check(refusing)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    where = f"127.0.0.1:{refusing.dicom_port} (calling AE SENDIT, called AE ORTHANC)"
+    assert f"[FAIL] destination orthanc-dicom: {where} refused C-FIND" in refused.stdout
+    assert "Traceback" not in refused.stderr
+
+    ok = check(fine)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"[ok] destination orthanc-dicom: 127.0.0.1:{fine.dicom_port} (calling AE SENDIT" in ok.stdout
 
 
 def test_more_than_128_contexts_use_several_associations(
@@ -388,6 +484,14 @@ def test_peer_abort_mid_batch_reopens_the_association(stub_scp: StubSCP, tmp_pat
 
     assert [r.delivered for r in results] == [True] * 4
     assert set(stub_scp.received) == {i.sop_instance_uid for i in images}
+    # What the series page shows: one reconnect, naming the image by its id and the cause.
+    assert dest.reconnects == 1
+    assert dest.events == [
+        f"association lost while sending image {images[1].image_id} (aborted or closed by the peer); "
+        "reconnecting to send it again"
+    ]
+    assert all(r.delivered for r in dest.send(images[:1]))
+    assert (dest.reconnects, dest.events) == (1, [])  # a count since the object was made; events per send
 
 
 def test_peer_that_keeps_aborting_gives_retryable_results(stub_scp: StubSCP, tmp_path: Path) -> None:
@@ -404,6 +508,72 @@ def test_peer_that_keeps_aborting_gives_retryable_results(stub_scp: StubSCP, tmp
     assert first.delivered
     assert (second.delivered, second.permanent) == (False, False)
     assert "association lost" in second.message
+
+
+class _Lingering(threading.Event):
+    """A reactor checkpoint that, once the reactor is let go, holds it (still marked as paused) until
+    the next answer has arrived: the thread a busy machine did not reschedule in time."""
+
+    def __init__(self, answered: threading.Event) -> None:
+        super().__init__()
+        self.answered = answered
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woke = super().wait(timeout)
+        if woke:
+            self.answered.wait(5)
+        return woke
+
+
+def test_answer_taken_by_the_association_reactor_is_not_lost(
+    stub_scp: StubSCP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 30-second stall (issue 12.4). pynetdicom pauses its reactor thread around send_c_store()
+    with a check-then-act handshake: clear an Event, then spin until a flag the reactor sets before
+    Event.wait() reads True. A reactor woken by the previous send's unpause but not yet run again
+    still has that flag set, so the next send goes ahead with the reactor loose; when the answer is
+    queued before the sender reads it, the reactor takes it ("Received unexpected C-STORE service
+    message") and the sender waits out the DIMSE time-out for an answer the peer already sent. Here
+    that interleaving is made certain: the reactor lingers until the answer is queued, and the sender
+    reads it only once the reactor took it (or 0.3 s passed)."""
+    answered = threading.Event()
+    original_init = Association.__init__
+    original_send = DIMSEServiceProvider.send_msg
+    original_receive = DIMSEServiceProvider.receive_primitive
+
+    def init(self: Association, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        if self.is_requestor:
+            self._reactor_checkpoint = _Lingering(answered)
+            self._reactor_checkpoint.set()
+
+    def receive(self: DIMSEServiceProvider, primitive: Any) -> None:
+        original_receive(self, primitive)
+        if self.assoc.is_requestor:
+            answered.set()
+
+    def send(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+        if not self.assoc.is_requestor:
+            return original_send(self, primitive, context_id)
+        answered.clear()
+        original_send(self, primitive, context_id)
+        answered.wait(5)
+        deadline = time.monotonic() + 0.3
+        while not self.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    monkeypatch.setattr(Association, "__init__", init)
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", send)
+    monkeypatch.setattr(DIMSEServiceProvider, "receive_primitive", receive)
+    images = make_series(tmp_path, 3)
+    dest = DicomDestination(
+        "127.0.0.1", stub_scp.port, called_aet="STUB", acse_timeout=3, dimse_timeout=3, network_timeout=3
+    )
+
+    results = dest.send(images)
+
+    assert [(r.delivered, r.message) for r in results] == [(True, "")] * 3
+    assert (dest.reconnects, dest.events) == (0, [])
 
 
 class _Always(set[str]):

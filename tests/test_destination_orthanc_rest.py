@@ -115,11 +115,14 @@ def test_unreachable_raises_retryable(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dest = OrthancRestDestination(f"http://127.0.0.1:{port}", connect_timeout=2.0)
+    dest = OrthancRestDestination(f"http://sendit:s3cret-pw@127.0.0.1:{port}", connect_timeout=2.0)
     with pytest.raises(DestinationError) as info:
         dest.send(make_series(tmp_path, 2))
     assert info.value.retryable
-    assert dest.check()
+    problem = dest.check() or ""
+    assert f"cannot reach Orthanc at http://127.0.0.1:{port}" in problem
+    assert "Connection refused" in problem and "ORTHANC_URL" in problem
+    assert "s3cret" not in problem
     with pytest.raises(DestinationError):
         dest.missing("1.2.3", {"1.2.3.4"})
     dest.close()
@@ -176,3 +179,33 @@ def test_missing_and_no_phi_in_urls(orthanc_server: OrthancServer, tmp_path: Pat
     for url in urls:  # only Orthanc's own IDs in paths, never a DICOM identifier
         assert images[0].series_uid not in url and images[0].patient_id not in url
         assert not any(uid in url for uid in uids)
+
+
+# -- sendit check: what will fail, with the URL and what to change ----------------------------
+
+READ_ONLY_FILTER = (
+    "function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n  return method == 'GET'\nend\n"
+)
+
+
+def test_check_catches_a_filter_that_refuses_verification(
+    orthanc_factory: Callable[..., OrthancServer], tmp_path: Path
+) -> None:
+    server = orthanc_factory(lua=READ_ONLY_FILTER)  # GET /system answers; every POST is refused
+    dest = dest_for(server)
+
+    problem = dest.check() or ""
+
+    assert f"Orthanc at {server.url} refused POST /tools/lookup, which verification needs" in problem
+    assert "HTTP 403" in problem and "IncomingHttpRequestFilter" in problem
+    dest.close()
+
+
+def test_check_catches_a_url_that_is_not_orthancs_root(orthanc_server: OrthancServer) -> None:
+    dest = OrthancRestDestination(f"{orthanc_server.url}/app", timeout=15.0, connect_timeout=2.0)
+
+    problem = dest.check() or ""
+
+    assert f"Orthanc at {orthanc_server.url}/app" in problem and "REST root" in problem
+    assert dest_for(orthanc_server).check() is None
+    dest.close()

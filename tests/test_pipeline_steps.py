@@ -470,3 +470,26 @@ def test_refreshing_the_series_status_records_a_change_once(sendit_dirs: dict[st
     assert Series.objects.get(pk=scene.series.pk).status == Status.QUARANTINED
     series_events = Event.objects.filter(series=scene.series, image__isnull=True)
     assert list(series_events.values_list("from_status", "to_status")) == [(Status.NEW, Status.QUARANTINED)]
+
+
+def test_verify_sent_refused_by_the_destination_fails_the_step_for_good(sendit_dirs: dict[str, Path]) -> None:
+    """A PACS that refuses our C-FIND will not change its mind by waiting: permanent, words kept."""
+    scene = make_scene(sendit_dirs["INPUT_FOLDER"], Status.SENT, count=2)
+    destination = ScriptedDestination()
+    destination.down = DestinationError("C-FIND refused: add SENDIT to DicomModalities", retryable=False)
+
+    with pytest.raises(pipeline.PermanentFailure, match="DicomModalities"):
+        verify(scene, [destination])
+
+
+def test_deliver_pending_records_what_the_adapter_saw_as_series_events(sendit_dirs: dict[str, Path]) -> None:
+    scene = make_scene(sendit_dirs["INPUT_FOLDER"], Status.DONEPROCESSING, count=2)
+    destination = ScriptedDestination()
+    destination.events = ["association lost while sending image 7 (aborted by the peer); reconnecting"]  # type: ignore[attr-defined]
+
+    deliver(scene, [destination])
+
+    notes = list(
+        Event.objects.filter(series=scene.series, reason__contains="reconnecting").values_list("reason", flat=True)
+    )
+    assert notes == ["scripted: association lost while sending image 7 (aborted by the peer); reconnecting"]

@@ -75,13 +75,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     from sendit.relay import runtime
 
     for destination in runtime.destinations():
-        reason = destination.check()
-        print(
-            f"  [{'ok' if reason is None else 'FAIL'}] destination {destination.name}"
-            + (f": {reason}" if reason else "")
-        )
-        problems += reason is not None
-        destination.close()
+        # A destination's check tries what a run will do (DICOM: association, C-ECHO, C-FIND; REST:
+        # GET /system, POST /tools/lookup) and says what to change; ``where`` names whom it asked.
+        try:
+            reason = destination.check()
+        except Exception as exc:  # report it and check the next destination; never a traceback
+            reason = f"the check itself failed ({type(exc).__name__})"
+        finally:
+            destination.close()
+        where = getattr(destination, "where", None)
+        if reason is None:
+            print(f"  [ok] destination {destination.name}" + (f": {where}" if where else ""))
+        else:
+            print(f"  [FAIL] destination {destination.name}: {reason.removeprefix(f'{destination.name}: ')}")
+            problems += 1
     return 1 if problems else 0
 
 
@@ -404,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sendit.dicomio.quiet import install_log_guard
+
+    install_log_guard()  # first: no DICOM library's text (it quotes values) reaches a console or log
     args = build_parser().parse_args(argv)
     if args.config:
         os.environ["SENDIT_CONFIG"] = str(Path(args.config).resolve())

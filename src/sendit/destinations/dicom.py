@@ -23,20 +23,32 @@ Failure policy, chosen so that no image is lost and the status stays honest:
 * A SOP class the peer rejects in negotiation is a permanent failure reported as 0x0122. A transfer
   syntax it rejects is retried as Explicit/Implicit VR Little Endian when pydicom can decode the
   pixel data here; otherwise that image is a permanent failure saying so.
+* Verification (C-FIND) that the peer refuses is a configuration error, not an outage: Orthanc
+  accepts the association and then aborts it on the C-FIND of a calling AE title it does not allow.
+  Two such aborts in a row (a restart mid-query would not repeat on a fresh association) raise
+  ``DestinationError(retryable=False)`` saying what to change on Orthanc's side; waiting does not fix
+  it, and every delivered series would otherwise spend its retries on it.
+* Every failure of ``check`` and of opening an association names host:port and both AE titles.
+
+pynetdicom's association reactor can take a DIMSE answer meant for the thread that sent the request
+(see ``_AnswerQueue``): that race was the "association lost ... no answer within ORTHANC_TIMEOUT"
+stall. Associations opened here keep answers for the sender.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
@@ -51,6 +63,7 @@ NATIVE_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndi
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 VERIFICATION = UID("1.2.840.10008.1.1")
 STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
+NOT_AUTHORISED = 0x0124
 
 
 def _set_nodelay(event: evt.Event) -> None:
@@ -58,6 +71,36 @@ def _set_nodelay(event: evt.Event) -> None:
     sock = event.assoc.dul.socket
     if sock is not None and sock.socket is not None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _AnswerQueue(queue.Queue[Any]):
+    """The DIMSE message queue of an association we requested, without pynetdicom's answer race.
+
+    pynetdicom 3.0's association reactor thread polls this queue with ``get(block=False)`` to serve
+    requests from the peer, and ``send_c_store()`` (and every other ``send_*``) pauses it while it
+    waits for its answer. The pause is check-then-act: clear an Event, then spin until a flag that
+    the reactor sets *before* ``Event.wait()`` reads True. A reactor woken by the previous call's
+    unpause still has that flag set, so the next call goes ahead with the reactor running; when the
+    answer is queued before the sender reads it, the reactor takes it, logs "Received unexpected
+    C-STORE service message" and drops it, and the sender waits out the DIMSE time-out for an answer
+    the peer sent within a millisecond (on loopback, 1 send in a few hundred). Here a non-blocking
+    get never takes an answer: answers are left for the blocking get of the thread that asked.
+    """
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block:
+            return super().get(block, timeout)
+        with self.mutex:
+            if not self._qsize() or _is_answer(self.queue[0]):
+                raise queue.Empty
+            item = self._get()
+            self.not_full.notify()
+            return item
+
+
+def _is_answer(item: Any) -> bool:
+    """A queued (context ID, DIMSE primitive) that answers one of our requests."""
+    return getattr(item[1], "MessageIDBeingRespondedTo", None) is not None
 
 
 def _check_aet(value: str, what: str) -> str:
@@ -93,8 +136,8 @@ class _Batch:
     stop_reason: str | None = None  # set when the images not yet tried must wait for another attempt
 
 
-class _CannotAssociate(Exception):
-    pass
+class _PeerClosed(Exception):
+    """The peer aborted or closed the association instead of answering, well before any time-out."""
 
 
 class DicomDestination:
@@ -126,6 +169,12 @@ class DicomDestination:
         self.max_consecutive_failures = max(1, int(max_consecutive_failures))
         self.max_lost_images = max(1, int(max_lost_images))
         self.name = name or f"dicom:{self.called_aet}@{host}:{self.port}"
+        # Who talks to whom, for every message an operator has to act on.
+        self.where = f"{host}:{self.port} (calling AE {self.calling_aet}, called AE {self.called_aet})"
+        # Associations reopened after one was lost mid-batch, since this object was made; ``events``
+        # says why, for the last send() only (image ids and causes, nothing from the images).
+        self.reconnects = 0
+        self.events: list[str] = []
         self._ae = AE(ae_title=self.calling_aet)
         self._ae.connection_timeout = connect_timeout
         self._ae.acse_timeout = acse_timeout
@@ -143,6 +192,7 @@ class DicomDestination:
     def send(self, images: Sequence[OutgoingImage]) -> list[SendResult]:
         """One result per image, in order; one image's failure does not fail the others. Raises
         DestinationError only when the peer as a whole fails before any image got an answer."""
+        self.events = []
         results: list[SendResult | None] = [None] * len(images)
         batch = _Batch()
         for group in _plan(images):
@@ -155,45 +205,36 @@ class DicomDestination:
         """C-FIND (Study Root, IMAGE level) by SeriesInstanceUID: what the peer does not hold."""
         if not sop_instance_uids:
             return set()
-        query = Dataset()
-        query.QueryRetrieveLevel = "IMAGE"
-        query.SeriesInstanceUID = series_uid
-        query.SOPInstanceUID = ""
-        model = STUDY_ROOT_FIND
-        assoc = self._open([build_context(model)])
-        held: set[str] = set()
         try:
-            for status, identifier in assoc.send_c_find(query, model):
-                if not status:
-                    raise DestinationError(f"{self.name}: C-FIND got no answer (association lost)")
-                code = int(status.Status)
-                if code in (0xFF00, 0xFF01):
-                    if identifier is not None and "SOPInstanceUID" in identifier:
-                        held.add(str(identifier.SOPInstanceUID))
-                elif code != 0x0000:
-                    info = classify(code)
-                    raise DestinationError(
-                        f"{self.name}: C-FIND failed: {info.describe()}", retryable=not info.permanent
-                    )
-        finally:
-            _close(assoc)
-        return set(sop_instance_uids) - held
+            return set(sop_instance_uids) - self._find_series(series_uid)
+        except _PeerClosed:
+            log.warning("%s: the peer closed the association on a C-FIND; asking again", self.name)
+        try:
+            return set(sop_instance_uids) - self._find_series(series_uid)
+        except _PeerClosed:  # twice, on fresh associations: a refusal, not a restart
+            raise DestinationError(f"{self.name}: {self._refused('C-FIND')}", retryable=False) from None
 
     def check(self) -> str | None:
-        """C-ECHO: None when the peer answers Success."""
+        """What delivery and verification need, tried before a run: the association is accepted, and
+        C-ECHO and a C-FIND (for a series that does not exist) are answered. None when all are; else
+        one line naming host:port and both AE titles, and what to change (here or on Orthanc's side)."""
         try:
-            assoc = self._open([build_context(VERIFICATION)])
-        except DestinationError as exc:
-            return str(exc)
+            assoc = self._associate([build_context(VERIFICATION)])
+        except Exception as exc:  # pynetdicom raises for an address it cannot even use
+            return f"cannot open an association to {self.where}: {type(exc).__name__}"
+        if not assoc.is_established:
+            return self._not_associated(assoc, probe=True)
         try:
-            status = assoc.send_c_echo()
-            if not status:
-                return f"{self.name}: C-ECHO got no answer"
-            if int(status.Status) != 0:
-                return f"{self.name}: C-ECHO answered {describe(int(status.Status))}"
-            return None
+            problem = self._echo_on(assoc)
         finally:
             _close(assoc)
+        if problem is not None:
+            return problem
+        try:  # exactly what verification asks, for a series that does not exist
+            self.missing(generate_uid(), {generate_uid()})
+        except DestinationError as exc:
+            return str(exc).removeprefix(f"{self.name}: ")
+        return None
 
     def close(self) -> None:
         """Nothing persistent: associations live for one batch."""
@@ -201,7 +242,7 @@ class DicomDestination:
     # -- internals ---------------------------------------------------------------------------
 
     def _associate(self, contexts: list[PresentationContext]) -> Association:
-        return self._ae.associate(
+        assoc = self._ae.associate(
             self.host,
             self.port,
             contexts=contexts,
@@ -209,13 +250,115 @@ class DicomDestination:
             max_pdu=self.max_pdu,
             evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
         )
+        if assoc.is_established:
+            # Before our first request, so nothing is queued yet (a storage or query SCP sends no
+            # requests of its own): from here on only the sender takes answers.
+            assoc.dimse.msg_queue = _AnswerQueue()
+        return assoc
 
     def _open(self, contexts: list[PresentationContext]) -> Association:
         """An established association, or DestinationError(retryable=True) saying why not."""
         assoc = self._associate(contexts)
         if assoc.is_established:
             return assoc
-        raise DestinationError(f"{self.name}: {_why_not(assoc)}", retryable=True)
+        raise DestinationError(f"{self.name}: {self._not_associated(assoc)}", retryable=True)
+
+    def _find_series(self, series_uid: str) -> set[str]:
+        """What the peer holds for a series, on an association of its own."""
+        assoc = self._open([build_context(STUDY_ROOT_FIND)])
+        try:
+            return self._held(assoc, series_uid)
+        finally:
+            _close(assoc)
+
+    def _held(self, assoc: Association, series_uid: str) -> set[str]:
+        """The SOPInstanceUIDs the peer holds for a series (one C-FIND on ``assoc``)."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.SeriesInstanceUID = series_uid
+        query.SOPInstanceUID = ""
+        held: set[str] = set()
+        started = time.monotonic()
+        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+            if not status:
+                lost = self._lost(started)
+                if lost.timed_out:
+                    raise DestinationError(f"{self.name}: {self.where}: C-FIND got no answer ({lost.cause})")
+                raise _PeerClosed()
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                if identifier is not None and "SOPInstanceUID" in identifier:
+                    held.add(str(identifier.SOPInstanceUID))
+            elif code != 0x0000:
+                info = classify(code)
+                if code == NOT_AUTHORISED:
+                    reason = self._refused("C-FIND", info.describe())
+                else:
+                    reason = f"{self.where}: C-FIND failed: {info.describe()}"
+                raise DestinationError(f"{self.name}: {reason}", retryable=not info.permanent)
+        return held
+
+    def _echo(self) -> str | None:
+        """C-ECHO on its own association: is the peer alive? None when it answers Success."""
+        try:
+            assoc = self._open([build_context(VERIFICATION)])
+        except DestinationError as exc:
+            return str(exc).removeprefix(f"{self.name}: ")
+        try:
+            return self._echo_on(assoc)
+        finally:
+            _close(assoc)
+
+    def _echo_on(self, assoc: Association) -> str | None:
+        started = time.monotonic()
+        status = assoc.send_c_echo()
+        if not status:
+            lost = self._lost(started)
+            return f"{self.where}: C-ECHO got no answer ({lost.cause})" if lost.timed_out else self._refused("C-ECHO")
+        if int(status.Status) != 0:
+            return f"{self.where}: C-ECHO answered {describe(int(status.Status))}"
+        return None
+
+    def _refused(self, service: str, detail: str = "the peer closed the association instead of answering") -> str:
+        """What a refused C-ECHO/C-FIND means and what to change on Orthanc's side."""
+        allow = {"C-FIND": "DicomAlwaysAllowFind", "C-ECHO": "DicomAlwaysAllowEcho"}[service]
+        need = "verification needs it" if service == "C-FIND" else "sendit check needs it"
+        return (
+            f"{self.where} refused {service} ({detail}; {need}): on Orthanc, list {self.calling_aet} in "
+            f'DicomModalities, e.g. "sendit": ["{self.calling_aet}", "<this host>", 104] (in the object form, '
+            f'"Allow{service[2:].title()}": true), or set "{allow}": true'
+        )
+
+    def _not_associated(self, assoc: Association, *, probe: bool = False) -> str:
+        """Why no association, naming host:port, both AE titles and the setting to change. ``probe``
+        opens a plain TCP connection for the OS's reason (check only: it costs a second connect)."""
+        if assoc.is_rejected:
+            rsp = assoc.acceptor.primitive
+            if rsp is None:
+                return f"{self.where}: association rejected"
+            kind = "permanently" if rsp.result == 0x01 else "transiently"
+            reason = str(rsp.reason_str)
+            text = f"{self.where}: association rejected {kind} by {rsp.source_str}: {reason}"
+            if reason.startswith("Calling AE"):
+                return (
+                    f"{text}; on Orthanc, list {self.calling_aet} in DicomModalities, e.g. "
+                    f'"sendit": ["{self.calling_aet}", "<this host>", 104] (with DicomCheckModalityHost the '
+                    "host must be this machine's address), or set SENDIT_AET to an AE title Orthanc knows"
+                )
+            if reason.startswith("Called AE"):
+                return f"{text}; set ORTHANC_AET to Orthanc's DicomAet"
+            return f"{text} (check the AE titles and Orthanc's DicomModalities)"
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            return f"{self.where}: the peer accepted none of the proposed presentation contexts"
+        os_reason = _connect_problem(self.host, self.port, self._ae.connection_timeout) if probe else None
+        if os_reason is not None:
+            return (
+                f"cannot connect to {self.where}: {os_reason} "
+                "(is ORTHANC_IPADDRESS:ORTHANC_PORT Orthanc's address and DicomPort?)"
+            )
+        if probe:
+            return f"{self.where}: association aborted (TCP connects, but no A-ASSOCIATE answer in time)"
+        return f"{self.where}: association aborted (peer unreachable, refused the connection, or timed out)"
 
     def _send_group(
         self, images: Sequence[OutgoingImage], group: _Group, results: list[SendResult | None], batch: _Batch
@@ -223,6 +366,7 @@ class DicomDestination:
         pending = group.indices
         pos = 0
         resends = 0  # of the image at ``pos``, after the peer aborted on it
+        after_loss = False  # the association about to be opened replaces one that was lost
         while pos < len(pending):
             assoc = self._associate(group.contexts)
             if not assoc.is_established:
@@ -231,8 +375,11 @@ class DicomDestination:
                     for i in pending[pos:]:
                         results[i] = _refused_context(images[i], assoc)
                     return
-                self._destination_down(_why_not(assoc), results, batch)
+                self._destination_down(self._not_associated(assoc), results, batch)
                 return
+            if after_loss:
+                self.reconnects += 1
+                after_loss = False
             accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
             try:
                 while pos < len(pending):
@@ -246,6 +393,7 @@ class DicomDestination:
                     resends = 0
             except _Lost as lost:
                 assoc.abort()  # never a polite release on a dead link: it would wait for acse_timeout
+                after_loss = True
                 image = images[pending[pos]]
                 if not lost.timed_out and resends < self.max_reconnects:
                     resends += 1
@@ -254,6 +402,10 @@ class DicomDestination:
                         self.name,
                         image.image_id,
                         lost.cause,
+                    )
+                    self.events.append(
+                        f"association lost while sending image {image.image_id} ({lost.cause}); "
+                        "reconnecting to send it again"
                     )
                     continue
                 message = f"image {image.image_id}: association lost while sending it ({lost.cause})"
@@ -264,9 +416,8 @@ class DicomDestination:
                 pos += 1
                 resends = 0
                 if len(batch.streak) >= self.max_consecutive_failures:
-                    problem = self.check()  # is the peer down, or are these images the problem?
+                    problem = self._echo()  # is the peer down, or are these images the problem?
                     if problem is not None:
-                        problem = problem.removeprefix(f"{self.name}: ")
                         streak = len(batch.streak)
                         self._destination_down(f"{problem} (after {streak} images in a row were lost)", results, batch)
                         return
@@ -274,6 +425,8 @@ class DicomDestination:
                 if batch.lost >= self.max_lost_images:
                     batch.stop_reason = f"not attempted: {batch.lost} images lost in one batch before it"
                     return
+                if pos < len(pending):
+                    self.events.append(f"{message}; reconnecting for the rest of the batch")
             finally:
                 _close(assoc)
 
@@ -421,21 +574,15 @@ def _unreadable(image: OutgoingImage, exc: Exception) -> SendResult:
     )
 
 
-def _why_not(assoc: Association) -> str:
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
-        if rsp is not None:
-            kind = "permanently" if rsp.result == 0x01 else "transiently"
-            return (
-                f"association rejected {kind} by {rsp.source_str}: {rsp.reason_str} "
-                "(check the AE titles and the peer's allowed modalities)"
-            )
-        return "association rejected"
-    if assoc.rejected_contexts and not assoc.accepted_contexts:
-        return "the peer accepted none of the proposed presentation contexts"
-    if assoc.is_aborted:
-        return "association aborted (peer unreachable, refused the connection, or timed out)"
-    return "could not establish an association"
+def _connect_problem(host: str, port: int, timeout: float | None) -> str | None:
+    """The operating system's reason a TCP connection to host:port fails, or None when it opens."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout or 10.0):
+            return None
+    except TimeoutError:
+        return f"no TCP answer within {timeout or 10.0:g} s"
+    except OSError as exc:  # gaierror (unknown host name) is an OSError too
+        return exc.strerror or type(exc).__name__
 
 
 def _close(assoc: Association) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
+from pydicom.uid import generate_uid
 
 from sendit.destinations.base import DestinationError, OutgoingImage, SendResult
 
@@ -58,8 +59,10 @@ class OrthancRestDestination:
             raise ValueError("concurrency must be at least 1")
         self.url = url.rstrip("/")
         self.concurrency = concurrency
-        # The name shows up in messages and logs: never with credentials embedded in the URL.
-        self.name = name or f"orthanc-rest:{httpx.URL(self.url).copy_with(username=None, password=None)}"
+        # The name and ``where`` show up in messages and logs: never with credentials embedded in the URL.
+        self.where = str(httpx.URL(self.url).copy_with(username=None, password=None))
+        self.name = name or f"orthanc-rest:{self.where}"
+        self._timeout = timeout
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         auth = httpx.BasicAuth(username, password or "") if username else None
         self._client = httpx.Client(
@@ -89,7 +92,7 @@ class OrthancRestDestination:
             raise DestinationError(f"{self.name}: {sorted(r for r in reasons if r)[0]}", retryable=True)
         if not any(a.answered for a in attempts):
             # Every upload timed out or dropped: is Orthanc down, or are these images the problem?
-            problem = self.check()
+            problem = self._alive()
             if problem is not None:
                 raise DestinationError(f"{problem} (no upload of the batch got an answer)", retryable=True)
         return [replace(a.result, destination_fault=True) if a.batch_reason else a.result for a in attempts]
@@ -112,11 +115,47 @@ class OrthancRestDestination:
         return set(sop_instance_uids) - held
 
     def check(self) -> str | None:
-        """GET /system: None when Orthanc answers and our credentials are accepted."""
+        """What delivery and verification need, tried before a run: ``GET /system`` (reachable, our
+        credentials accepted, and it is Orthanc's REST root), then ``POST /tools/lookup`` for a UID
+        that does not exist (what verification asks; a read-only filter refuses it). None when both
+        answer; else one line naming the URL (never its credentials) and what to change."""
+        where = f"Orthanc at {self.where}"
         try:
-            self._request("GET", "/system")
-        except DestinationError as exc:
-            return str(exc)
+            response = self._client.get("/system")
+        except httpx.TimeoutException:
+            return f"{where}: no answer to GET /system within {self._timeout:g} s"
+        except httpx.TransportError as exc:
+            return (
+                f"cannot reach {where}: {_transport_reason(exc)} (is ORTHANC_URL Orthanc's HTTP address and "
+                "port, and RemoteAccessAllowed true when Sendit runs on another host?)"
+            )
+        if response.status_code in (401, 403):
+            return (
+                f"{where} refused our credentials on GET /system (HTTP {response.status_code}): set "
+                "ORTHANC_USERNAME and ORTHANC_PASSWORD to a user in Orthanc's RegisteredUsers (HTTP 403 can "
+                "also mean RemoteAccessAllowed is false on Orthanc)"
+            )
+        try:
+            system = response.json() if response.status_code == 200 else None
+        except ValueError:
+            system = None
+        if not isinstance(system, dict) or "ApiVersion" not in system:
+            return (
+                f"{where}: GET /system answered HTTP {response.status_code} but not as Orthanc does "
+                "(ORTHANC_URL must be Orthanc's REST root, e.g. http://orthanc:8042)"
+            )
+        try:
+            lookup = self._client.post("/tools/lookup", content=generate_uid().encode())
+        except httpx.TimeoutException:
+            return f"{where}: no answer to POST /tools/lookup within {self._timeout:g} s"
+        except httpx.TransportError as exc:
+            return f"{where}: POST /tools/lookup failed: {_transport_reason(exc)}"
+        if lookup.status_code != 200:
+            return (
+                f"{where} refused POST /tools/lookup, which verification needs: {_http_reason(lookup)} "
+                "(a Lua IncomingHttpRequestFilter or an authorization plugin must let this user POST "
+                "/instances and /tools/lookup)"
+            )
         return None
 
     def close(self) -> None:
@@ -126,6 +165,14 @@ class OrthancRestDestination:
         self._client.close()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _alive(self) -> str | None:
+        """GET /system answers 200: Orthanc is up (the cheap question ``send`` asks mid-batch)."""
+        try:
+            self._request("GET", "/system")
+        except DestinationError as exc:
+            return str(exc)
+        return None
 
     def _guarded_post(self, image: OutgoingImage) -> _Attempt:
         """``_post``, with anything unexpected made this image's retryable failure, never the batch's."""
@@ -200,6 +247,11 @@ def _classify_response(image: OutgoingImage, response: httpx.Response) -> _Attem
     if code in (401, 403):
         return _Attempt(_failed(image, False, reason, code), batch_reason=reason)
     return _Attempt(_failed(image, False, reason, code))
+
+
+def _transport_reason(exc: httpx.TransportError) -> str:
+    """The OS's reason (e.g. "[Errno 111] Connection refused"), short; httpx puts no URL in it."""
+    return str(exc)[:200] or type(exc).__name__
 
 
 def _http_reason(response: httpx.Response) -> str:

@@ -31,7 +31,7 @@ from sendit.destinations.base import Destination, DestinationError, OutgoingImag
 from sendit.dicomio import sop_class_and_syntax
 from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
 from sendit.relay import files, runtime
-from sendit.relay.models import IN_FLIGHT, Delivery, Image, Series, SeriesIdentifiers, Stage, Status, Study
+from sendit.relay.models import IN_FLIGHT, Delivery, Event, Image, Series, SeriesIdentifiers, Stage, Status, Study
 from sendit.relay.transitions import Lease, LeaseLost, clip, fenced, move_images, refresh_series_status
 
 log = logging.getLogger("sendit.pipeline")
@@ -556,6 +556,8 @@ def deliver_pending(
                 if exc.retryable:
                     raise RetryableFailure(_about(destination, exc)) from exc
                 raise PermanentFailure(_about(destination, exc)) from exc
+            finally:
+                _record_destination_events(series, destination)
             with fenced(lease):
                 Delivery.objects.bulk_create(
                     [
@@ -597,6 +599,24 @@ def deliver_pending(
     return retry_reasons
 
 
+def _record_destination_events(series: Series, destination: Destination) -> None:
+    """What the adapter saw on the way (a reconnect after a lost association) as series events; the
+    adapter's lines name image ids and causes, never a value."""
+    lines = list(getattr(destination, "events", ()) or ())
+    if lines:
+        Event.objects.bulk_create(
+            [
+                Event(
+                    series=series,
+                    from_status=series.status,
+                    to_status=series.status,
+                    reason=clip(f"{destination.name}: {line}"),
+                )
+                for line in lines
+            ]
+        )
+
+
 def verify_sent(series: Series, destinations: list[Destination], lease: Lease) -> set[str]:
     """SENT → DONE when every destination holds every image; returns the destinations missing some."""
     sent = list(series.images.filter(status=Status.SENT))
@@ -609,6 +629,8 @@ def verify_sent(series: Series, destinations: list[Destination], lease: Lease) -
         try:
             missing = destination.missing(series.deid_series_uid, set(by_uid))
         except DestinationError as exc:
+            if not exc.retryable:  # a refusal (the PACS does not let us ask) will not pass by waiting
+                raise PermanentFailure(_about(destination, exc, "verification refused")) from exc
             raise RetryableFailure(_about(destination, exc, "verification failed")) from exc
         if missing:
             missing_at.add(destination.name)
