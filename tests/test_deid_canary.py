@@ -25,7 +25,7 @@ from sendit.deid.profile import OPTIONS, Action, build_action_table, load_rows
 from sendit.deid.recipe import parse_recipe
 from sendit.identifiers import Identifiers
 
-IDS = Identifiers("SIDPSEUDO1", "SIDPSEUDO1", "ACCPSEUDO1", jitter_days=-45)
+IDS = Identifiers("SIDPSEUDO1", "SIDPSEUDO1", "ACCPSEUDO1", jitter_days=-45, jitter_seconds=40_000)
 TEXT_VRS = {"AE", "CS", "SH", "LO", "LT", "ST", "UT", "UC", "PN"}
 BYTES_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 WALKED = {0x00081140, 0x00082112}  # X/Z/U*: kept and walked, so they carry the next level

@@ -29,7 +29,7 @@ from pydicom.valuerep import MAX_VALUE_LEN, validate_value
 
 from sendit.deid import Deidentifier, DeidError, DeidOptions
 from sendit.deid import engine as engine_module
-from sendit.deid.dates import DATE_OF_TIME, shift_da, shift_dt, shift_tm, time_offset
+from sendit.deid.dates import DATE_OF_TIME, shift_da, shift_dt, shift_tm
 from sendit.deid.profile import (
     Action,
     Unlisted,
@@ -44,7 +44,13 @@ from sendit.dicomio import read_dicom
 from sendit.identifiers import Identifiers
 
 KEY = "test-secret-key"
-IDS = Identifiers(patient_id="SIDPSEUDO1", patient_name="SIDPSEUDO1", accession_number="ACCPSEUDO1", jitter_days=-45)
+IDS = Identifiers(
+    patient_id="SIDPSEUDO1",
+    patient_name="SIDPSEUDO1",
+    accession_number="ACCPSEUDO1",
+    jitter_days=-45,
+    jitter_seconds=40_000,
+)
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 MAX_LEN = {**MAX_VALUE_LEN, "AS": 4}  # pydicom's table, and AS (always 4 characters)
@@ -613,12 +619,27 @@ def test_every_time_has_its_date_found_in_the_dictionary() -> None:
     assert 0x00181072 not in DATE_OF_TIME  # Radiopharmaceutical Start Time: no date of its own
 
 
-def test_time_offset_is_keyed_per_patient_and_zero_without_a_shift() -> None:
-    offset = time_offset(b"k", "SIDPSEUDO1", -45)
-    assert 0 <= offset < 86400 and offset == time_offset(b"k", "SIDPSEUDO1", 30)  # the same in every study
-    assert offset != time_offset(b"other key", "SIDPSEUDO1", -45)
-    assert len({time_offset(b"k", f"SID{n}", 7) for n in range(20)}) > 15
-    assert time_offset(b"k", "SIDPSEUDO1", 0) == 0
+def test_the_local_provider_keys_time_seconds_per_patient() -> None:
+    """The same seconds in every study of a patient, other ones for another key or patient."""
+    from sendit.identifiers.base import SeriesHeader
+    from sendit.identifiers.local import LocalProvider
+
+    def seconds(key: str, patient: str, study: str) -> int:
+        header = SeriesHeader(series_uid=f"{study}.1", study_uid=study, patient_id=patient)
+        return LocalProvider(key).identify([header])[f"{study}.1"].jitter_seconds
+
+    offset = seconds("k", "MRN1", "1.2.3")
+    assert 0 <= offset < 86400 and offset == seconds("k", "MRN1", "1.2.4")
+    assert offset != seconds("other key", "MRN1", "1.2.3")
+    assert len({seconds("k", f"MRN{n}", "1.2.3") for n in range(20)}) > 15
+
+
+def test_a_service_that_states_dates_keeps_them_exact_and_times_of_day(engine: Deidentifier) -> None:
+    """DASHER's answer gives whole days (jitter_seconds 0): dates are exactly the answer's."""
+    ds = make_ct()
+    ds.StudyDate, ds.StudyTime = "20240115", "235959"
+    engine.deidentify(ds, Identifiers("SIDX", "SIDX", "ACCX", jitter_days=-3))
+    assert (ds.StudyDate, ds.StudyTime) == ("20240112", "235959")
 
 
 def _instant(date: str, time: str) -> datetime.datetime:
@@ -635,8 +656,8 @@ def test_dates_and_times_everywhere_move_by_one_offset(engine: Deidentifier, tmp
     ds.RadiopharmaceuticalStartTime = "071500"  # no date of its own: round the clock
     src = write(ds, tmp_path / "a.dcm")
     for days in (-1, 31):
-        ids = Identifiers("SIDX", "SIDX", "ACCX", days)
-        seconds = time_offset(KEY.encode(), "SIDX", days)
+        seconds = 40_000
+        ids = Identifiers("SIDX", "SIDX", "ACCX", days, jitter_seconds=seconds)
         assert seconds  # (a zero offset for this key and patient would make the test prove nothing)
         offset = datetime.timedelta(days=days, seconds=seconds)
         out = deid(engine, src, tmp_path, ids)
@@ -656,7 +677,7 @@ def test_dates_and_times_everywhere_move_by_one_offset(engine: Deidentifier, tmp
 def test_a_time_that_comes_before_its_date_still_carries_into_it(engine: Deidentifier) -> None:
     """The walk meets (0014,407C) Calibration Time before (0014,407E) Calibration Date."""
     assert DATE_OF_TIME[0x0014407C] == 0x0014407E
-    seconds = time_offset(KEY.encode(), IDS.patient_id, IDS.jitter_days)
+    seconds = IDS.jitter_seconds
     ds = make_ct()
     before_midnight = (datetime.datetime(2000, 1, 1) - datetime.timedelta(seconds=seconds // 2 + 1)).strftime("%H%M%S")
     ds.add_new(0x0014407C, "TM", before_midnight)

@@ -1,8 +1,9 @@
 """Date and time shifting: every instant of one patient moves by one offset, precision and UTC offset kept.
 
-The offset (:class:`Shift`) is the identifiers' whole days plus a number of seconds within a day,
-keyed per patient (:func:`time_offset`), so a time of day is no longer the original one while every
-interval between two instants of the patient stays exact. What that means per VR:
+The offset (:class:`Shift`) is the identifiers' whole days plus their seconds within a day (the local
+provider keys them per patient, so a time of day is no longer the original one while every interval
+between two instants of the patient stays exact; a service that states dates, like DASHER, gives 0
+seconds, so its dates stay exactly the answer's). What that means per VR:
 
 * DT: the date and time move together (a value with no time part moves by whole days);
 * TM: moves by the seconds, round the clock; when its paired DA stands in the same data set
@@ -18,12 +19,9 @@ with the tag named.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
 import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from functools import lru_cache
 
 from pydicom.datadict import DicomDictionary, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
@@ -45,17 +43,6 @@ class Shift:
 
     days: int
     seconds: int = 0
-
-
-@lru_cache(maxsize=4096)  # one HMAC per patient, not per image
-def time_offset(key: bytes, patient_id: str, days: int) -> int:
-    """The seconds every time of one patient moves: HMAC-SHA256 of the pseudonymous patient ID under
-    the secret key, so that it is the same in every study of the patient and cannot be recomputed
-    from the output. No shift of the days (0: the identifiers ask for real dates) means none here."""
-    if days == 0:
-        return 0
-    digest = hmac.new(key, b"sendit-time-offset\x00" + patient_id.encode("utf-8"), hashlib.sha256).digest()
-    return int.from_bytes(digest[:8], "big") % _DAY
 
 
 def _date_of_time() -> dict[int, int]:

@@ -47,7 +47,7 @@ from pydicom.sequence import Sequence
 from pydicom.valuerep import MAX_VALUE_LEN
 
 from sendit.deid.clean import identifier_tokens, name_tokens
-from sendit.deid.dates import Carried, Shift, shift_element, time_offset
+from sendit.deid.dates import Carried, Shift, shift_element
 from sendit.deid.elements import BadValue, element, first_text, one_or_many, strings
 from sendit.deid.errors import BurnedInError, DeidError
 from sendit.deid.marking import check_identifiers, mark, rebuild_file_meta
@@ -302,7 +302,7 @@ class Deidentifier:
         check_identifiers(ids)
         with quiet():  # pydicom's warnings quote values; none may reach a log
             cleaned_pixels = self._pixels(ds)
-            shift = Shift(ids.jitter_days, time_offset(self._key, ids.patient_id, ids.jitter_days))
+            shift = Shift(ids.jitter_days, ids.jitter_seconds if ids.jitter_days else 0)
             state = _WalkState(shift, self._variables(ids) if self._plan else {})
             if self._needs_known:
                 state.known = self.known_identifiers(ds)

@@ -48,6 +48,10 @@ class Identifiers:
     custom_fields: dict[str, str] = field(default_factory=dict)
     provider: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    # Seconds (0 ≤ s < a day) every time of the patient moves besides the days, carried into dates
+    # across midnight. A provider whose answer states dates (DASHER's jittered_timestamp) leaves it
+    # 0: its dates are then exactly the answer's, and times of day stay.
+    jitter_seconds: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +59,7 @@ class Identifiers:
             "patient_name": self.patient_name,
             "accession_number": self.accession_number,
             "jitter_days": self.jitter_days,
+            "jitter_seconds": self.jitter_seconds,
             "custom_fields": dict(self.custom_fields),
             "provider": self.provider,
             "raw": self.raw,
@@ -67,6 +72,7 @@ class Identifiers:
             patient_name=str(data["patient_name"]),
             accession_number=str(data["accession_number"]),
             jitter_days=int(data["jitter_days"]),
+            jitter_seconds=int(data.get("jitter_seconds") or 0),
             custom_fields={str(k): str(v) for k, v in (data.get("custom_fields") or {}).items()},
             provider=str(data.get("provider", "")),
             raw=dict(data.get("raw") or {}),

@@ -14,6 +14,7 @@ from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
 
 PATIENT_PREFIX = "SID"
 ACCESSION_PREFIX = "ACC"
+SECONDS_PER_DAY = 86400
 
 
 class LocalProvider:
@@ -53,11 +54,15 @@ class LocalProvider:
             accession = f"{ACCESSION_PREFIX}{self._token('accession', patient + '|' + accession_source, 13)}"
             shift_index = int.from_bytes(self._digest("jitter", patient)[:8], "big") % len(self._shifts)
             jitter = self._shifts[shift_index]
+            # times of day move too (the same seconds in every study of the patient), so that no
+            # original time of day is left while every interval stays exact
+            seconds = int.from_bytes(self._digest("jitter-seconds", patient)[:8], "big") % SECONDS_PER_DAY
             result[header.series_uid] = Identifiers(
                 patient_id=pseudonym,
                 patient_name=pseudonym,
                 accession_number=accession,
                 jitter_days=jitter,
+                jitter_seconds=seconds,
                 provider="local",
                 raw={"provider": "local", "suid": pseudonym, "item_suid": accession, "jitter": jitter},
             )
