@@ -15,6 +15,8 @@ os.environ.setdefault("SENDIT_SECRET_KEY", "test-secret-key-that-is-long-enough-
 os.environ["SENDIT_DATA_DIR"] = str(_data)
 os.environ.setdefault("SENDIT_RETRY_BASE_SECONDS", "0")
 os.environ.setdefault("SENDIT_LEASE_SECONDS", "10")
+# files a test writes are complete at once; tests/test_stable_files.py sets a settle time itself
+os.environ.setdefault("SENDIT_STABLE_SECONDS", "0")
 
 from sendit.server.settings import *  # noqa: E402,F403
 from sendit.server.settings import DATABASES  # noqa: E402

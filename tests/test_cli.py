@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -47,13 +48,23 @@ def configured(tmp_path: Path) -> Path:
 
 
 def test_demo_command_takes_the_demo_to_done(tmp_path: Path) -> None:
-    result = sendit(tmp_path, "demo", str(tmp_path / "demo"), env=cli_env(tmp_path / "demo"))
+    # as after the quick start: the virtualenv's bin folder is not on PATH
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    result = sendit(tmp_path, "demo", str(tmp_path / "demo"), env={**cli_env(tmp_path / "demo"), "PATH": path})
     assert result.returncode == 0, result.stderr
     assert "DONE" in result.stderr
     outputs = list((tmp_path / "demo" / "sendit-data" / "output").rglob("*.dcm"))
     assert len(outputs) > 20
     modalities = {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in outputs}
     assert len(modalities) >= 3
+    # its hint works as printed, from the same shell
+    hint = next(line for line in result.stdout.splitlines() if "shows the counts" in line).split("`")[1]
+    shown = subprocess.run(
+        hint, shell=True, cwd=tmp_path, env={**cli_env(tmp_path), "PATH": path}, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "DONE" in shown.stdout
 
 
 def test_import_wait_exits_nonzero_with_a_summary_by_reason(configured: Path) -> None:
@@ -172,3 +183,75 @@ def test_killed_import_is_finished_by_running_it_again(configured: Path) -> None
     outputs = list(output.rglob("*"))
     assert len([p for p in outputs if p.suffix == ".dcm"]) == len(written)
     assert not [p for p in outputs if p.name.endswith(".part")]
+
+
+# -- the commands' help, and refusals ----------------------------------------------------------------
+
+
+def test_every_command_and_option_is_described() -> None:
+    from sendit.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {choice.dest: choice.help for choice in commands._choices_actions}
+    undescribed = []
+    for name, command in commands.choices.items():
+        if not summaries.get(name) or not command.description:
+            undescribed.append(name)
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                undescribed.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not undescribed, f"no help text: {undescribed}"
+    assert "migrate" in commands.choices
+
+
+def test_help_of_a_command_describes_it(configured: Path) -> None:
+    result = sendit(configured, "cleanup", "--help")
+    assert result.returncode == 0
+    assert "PHI-free summary" in result.stdout and "--yes" in result.stdout
+
+
+def test_status_of_a_fresh_installation_creates_nothing(configured: Path) -> None:
+    result = sendit(configured, "status")
+    assert result.returncode == 1
+    assert "no database yet" in result.stderr and "migrate" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (configured / "data").exists()  # no folder, no database file
+
+
+def test_migrate_makes_the_schema_that_status_reads(configured: Path) -> None:
+    migrated = sendit(configured, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert "up to date" in migrated.stdout
+    again = sendit(configured, "migrate")
+    assert again.returncode == 0 and "0 migration(s)" in again.stdout
+    status = sendit(configured, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"]["DONE"] == 0
+
+
+def test_retry_of_an_unknown_series_is_refused(configured: Path) -> None:
+    folder = configured / "incoming"
+    generate_demo(folder, patients=1, images_per_series=2, size=32)
+    assert sendit(configured, "import", str(folder), "--wait").returncode == 0
+    result = sendit(configured, "retry", "1", "999999")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "sendit: no series 999999; nothing retried"
+    assert "requeued" not in result.stdout
+    assert sendit(configured, "retry", "1").returncode == 0
+
+
+def test_cleanup_of_everything_now_needs_yes(configured: Path) -> None:
+    folder = configured / "incoming"
+    written = generate_demo(folder, patients=1, images_per_series=2, size=32)
+    assert sendit(configured, "import", str(folder), "--wait").returncode == 0
+    refused = sendit(configured, "cleanup", "--days", "0")
+    assert refused.returncode == 1
+    assert "--yes" in refused.stderr and "every finished series" in refused.stderr
+    assert _counts(configured)["DONE"] == len(written)  # nothing pruned
+    assert sendit(configured, "cleanup", "--days", "-1").returncode == 2  # argparse: not a number of days
+    done = sendit(configured, "cleanup", "--days", "0", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert _counts(configured)["DONE"] == 0

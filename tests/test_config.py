@@ -197,3 +197,27 @@ def test_every_line_sendit_init_writes_loads_back_to_the_default(tmp_path: Path)
     differ = [k for k in everything.values if everything.values[k] != defaults.values[k]]
     assert all(k in ("SECRET_KEY", "DATA_DIR") or k.endswith(("_FOLDER", "_URL")) for k in differ)
     assert "DASHER_TIMEOUT" not in differ and "CUSTOM_FIELD_MAP" not in differ
+
+
+def test_docs_table_of_the_original_settings_is_the_code_table() -> None:
+    """docs/configuration.md maps each setting of the original project as the start-up check does."""
+    from sendit.config import ORIGINAL_SETTINGS
+
+    text = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text(encoding="utf-8")
+    for name, original in ORIGINAL_SETTINGS.items():
+        here = f"`{original.replaced_by}`" if original.replaced_by else "not needed"
+        assert f"| `{name}` | {here} | {original.note} |\n" in text, name
+
+
+def test_database_url_tls_options_reach_psycopg_and_the_queue_takes_rediss() -> None:
+    """TLS to remote services: sslmode and friends were dropped without a word."""
+    from sendit.config import database_settings
+
+    url = "postgres://sendit:pw@db.example:5432/sendit?sslmode=verify-full&sslrootcert=/etc/ssl/ca.pem"
+    settings = database_settings(url)
+    assert settings["OPTIONS"] == {"sslmode": "verify-full", "sslrootcert": "/etc/ssl/ca.pem"}
+    assert settings["NAME"] == "sendit" and settings["HOST"] == "db.example"
+    from sendit.config import load_config
+
+    cfg = load_config(env={"SENDIT_SECRET_KEY": "k" * 40, "SENDIT_QUEUE_URL": "rediss://cache.example:6380/0"})
+    assert cfg.QUEUE_URL.startswith("rediss://")

@@ -52,7 +52,8 @@ def _fresh_postgres_url() -> tuple[str, str] | None:
 
 @pytest.mark.slow
 def test_three_hosts_starting_at_once_on_a_fresh_database_all_start(tmp_path: Path) -> None:
-    """Every worker migrates at start: they take turns instead of one crashing in `migrate`."""
+    """Every worker migrates at start (`sendit migrate` is the same step): they take turns instead of one
+    crashing in `migrate`."""
     from django.db import connection
 
     (tmp_path / "sendit.toml").write_text(f'SECRET_KEY = "{SECRET}"\nDATA_DIR = "data"\n')
@@ -61,7 +62,7 @@ def test_three_hosts_starting_at_once_on_a_fresh_database_all_start(tmp_path: Pa
     try:
         starts = [
             subprocess.Popen(
-                [sys.executable, "-m", "sendit", "status", "--json"],
+                [sys.executable, "-m", "sendit", "migrate"],
                 cwd=tmp_path,
                 env=cli_env(tmp_path, **extra),
                 stdout=subprocess.PIPE,
@@ -86,12 +87,12 @@ def test_three_hosts_starting_at_once_on_a_fresh_database_all_start(tmp_path: Pa
 def test_a_process_with_another_key_refuses_to_start_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "sendit.toml").write_text(f'SECRET_KEY = "{SECRET}"\nDATA_DIR = "data"\n')
     first = subprocess.run(
-        [sys.executable, "-m", "sendit", "status"], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True
+        [sys.executable, "-m", "sendit", "migrate"], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True
     )
     assert first.returncode == 0, first.stderr
     other = cli_env(tmp_path, SENDIT_SECRET_KEY="a-different-key-0123456789-abcdefghijklmn")
     refused = subprocess.run(
-        [sys.executable, "-m", "sendit", "status"], cwd=tmp_path, env=other, capture_output=True, text=True
+        [sys.executable, "-m", "sendit", "migrate"], cwd=tmp_path, env=other, capture_output=True, text=True
     )
     assert refused.returncode != 0
     lines = [line for line in refused.stderr.splitlines() if line.strip()]

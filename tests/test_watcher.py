@@ -15,7 +15,10 @@ from tests.helpers import demo_into, wait_for
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_renamed_folder_is_ingested_within_two_seconds_and_tmp_never(sendit_dirs: dict[str, Path]) -> None:
+def test_renamed_folder_is_ingested_within_two_seconds_and_tmp_never(
+    sendit_dirs: dict[str, Path], reconfigure: object
+) -> None:
+    reconfigure(STABLE_SECONDS=60)  # type: ignore[operator]  # the rename says complete: no settle time
     staging = sendit_dirs["DATA_DIR"] / "staging"
     written = demo_into(staging, patients=1, images=2)
     study = written[0].parents[1]

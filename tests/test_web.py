@@ -96,7 +96,7 @@ def api_operations() -> Iterator[tuple[str, str]]:
 
 
 PAGES = ["/", "/series/", "/series/1/", "/api/docs", "/api/openapi.json", "/metrics", "/static/web/live.js"]
-ACTIONS = ["/series/1/retry", "/series/1/release", "/series/1/discard"]
+ACTIONS = ["/series/1/retry", "/series/1/release", "/series/1/discard", "/series/1/retry-now"]
 
 
 def test_anonymous_requests_are_refused_everywhere_but_health() -> None:
@@ -276,6 +276,7 @@ def test_metrics_parse_with_prometheus_client(sendit_dirs: dict[str, Path], alic
     images = {s.labels["status"]: s.value for s in families["sendit_images"].samples}
     assert images["DONE"] == statuses()[Status.DONE] == 3 and images["QUARANTINED"] == 1
     for name in (
+        "sendit_build_info",
         "sendit_stage_duration_seconds",
         "sendit_retries",
         "sendit_problem_images",

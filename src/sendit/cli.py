@@ -5,31 +5,66 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sendit.config import Config, ConfigError, load_config, write_config
 
 
-def _fail(lines: list[str]) -> int:
+def _version() -> str:
+    """The installed package's version (its metadata), as the dashboard and /metrics show it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sendit")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
+# Exit codes, the same in every command (README, "Exit codes"): a wrong configuration, or one this
+# machine refuses (a value, no sendit.toml, a folder that cannot be written, the web port taken) is 2;
+# something Sendit needs that does not answer (database, queue, identifier service, destination), or
+# work that did not end well, is 1.
+EXIT_CONFIGURATION = 2
+EXIT_UNAVAILABLE = 1
+
+DEBUG_WARNING = (
+    "sendit: warning: DEBUG = true: error pages show code and settings to anyone who reaches the web"
+    " server; never in production"
+)
+
+
+def _fail(lines: list[str], code: int = EXIT_CONFIGURATION) -> int:
+    """Problems on stderr: one is one line ("sendit: KEY: reason"), several get a heading."""
+    if len(lines) == 1:
+        print(f"sendit: {lines[0]}", file=sys.stderr)
+        return code
     print("sendit: configuration problems:", file=sys.stderr)
     for line in lines:
         print("  " + line, file=sys.stderr)
-    return 2
+    return code
 
 
-def _django(migrate: bool = True) -> Config:
-    """Set Django up on the validated configuration; makes the data folders and the schema."""
+def _django(migrate: bool = True, create: bool = True) -> Config:
+    """Set Django up on the validated configuration; makes the data folders and the schema.
+
+    The configuration is validated here, before Django's settings read it, so that a wrong value is a
+    ``ConfigError`` (exit 2, one line each) in every command, and so is a folder Sendit cannot make or
+    write. ``create=False`` makes no folder (one that exists must still be writable)."""
+    cfg = load_config()
+    if cfg.DEBUG:
+        print(DEBUG_WARNING, file=sys.stderr)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sendit.server.settings")
     import django
     from django.conf import settings
 
     django.setup()
     cfg = settings.SENDIT
-    for name in ("DATA_DIR", "INPUT_FOLDER", "WORK_FOLDER", "QUARANTINE_FOLDER"):
-        Path(cfg.values[name]).mkdir(parents=True, exist_ok=True)
+    problems = [finding.line for finding in _folder_findings(cfg, create) if not finding.ok]
+    if problems:
+        raise ConfigError(problems)
     if migrate:
         from sendit.relay.installation import KeyMismatch, check_key
         from sendit.relay.installation import migrate as migrate_schema
@@ -38,8 +73,228 @@ def _django(migrate: bool = True) -> Config:
         try:
             check_key(cfg.SECRET_KEY)
         except KeyMismatch as exc:
-            raise SystemExit(f"sendit: {exc}") from None
+            raise ConfigError([str(exc)]) from None
     return cfg
+
+
+class Finding(NamedTuple):
+    """One line of `sendit check`: ``code`` is the exit code it calls for when not ok."""
+
+    ok: bool
+    line: str
+    code: int = EXIT_UNAVAILABLE
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The OS's words (``Read-only file system``), or the exception's first line."""
+    strerror = getattr(exc, "strerror", None)
+    if isinstance(strerror, str) and strerror:
+        return strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _folders(cfg: Config) -> list[tuple[str, Path]]:
+    """Every folder Sendit writes, by the key that names it (an SQLite file's folder too)."""
+    folders = [
+        (name, Path(cfg.values[name]))
+        for name in ("DATA_DIR", "INPUT_FOLDER", "WORK_FOLDER", "QUARANTINE_FOLDER", "OUTPUT_FOLDER")
+        if cfg.values[name] is not None
+    ]
+    for name in ("DATABASE_URL", "QUEUE_URL"):
+        url = str(cfg.values[name])
+        if url.startswith("sqlite:///"):
+            folders.append((name, Path(url[len("sqlite:///") :]).parent))
+    return folders
+
+
+def _folder_problem(name: str, folder: Path, create: bool) -> str | None:
+    """Why Sendit cannot write in ``folder``: one line naming its key and the OS's reason; None if it can.
+    The probe file's name starts with a dot, so a watcher running meanwhile leaves it alone."""
+    import errno
+    import tempfile
+
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            return f"{name}: {folder} is a file, not a folder"
+        except OSError as exc:
+            return f"{name}: cannot create {folder}: {_os_reason(exc)}"
+    elif not folder.exists():  # made when first needed, unless a file stands where a folder must
+        above = next((parent for parent in folder.parents if parent.exists()), None)
+        if above is not None and not above.is_dir():
+            return f"{name}: cannot create {folder}: {os.strerror(errno.ENOTDIR)} ({above} is a file)"
+        return None
+    if not folder.is_dir():
+        return f"{name}: {folder} is a file, not a folder"
+    if name == "INPUT_FOLDER":
+        # Asked without writing: a probe file would touch the watched folder, and a file there settles
+        # only once its folder is quiet (STABLE_SECONDS) — a status poll every second would hold it back.
+        if os.access(folder, os.W_OK):
+            return None
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        return f"{name}: cannot write in {folder}: {os.strerror(errno.EROFS if read_only else errno.EACCES)}"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".sendit-check-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"{name}: cannot write in {folder}: {_os_reason(exc)}"
+    return None
+
+
+def _folder_findings(cfg: Config, create: bool = True) -> list[Finding]:
+    """Each folder, writable or not, once; one inside a folder that failed is left out (that is its problem)."""
+    failed: list[Path] = []
+    seen: set[Path] = set()
+    findings: list[Finding] = []
+    for name, folder in _folders(cfg):
+        if folder in seen or any(bad in folder.parents for bad in failed):
+            continue
+        seen.add(folder)
+        problem = _folder_problem(name, folder, create)
+        if problem is not None:
+            failed.append(folder)
+        findings.append(Finding(problem is None, problem or f"{name} writable: {folder}", EXIT_CONFIGURATION))
+    return findings
+
+
+def _web_port_finding(cfg: Config) -> Finding:
+    """Could `sendit run` listen on WEB_HOST:WEB_PORT? Taken by a running Sendit counts as fine."""
+    import errno
+    import socket
+
+    host, port = cfg.WEB_HOST, cfg.WEB_PORT
+    where = f"{host}:{port}"
+    try:  # IPv4, as the web server of `sendit run`
+        address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4]
+    except OSError as exc:
+        return Finding(False, f"WEB_HOST: cannot use {host}: {_os_reason(exc)}", EXIT_CONFIGURATION)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and _sendit_answers(host, port):
+                return Finding(True, f"WEB_PORT {where}: in use by a running Sendit (its /health answers)")
+            return Finding(False, f"WEB_PORT: cannot listen on {where}: {_os_reason(exc)}", EXIT_CONFIGURATION)
+    return Finding(True, f"WEB_PORT {where} is free")
+
+
+def _sendit_answers(host: str, port: int) -> bool:
+    import httpx
+
+    target = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    try:
+        reply = httpx.get(f"http://{target}:{port}/health", timeout=2.0, follow_redirects=False)
+        return isinstance(reply.json(), dict) and "status" in reply.json()
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def _database_finding(cfg: Config) -> Finding:
+    """Connect once (bounded in time); the URL is shown with its password masked."""
+    from django.db import connection
+
+    from sendit.config import mask_url
+
+    url = mask_url(cfg.DATABASE_URL)
+    if connection.vendor == "postgresql":  # libpq would wait for the OS's TCP time-out
+        connection.settings_dict.setdefault("OPTIONS", {}).setdefault("connect_timeout", 10)
+    try:
+        connection.ensure_connection()
+    except Exception as exc:  # any driver's failure is one line, not a traceback
+        return Finding(False, f"DATABASE_URL {url}: {mask_url(_os_reason(exc))}")
+    finally:
+        connection.close()
+    return Finding(True, f"DATABASE_URL {url} answers")
+
+
+def _queue_finding(cfg: Config) -> Finding:
+    from sendit.config import mask_url
+
+    url = mask_url(cfg.QUEUE_URL)
+    try:
+        if cfg.QUEUE_URL.startswith("redis://"):
+            import redis
+
+            client = redis.Redis.from_url(cfg.QUEUE_URL, socket_connect_timeout=10, socket_timeout=10)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        else:
+            from sendit.relay.queue import make_huey
+
+            make_huey(cfg).pending_count()
+    except Exception as exc:  # any client's failure is one line, not a traceback
+        return Finding(False, f"QUEUE_URL {url}: {mask_url(_os_reason(exc))}")
+    return Finding(True, f"QUEUE_URL {url} answers")
+
+
+def _identifier_findings(cfg: Config) -> list[Finding]:
+    """Does the identifier service answer? Asked about no one: a GET of DASHER_URL (and of the token
+    endpoint) without a token; a token file must be readable and hold a token."""
+    if cfg.IDENTIFIER_PROVIDER:
+        return [Finding(True, f"identifiers: IDENTIFIER_PROVIDER {cfg.IDENTIFIER_PROVIDER} (a plug-in; not asked)")]
+    if not cfg.DEIDENTIFY_RESTFUL:
+        return [Finding(True, "identifiers: the local keyed provider (no service to ask)")]
+    import httpx
+
+    from sendit.config import mask_url
+    from sendit.identifiers.dasher.settings import DasherSettings
+
+    dasher = DasherSettings.from_config(cfg.values)
+    findings: list[Finding] = []
+    if dasher.token_file:
+        try:
+            token = Path(dasher.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            line = f"DASHER_TOKEN_FILE: cannot read {dasher.token_file}: {_os_reason(exc)}"
+            findings.append(Finding(False, line, EXIT_CONFIGURATION))
+        else:
+            line = f"DASHER_TOKEN_FILE {dasher.token_file} " + ("holds a token" if token else "is empty")
+            findings.append(Finding(bool(token), line, EXIT_CONFIGURATION))
+    timeout = httpx.Timeout(dasher.read_timeout, connect=dasher.connect_timeout)
+    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+        for key, url in (("DASHER_URL", dasher.base_url), ("DASHER_TOKEN_URL", dasher.token_url)):
+            if not url:
+                continue
+            try:
+                with client.stream("GET", url) as reply:
+                    status = reply.status_code
+            except httpx.HTTPError as exc:
+                findings.append(Finding(False, f"{key} {mask_url(url)}: no answer ({type(exc).__name__})"))
+                continue
+            if status in (502, 503, 504):  # the service, or the gateway in front of it, is down
+                findings.append(Finding(False, f"{key} {mask_url(url)}: answered HTTP {status}"))
+            else:
+                findings.append(Finding(True, f"{key} {mask_url(url)} answers (HTTP {status})"))
+    return findings
+
+
+def _unavailable(exc: BaseException) -> str | None:
+    """One line for a database or queue that failed under a command (exit 1), naming its key and URL
+    (password masked); None for anything else, which is a bug to be shown in full."""
+    import sqlite3
+
+    from sendit.config import mask_url
+
+    db = sys.modules.get("django.db")
+    redis_errors = sys.modules.get("redis.exceptions")
+    queue_errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)  # Django wraps its own
+    if redis_errors is not None:
+        queue_errors += (redis_errors.ConnectionError, redis_errors.TimeoutError)
+    if db is not None and isinstance(exc, db.OperationalError | db.InterfaceError):
+        key = "DATABASE_URL"
+    elif isinstance(exc, queue_errors):
+        key = "QUEUE_URL"
+    else:
+        return None
+    cfg = getattr(sys.modules.get("sendit.server.settings"), "SENDIT", None)
+    url = f" {mask_url(str(getattr(cfg, key)))}" if isinstance(cfg, Config) else ""
+    return f"{key}{url}: {mask_url(_os_reason(exc))}"
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -61,17 +316,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"configuration: {cfg.source or '(defaults and environment only)'}")
     for name, value in cfg.masked().items():
         print(f"  {name} = {value}")
-    problems = 0
-    for name in ("DATA_DIR", "INPUT_FOLDER", "WORK_FOLDER", "QUARANTINE_FOLDER"):
-        folder = Path(cfg.values[name])
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            ok = os.access(folder, os.W_OK)
-        except OSError:
-            ok = False
-        print(f"  [{'ok' if ok else 'FAIL'}] {name} writable")
-        problems += not ok
+    folders = _folder_findings(cfg)
+    for finding in folders:
+        print(f"  [{'ok' if finding.ok else 'FAIL'}] {finding.line}")
+    if not all(finding.ok for finding in folders):  # the database and queue may live there
+        print("  (database, queue, identifier service and destinations: checked once every folder is writable)")
+        return EXIT_CONFIGURATION
     _django(migrate=False)
+    findings = [_web_port_finding(cfg), _database_finding(cfg), _queue_finding(cfg), *_identifier_findings(cfg)]
+    for finding in findings:
+        print(f"  [{'ok' if finding.ok else 'FAIL'}] {finding.line}")
+    codes = {finding.code for finding in findings if not finding.ok}
+    problems = 0
     from sendit.relay import runtime
 
     for destination in runtime.destinations():
@@ -89,14 +345,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             print(f"  [FAIL] destination {destination.name}: {reason.removeprefix(f'{destination.name}: ')}")
             problems += 1
-    return 1 if problems else 0
+    if problems:
+        codes.add(EXIT_UNAVAILABLE)
+    return max(codes, default=0)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """The Huey consumer and its worker processes; they stop when it stops (sendit.lifecycle)."""
+    if args.parent:  # started by `sendit run`: stop with it, and leave Ctrl-C and hang-up to it
+        from sendit.lifecycle import die_with_parent, ignore_terminal_signals
+
+        ignore_terminal_signals()
+        if not die_with_parent(args.parent):
+            print(f"sendit: worker: parent process {args.parent} is gone; not starting", file=sys.stderr)
+            return EXIT_UNAVAILABLE
     cfg = _django()
     from django.db import connections
-    from huey.consumer import Consumer
 
+    from sendit.lifecycle import Consumer
     from sendit.relay.tasks import huey, requeue_stale
     from sendit.web.heartbeat import install
 
@@ -105,30 +371,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
     requeue_stale()
     connections.close_all()
     workers = args.workers or cfg.WORKERS
-    consumer = Consumer(huey, workers=workers, worker_type="process", periodic=True, initial_delay=0.1, max_delay=1.0)
+    consumer = Consumer(
+        huey,
+        supervised=bool(args.parent),
+        workers=workers,
+        worker_type="process",
+        periodic=True,
+        initial_delay=0.1,
+        max_delay=1.0,
+    )
+    import logging
+
+    lines = logging.getLogger("sendit.worker")  # the start-up line, and the last one
+    lines.info("sendit %s worker started: %s processes (pid %s)", _version(), workers, os.getpid())
     consumer.run()
+    lines.info("sendit worker stopped (pid %s)", os.getpid())
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Watcher and web server in this process; the queue workers in a child `sendit worker`."""
-    cfg = _django()
+def _web_server(host: str, port: int) -> Any:
+    """The web server, its socket bound and listening; the application is set later."""
     from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-    from django.core.wsgi import get_wsgi_application
-
-    from sendit.relay.ingest import IngestReport
-    from sendit.relay.tasks import enqueue
-    from sendit.relay.watcher import Watcher
-
-    worker = subprocess.Popen([sys.executable, "-m", "sendit", "worker"], env=os.environ.copy())
-
-    def enqueue_ingested(report: IngestReport) -> None:
-        enqueue(report.series_ids)
-
-    watcher = Watcher(Path(cfg.INPUT_FOLDER), cfg.RESCAN_SECONDS, enqueue_ingested)
-    watcher.start()
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True
@@ -137,22 +401,78 @@ def cmd_run(args: argparse.Namespace) -> int:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - wsgiref's name
             return None
 
+    return Server((host, port), QuietHandler)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Web server and watcher in this process; the queue consumer in a child `sendit worker`, started
+    again when it dies. SIGTERM, SIGINT or SIGHUP stops them all (sendit.lifecycle)."""
+    import logging
+    import threading
+    import time
+
+    cfg = load_config()
     host, port = args.host or cfg.WEB_HOST, args.port or cfg.WEB_PORT
-    server = make_server(host, port, get_wsgi_application(), server_class=Server, handler_class=QuietHandler)
-    print(f"sendit: watching {cfg.INPUT_FOLDER}; status page on http://{host}:{port}/ ; Ctrl-C stops", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    try:  # before anything else: a port in use starts nothing
+        server = _web_server(host, port)
+    except OSError as exc:
+        return _fail([f"WEB_HOST:WEB_PORT: cannot listen on {host}:{port}: {_os_reason(exc)}"], EXIT_CONFIGURATION)
+    cfg = _django()
+    from django.core.wsgi import get_wsgi_application
+
+    from sendit import lifecycle
+    from sendit.relay.ingest import IngestReport
+    from sendit.relay.tasks import enqueue
+    from sendit.relay.watcher import Watcher
+    from sendit.web import heartbeat
+
+    log = logging.getLogger("sendit.run")
+    server.set_app(get_wsgi_application())
+    signals = lifecycle.StopSignals()
+    signals.install()
+    consumer = lifecycle.Supervisor(
+        [sys.executable, "-m", "sendit", "worker", "--parent", str(os.getpid())], heartbeat.set_consumer_running
+    )
+
+    def enqueue_ingested(report: IngestReport) -> None:
+        enqueue(report.series_ids)
+
+    watcher = Watcher(Path(cfg.INPUT_FOLDER), cfg.RESCAN_SECONDS, enqueue_ingested)
+    web = threading.Thread(target=server.serve_forever, name="sendit-web", daemon=True)
+    watching = False
+    consumer.start()
+    try:  # whatever ends the loop (a signal, the web server, an exception), every process is stopped
+        watcher.start()
+        watching = True
+        web.start()
+        print(
+            f"sendit {_version()}: watching {cfg.INPUT_FOLDER}; status page on http://{host}:{port}/ ; Ctrl-C stops",
+            flush=True,
+        )
+        while not signals.stop and web.is_alive():
+            consumer.tick()  # in the main thread: the child's parent-death signal follows the thread that forked it
+            time.sleep(0.2)
+        if signals.stop:
+            log.info(
+                "stopping (%s): workers finish their current step (%.0f s at most; a second signal stops at once)",
+                signals.name,
+                lifecycle.STOP_GRACE_SECONDS,
+            )
+        else:
+            log.error("the web server stopped; stopping everything")
     finally:
+        consumer.request_stop()
+        if web.is_alive():
+            server.shutdown()
         server.server_close()
-        watcher.stop()
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-    return 0
+        if watching:
+            watcher.stop()
+        consumer.finish_stop(lambda: signals.hurry)
+        log.info("stopped")
+    return 0 if signals.stop else 1
+
+
+NO_WORKER = "no worker is running: start `sendit run` or `sendit worker`, or use --wait"
 
 
 def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) -> int:
@@ -181,8 +501,11 @@ def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) ->
     series_ids = report.series_ids | report.resumable
     if not wait:
         from sendit.relay.tasks import enqueue
+        from sendit.web.heartbeat import alive
 
         enqueue(series_ids)
+        if series_ids and not alive():  # queued, and nobody to take it
+            console.print(NO_WORKER, markup=False, highlight=False, soft_wrap=True)
         return 0
     if report.resumable:
         console.print(f"resuming {len(report.resumable)} series recorded earlier and still in flight")
@@ -226,36 +549,171 @@ def cmd_import(args: argparse.Namespace) -> int:
     return _import([Path(p) for p in args.paths], args.wait, args.workers or cfg.WORKERS)
 
 
+#: `sendit status` asks each destination with this time-out, and waits this much longer at most in all
+STATUS_CHECK_SECONDS = 3.0
+
+
+def _destination_states(cfg: Config) -> list[dict[str, Any]]:
+    """Each destination's check, answered within seconds even during an outage (the adapters are
+    built with a short time-out, and a check still running after it is reported as no answer)."""
+    from dataclasses import replace
+
+    from django.conf import settings
+
+    from sendit.relay import runtime
+    from sendit.relay.housekeeping import check_destinations
+
+    settings.SENDIT = replace(cfg, ORTHANC_TIMEOUT=min(cfg.ORTHANC_TIMEOUT, int(STATUS_CHECK_SECONDS)))
+    try:
+        destinations = runtime.destinations()
+    finally:
+        settings.SENDIT = cfg
+    return check_destinations(destinations, STATUS_CHECK_SECONDS + 2)
+
+
+def _command() -> str:
+    """This same `sendit` as a shell command: `sendit` when PATH finds this one, else its full path
+    (after the quick start `.venv/bin` is not on PATH, and a bare `sendit` is "command not found")."""
+    import shutil
+
+    argv0 = Path(sys.argv[0])
+    path = argv0.absolute() if argv0.name == "sendit" else Path(sys.executable).parent / "sendit"
+    if not os.access(path, os.X_OK):  # `python -m sendit` from an environment without the script
+        return f"{shlex.quote(sys.executable)} -m sendit"
+    found = shutil.which("sendit")
+    if found is not None and os.path.samefile(found, path):
+        return "sendit"
+    return shlex.quote(str(path))
+
+
+def _schema_problem() -> str | None:
+    """Why the database cannot be read with this version's schema; found without creating a database
+    file or changing anything (None: it can)."""
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    no_database = f"no database yet — run `{_command()} run` or `{_command()} migrate` first"
+    if connection.vendor == "sqlite" and not Path(connection.settings_dict["NAME"]).is_file():
+        return no_database  # connecting would create an empty one
+    executor = MigrationExecutor(connection)
+    if not executor.loader.applied_migrations:
+        return no_database
+    if executor.migration_plan(executor.loader.graph.leaf_nodes()):
+        return f"the database schema is older than this version of Sendit — run `{_command()} migrate` first"
+    return None
+
+
+def _foreign_key_problem(secret_key: str) -> str | None:
+    """installation.check_key without recording a first key: for a command that only reads."""
+    from sendit.relay.installation import KEY_FINGERPRINT, key_fingerprint
+    from sendit.relay.models import Installation
+
+    recorded = Installation.objects.filter(name=KEY_FINGERPRINT).values_list("value", flat=True).first()
+    mine = key_fingerprint(secret_key)
+    if recorded is None or recorded == mine:
+        return None
+    return (
+        f"SECRET_KEY differs from the key this database was first used with (fingerprint {recorded[:8]}…, "
+        f"this key {mine[:8]}…): use that installation's key on every host"
+    )
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    _django()
+    cfg = _django(migrate=False, create=False)  # only reads: no folder, no database file, no migration
+    problem = _schema_problem()
+    if problem is not None:
+        print(f"sendit: {problem}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    foreign = _foreign_key_problem(cfg.SECRET_KEY)
+    if foreign is not None:
+        raise ConfigError([foreign])
     from sendit.relay.housekeeping import problem_reasons, status_counts
     from sendit.web.overview import free_space, space_lines
 
     counts = status_counts()
     space = free_space()
+    problems = problem_reasons()
+    destinations = _destination_states(cfg)
     if args.json:
-        problems = [list(row) for row in problem_reasons()]
-        print(json.dumps({"counts": counts, "problems": problems, "disk": space}, indent=2, default=str))
+        rows = [list(row) for row in problems]
+        report = {"counts": counts, "problems": rows, "disk": space, "destinations": destinations}
+        print(json.dumps(report, indent=2, default=str))
         return 0
     for status, n in counts.items():
         print(f"{status:15s} {n}")
     for line in space_lines(space):
         print(f"disk: {line}")
+    for state in destinations:
+        print(
+            f"destination {state['name']}: "
+            + ("reachable" if state["reachable"] else f"UNREACHABLE: {state['problem']}")
+        )
+    if problems:
+        print("problems (files that did not end DONE, by reason):")
+        for status, reason, n in problems:
+            print(f"  {n:6d}  {status:12s} {reason}")
     return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     _django()
-    from sendit.relay.housekeeping import retry_errors
+    from sendit.relay.housekeeping import retry_errors, retry_now
+    from sendit.relay.models import Series
     from sendit.relay.tasks import enqueue
+
+    asked = set(args.series)
+    known = set(Series.objects.filter(pk__in=[i for i in asked if 0 < i < 2**63]).values_list("id", flat=True))
+    if asked - known:  # a typo must not pass for "nothing to retry"
+        unknown = ", ".join(str(i) for i in sorted(asked - known))
+        print(f"sendit: no series {unknown}; nothing retried", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
     series = retry_errors(args.series or None)
     enqueue(series)
     print(f"requeued {len(series)} series")
+    if args.now:  # the same as the series page's "Retry now" and POST /api/series/<id>/retry-now
+        due = retry_now(args.series or None, who="sendit retry --now")
+        print(f"next attempt now for {len(due)} series waiting out a back-off")
+    return 0
+
+
+def _days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+    if days < 0:
+        raise argparse.ArgumentTypeError("a number of days cannot be negative")
+    return days
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """The schema step alone (after an upgrade), under the installation's migration lock."""
+    cfg = _django(migrate=False)
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    from sendit.relay.installation import KeyMismatch, check_key, migrate
+
+    executor = MigrationExecutor(connection)
+    pending = len(executor.migration_plan(executor.loader.graph.leaf_nodes()))
+    migrate(Path(cfg.DATA_DIR))
+    try:
+        check_key(cfg.SECRET_KEY)
+    except KeyMismatch as exc:
+        raise ConfigError([str(exc)]) from None
+    print(f"database schema up to date ({pending} migration(s) were pending)")
     return 0
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    if args.days == 0 and not args.yes:
+        print(
+            "sendit: --days 0 deletes the rows of every finished series now (a PHI-free summary of each is"
+            " kept); add --yes to do so",
+            file=sys.stderr,
+        )
+        return EXIT_UNAVAILABLE
     cfg = _django()
     from sendit.relay.housekeeping import prune
 
@@ -299,7 +757,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: generated {len(written)} DICOM files with synthetic PHI in {cfg.INPUT_FOLDER}")
     result = _import([Path(cfg.INPUT_FOLDER)], wait=True, workers=cfg.WORKERS)
     print(f"demo: de-identified output in {cfg.OUTPUT_FOLDER}")
-    print(f"demo: `SENDIT_CONFIG={directory / 'sendit.toml'} sendit status` shows the counts")
+    config = shlex.quote(str(directory / "sendit.toml"))
+    print(f"demo: `SENDIT_CONFIG={config} {_command()} status` shows the counts")
     return result
 
 
@@ -359,53 +818,143 @@ def cmd_manage(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sendit", description=__doc__)
     parser.add_argument("--config", help="path of sendit.toml (default: ./sendit.toml or $SENDIT_CONFIG)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("init", help="write sendit.toml with a fresh SECRET_KEY")
-    p.add_argument("directory", nargs="?", default=".")
-    p.set_defaults(func=cmd_init)
-    sub.add_parser("check", help="print the effective configuration; check folders and destinations").set_defaults(
-        func=cmd_check
+    from sendit.lifecycle import STOP_GRACE_SECONDS
+
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        """A subcommand: one line in `sendit --help`, the paragraph in `sendit NAME --help`."""
+        return sub.add_parser(name, help=summary, description=description)
+
+    p = command(
+        "init",
+        "write sendit.toml with a fresh SECRET_KEY",
+        "Write DIRECTORY/sendit.toml: every setting with its meaning and default (commented out), and a"
+        " fresh random SECRET_KEY. Refuses to overwrite an existing file.",
     )
-    p = sub.add_parser("run", help="watcher + workers + web server")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("directory", nargs="?", default=".", help="folder for sendit.toml (default: the current folder)")
+    p.set_defaults(func=cmd_init)
+    p = command(
+        "check",
+        "check configuration, folders, web port, database, queue, identifiers and destinations",
+        "Print the effective configuration (secrets masked), then try what a run needs: every folder"
+        " writable, the web port free, database and queue reachable, the identifier service and every"
+        " destination answering. Exit 0 when all is well, 2 for a wrong configuration, 1 when something"
+        " does not answer.",
+    )
+    p.set_defaults(func=cmd_check)
+    p = command(
+        "run",
+        "the service: watcher, queue workers and web server",
+        "The service: the input-folder watcher and the web server (dashboard, API, /metrics, /health) in"
+        " this process; the queue consumer with WORKERS worker processes as a child, started again if it"
+        " dies. SIGTERM, SIGINT or SIGHUP stops every process: workers finish the step they are on"
+        f" ({STOP_GRACE_SECONDS:.0f} s at most), then are interrupted, and their series resume at the next"
+        " start. A second signal stops at once.",
+    )
+    p.add_argument("--host", help="address the web server listens on (default WEB_HOST)")
+    p.add_argument("--port", type=int, help="port the web server listens on (default WEB_PORT)")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("worker", help="run the queue workers")
-    p.add_argument("--workers", type=int)
+    p = command(
+        "worker",
+        "the queue workers alone (more workers, other hosts)",
+        "The queue consumer with WORKERS worker processes, without watcher or web server: more workers on"
+        " this or another host sharing the PostgreSQL database and a Redis queue. Requeues interrupted"
+        " series at start-up and every minute. SIGTERM or Ctrl-C: the workers finish their current step;"
+        " a second signal interrupts them (their series resume later).",
+    )
+    p.add_argument("--workers", type=int, help="worker processes (default WORKERS)")
+    p.add_argument(
+        "--parent", type=int, metavar="PID", help="stop when process PID exits (set by `sendit run` for its child)"
+    )
     p.set_defaults(func=cmd_worker)
-    p = sub.add_parser("import", help="ingest folders now")
-    p.add_argument("paths", nargs="+")
+    p = command(
+        "import",
+        "ingest files or folders now",
+        "Ingest these files or folders now; files outside the input folder are never moved or deleted."
+        " Without --wait the series are queued for the running workers. With --wait they are processed"
+        " here with a progress bar, and the exit code is 0 only if every image ended DONE or SKIPPED"
+        " (otherwise 1, with a summary by reason).",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders")
     p.add_argument("--wait", action="store_true", help="process here and exit 0 only if all ended DONE/SKIPPED")
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=int, help="processes with --wait (default WORKERS)")
     p.set_defaults(func=cmd_import)
-    p = sub.add_parser("status", help="counts per status")
-    p.add_argument("--json", action="store_true")
+    p = command(
+        "status",
+        "counts per status, free space, destinations, problems",
+        "Images per status (and files that never became images), free space of every folder, each"
+        " destination reachable or not, and the problems by reason. Only reads: it creates no folder and"
+        " no database, and changes no schema.",
+    )
+    p.add_argument("--json", action="store_true", help="the same as one JSON object, for scripts")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("retry", help="retry images in ERROR")
-    p.add_argument("series", nargs="*", type=int)
+    p = command(
+        "migrate",
+        "create the database schema, or bring it up to date after an upgrade",
+        "Create the database schema, or apply the migrations of a new version. Processes on several hosts"
+        " take turns (a lock). `sendit run` and `sendit worker` also do this when they start.",
+    )
+    p.set_defaults(func=cmd_migrate)
+    p = command(
+        "retry",
+        "put images in ERROR back into the pipeline",
+        "Images in ERROR go back to NEW and their series are queued again: every such series, or only the"
+        " ones named. An unknown series id is refused and nothing is retried.",
+    )
+    p.add_argument("series", nargs="*", type=int, metavar="SERIES_ID", help="series ids (default: all in ERROR)")
+    p.add_argument("--now", action="store_true", help="also: series waiting out a back-off try again now")
     p.set_defaults(func=cmd_retry)
-    p = sub.add_parser("cleanup", help="prune finished rows older than RETENTION_DAYS")
-    p.add_argument("--days", type=int)
+    p = command(
+        "cleanup",
+        "prune finished series older than RETENTION_DAYS",
+        "Replace each series whose images all ended DONE or SKIPPED, with no change for RETENTION_DAYS, by"
+        " a PHI-free summary (counts and times). Series with ERROR or QUARANTINED images are kept. --days 0"
+        " (every finished series, now) needs --yes.",
+    )
+    p.add_argument("--days", type=_days, metavar="N", help="prune after N days instead of RETENTION_DAYS")
+    p.add_argument("--yes", action="store_true", help="confirm --days 0: prune every finished series now")
     p.set_defaults(func=cmd_cleanup)
-    p = sub.add_parser("deid", help="de-identify a folder into another, no database")
-    p.add_argument("input")
-    p.add_argument("output")
+    p = command(
+        "deid",
+        "de-identify a folder into another (no database, no queue)",
+        "The de-identification engine alone: every DICOM file under INPUT is written de-identified under"
+        " OUTPUT, with identifiers from the local keyed provider (SECRET_KEY). Hidden and in-progress"
+        " (.tmp) entries are left alone, links are never followed. Exit 1 if a file had a problem.",
+    )
+    p.add_argument("input", help="folder to read (left unchanged)")
+    p.add_argument("output", help="folder to write the de-identified files to")
     p.add_argument("--workers", type=int, help="processes (default WORKERS)")
     p.set_defaults(func=cmd_deid)
-    p = sub.add_parser("demo", help="generate a demo data set and take it to DONE")
-    p.add_argument("directory", nargs="?", default="sendit-demo")
-    p.add_argument("--patients", type=int, default=3)
+    p = command(
+        "demo",
+        "generate a demo data set and take it to DONE",
+        "Write DIRECTORY/sendit.toml if there is none, generate DICOM files with invented PHI in its input"
+        " folder, and process them to DONE on the embedded defaults (SQLite, a local output folder).",
+    )
+    p.add_argument("directory", nargs="?", default="sendit-demo", help="folder for the demo (default: sendit-demo)")
+    p.add_argument("--patients", type=int, default=3, help="synthetic patients to generate (default 3)")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("createuser", help="an account for the dashboard and the API")
-    p.add_argument("username")
+    p = command(
+        "createuser",
+        "an account for the dashboard and the API",
+        "Create an account for the dashboard and the API (the password is asked twice, or read from"
+        " stdin), or give an existing account an API token or the identifier permission.",
+    )
+    p.add_argument("username", help="the account's user name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     p.add_argument("--no-password", action="store_true", help="no password login (for a token-only script user)")
     p.add_argument("--superuser", action="store_true", help="may also use /admin/ and see everything")
     p.add_argument("--identifiers", action="store_true", help="may see identifier responses (people → pseudonyms)")
     p.add_argument("--token", action="store_true", help="print a new API bearer token for this user")
     p.set_defaults(func=cmd_createuser)
-    p = sub.add_parser("manage", help="Django's manage.py (createsuperuser, migrate, ...)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = command(
+        "manage",
+        "one of Django's management commands (shell, changepassword, ...)",
+        "Run a Django management command on Sendit's configuration. For the schema use `sendit migrate`,"
+        " which takes the installation's migration lock.",
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", help="the command and its arguments")
     p.set_defaults(func=cmd_manage)
     return parser
 
@@ -414,13 +963,20 @@ def main(argv: list[str] | None = None) -> int:
     from sendit.dicomio.quiet import install_log_guard
 
     install_log_guard()  # first: no DICOM library's text (it quotes values) reaches a console or log
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.add_argument("--version", action="version", version=f"sendit {_version()}")
+    args = parser.parse_args(argv)
     if args.config:
         os.environ["SENDIT_CONFIG"] = str(Path(args.config).resolve())
     try:
         return int(args.func(args))
     except ConfigError as error:
         return _fail(error.problems)
+    except Exception as exc:
+        line = _unavailable(exc)
+        if line is None:
+            raise
+        return _fail([line], EXIT_UNAVAILABLE)
 
 
 if __name__ == "__main__":

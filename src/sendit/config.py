@@ -9,9 +9,11 @@ fields and ``KEYS`` in step.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 CONFIG_FILE = "sendit.toml"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 ENV_PREFIX = "SENDIT_"
 
 
@@ -74,6 +78,13 @@ KEYS: tuple[Key, ...] = (
         secret=True,
     ),
     Key("DEBUG", bool, False, "Django debug mode; never in production."),
+    Key("LOG_LEVEL", str, "INFO", "Sendit's log lines from this level on: DEBUG, INFO, WARNING or ERROR."),
+    Key(
+        "LOG_FORMAT",
+        str,
+        "text",
+        'Log lines as "text" or "json" (one object per line: time, level, logger, message).',
+    ),
     Key("DATA_DIR", Path, "sendit-data", "Root for input, work, quarantine, database and queue."),
     Key("INPUT_FOLDER", Path, "", "Watched folder (default DATA_DIR/input)."),
     Key(
@@ -85,14 +96,9 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("WORK_FOLDER", Path, "", "Per-series working copies (default DATA_DIR/work)."),
     Key("QUARANTINE_FOLDER", Path, "", "Rejected and quarantined files (default DATA_DIR/quarantine)."),
-    Key(
-        "DATABASE_URL",
-        str,
-        "",
-        "sqlite:///path or postgres://user@host:port/name (default SQLite in DATA_DIR).",
-        secret=True,
-    ),
-    Key("QUEUE_URL", str, "", "sqlite:///path or redis://host:port/db (default SQLite in DATA_DIR).", secret=True),
+    # The URLs are shown with their password masked (``mask_url``): host and name matter to an operator.
+    Key("DATABASE_URL", str, "", "sqlite:///path or postgres://user@host:port/name (default SQLite in DATA_DIR)."),
+    Key("QUEUE_URL", str, "", "sqlite:///path, redis://host:port/db or rediss:// (TLS) (default SQLite in DATA_DIR)."),
     Key("WORKERS", int, 5, "Worker processes started by `sendit worker` and `sendit run`.", minimum=1, maximum=64),
     Key("BATCH_SIZE", int, 200, "Images handled per step of a series task.", minimum=1, maximum=100000),
     Key("DEIDENTIFY_RESTFUL", bool, False, "Ask the REST identifier service instead of the local keyed provider."),
@@ -197,6 +203,14 @@ KEYS: tuple[Key, ...] = (
         maximum=36500,
     ),
     Key("RESCAN_SECONDS", int, 30, "Safety-net rescan of the input folder.", minimum=1, maximum=86400),
+    Key(
+        "STABLE_SECONDS",
+        int,
+        5,
+        "A file is taken once nothing in its folder changed this long (a `.tmp` rename: at once); 0 = at once.",
+        minimum=0,
+        maximum=3600,
+    ),
     Key("LEASE_SECONDS", int, 600, "A series whose worker is silent this long is requeued.", minimum=10, maximum=86400),
     Key("MAX_ATTEMPTS", int, 8, "Tries of a failing step before the images go to ERROR.", minimum=1, maximum=100),
     Key("RETRY_BASE_SECONDS", int, 5, "First back-off; doubles with each attempt.", minimum=0, maximum=3600),
@@ -220,6 +234,66 @@ KEYS: tuple[Key, ...] = (
     Key("ALLOWED_HOSTS", str, "127.0.0.1,localhost", "Comma-separated host names the web server answers."),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
+ALIASES = {alias: key.name for key in KEYS for alias in key.aliases}
+
+# SENDIT_* variables that are not keys but are read on purpose. Any other SENDIT_* variable is refused
+# as a misspelt key. "Unknown" means read neither by Sendit nor by its own scripts and tests: the shell
+# that runs the test suite holds the latter, and the suite loads this configuration from it.
+OTHER_VARIABLES: dict[str, str] = {
+    "SENDIT_CONFIG": "path of sendit.toml (sendit)",
+    "SENDIT_TEST_POSTGRES_URL": "PostgreSQL for the database tests (scripts/test.sh)",
+    "SENDIT_TEST_REDIS_URL": "Redis for the database tests (scripts/test.sh)",
+    "SENDIT_UPDATE_SCREENSHOTS": "rewrite docs/screenshots (tests/test_browser.py)",
+}
+
+
+class Original(NamedTuple):
+    """A setting of the original project (pydicom/sendit) that is not a key here, and what does its job."""
+
+    replaced_by: str  # our key, or "" when nothing is needed
+    note: str
+
+    def advice(self) -> str:
+        if self.replaced_by:
+            return f"replaced by {self.replaced_by}" + (f" ({self.note})" if self.note else "")
+        return f"not needed: {self.note}"
+
+
+# The original's settings/config.py and secrets.py over its history; those with our name (SECRET_KEY,
+# DEBUG, DEIDENTIFY_RESTFUL, SEND_TO_ORTHANC, ORTHANC_*, ORTHAC_PORT, SEND_TO_GOOGLE, GOOGLE_CLOUD_STORAGE,
+# GOOGLE_APPLICATION_CREDENTIALS) are keys. docs/configuration.md has the table; a test keeps it in step.
+_GOOGLE = "Google delivery is not available in this version (SEND_TO_GOOGLE must be false)"
+_PIXELS = "on by default: an image that may show burned-in text is quarantined unless a rule cleans it"
+_DASHER_CREDENTIALS = "or DASHER_TOKEN_URL with DASHER_CLIENT_ID and DASHER_CLIENT_SECRET; docs/identifiers.md"
+ORIGINAL_SETTINGS: dict[str, Original] = {
+    "ANONYMIZE_RESTFUL": Original("DEIDENTIFY_RESTFUL", ""),
+    "SOM_STUDY": Original("DASHER_STUDY", "the study name sent to the identifier service"),
+    "STANFORD_APPLICATION_CREDENTIALS": Original("DASHER_TOKEN_FILE", _DASHER_CREDENTIALS),
+    "STANFORD_CLIENT_SECRETS": Original("DASHER_TOKEN_FILE", _DASHER_CREDENTIALS),
+    "DEIDENTIFY_PIXELS": Original("DEID_FILTER", _PIXELS),
+    "ANONYMIZE_PIXELS": Original("DEID_FILTER", _PIXELS),
+    "STUDY_DEID": Original("DEID_RECIPE", "a pydicom/deid recipe file; its %filter sections may go in DEID_FILTER"),
+    "ENTITY_ID": Original("", "the entity is always PatientID; DASHER_ID_SOURCE names its id_source"),
+    "ITEM_ID": Original("", "the item is always AccessionNumber; DASHER_ITEM_ID_SOURCE names its id_source"),
+    "DATA_BASE": Original("INPUT_FOLDER", "the watched folder; DATA_DIR holds Sendit's own folders"),
+    "DATA_SUBFOLDER": Original("INPUT_FOLDER", "the watched folder itself, e.g. /data/1_6"),
+    "DATA_INPUT_FOLDERS": Original("INPUT_FOLDER", "one watched folder; `sendit import PATH...` takes others"),
+    "GOOGLE_STORAGE_COLLECTION": Original("", _GOOGLE),
+    "GOOGLE_PROJECT_NAME": Original("", _GOOGLE),
+    "GOOGLE_PROJECT_ID_HEADER": Original("", _GOOGLE),
+    "RUN_SERIAL": Original("WORKERS", "WORKERS = 1 works on one series at a time"),
+    "LOCKDOWN_PASSWORDS": Original("", "the dashboard has its own accounts (`sendit createuser`)"),
+}
+
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s/@:]*):\S*@")
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it shown as ``***``.
+
+    Up to the last ``@`` of the word: a password holding an unescaped ``@`` or ``/`` is masked too,
+    and at worst a path with an ``@`` is masked with it."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 @dataclass(frozen=True, repr=False)
@@ -234,6 +308,8 @@ class Config:
 
     SECRET_KEY: str
     DEBUG: bool
+    LOG_LEVEL: str
+    LOG_FORMAT: str
     DATA_DIR: Path
     INPUT_FOLDER: Path
     OUTPUT_FOLDER: Path | None
@@ -283,6 +359,7 @@ class Config:
     KEEP_WORKING: bool
     RETENTION_DAYS: int
     RESCAN_SECONDS: int
+    STABLE_SECONDS: int
     LEASE_SECONDS: int
     MAX_ATTEMPTS: int
     RETRY_BASE_SECONDS: int
@@ -313,14 +390,14 @@ class Config:
         return {key.name: getattr(self, key.name) for key in KEYS}
 
     def masked(self) -> dict[str, str]:
-        """The effective values for display; secrets shown as set / not set, never their text."""
+        """The effective values for display; secrets shown as set / not set, passwords in URLs as ``***``."""
         result: dict[str, str] = {}
         for key in KEYS:
             value = getattr(self, key.name)
             if key.secret:
                 result[key.name] = "****** (set)" if value else "(not set)"
             else:
-                result[key.name] = shown(key, value)
+                result[key.name] = mask_url(shown(key, value))
         return result
 
     def __repr__(self) -> str:
@@ -431,10 +508,17 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{source}: not valid TOML ({exc})"]) from None
     base = source.parent.resolve() if source is not None else Path.cwd()
-    aliases = {alias: key.name for key in KEYS for alias in key.aliases}
-    for name in file_values:
-        if name not in KEYS_BY_NAME and name not in aliases:
-            problems.append(f"{source}: unknown key {name}")
+    # No file and no key in the environment: the operator is in the wrong folder (or never ran init).
+    no_file = source is None and require_secret and not env.get(ENV_PREFIX + "SECRET_KEY")
+    if no_file:
+        problems.append(
+            f"no {CONFIG_FILE} in {Path.cwd()} (and neither --config nor SENDIT_CONFIG names one):"
+            f" run `sendit init` to write one, or run sendit in the folder that holds it"
+        )
+    problems.extend(_unknown_names(file_values, f"{source}: ", ""))
+    problems.extend(_unknown_names(env, "", ENV_PREFIX))
+    problems.extend(_alias_conflicts(file_values, f"{source}: ", ""))
+    problems.extend(_alias_conflicts(env, "", ENV_PREFIX))
     values: dict[str, Any] = {}
     for key in KEYS:
         raw: Any = key.default
@@ -460,6 +544,48 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     return Config.from_values(values, source)
+
+
+def _unknown_names(names: Mapping[str, Any], where: str, prefix: str) -> list[str]:
+    """A line for each name (of the file, or of the environment under ``prefix``) that is no key: the
+    original project's settings say what does their job here, others get the closest key as a "did you
+    mean". The variables of ``OTHER_VARIABLES`` pass."""
+    known = set(KEYS_BY_NAME) | set(ALIASES)
+    problems: list[str] = []
+    for full in sorted(names):
+        if not full.startswith(prefix) or full in OTHER_VARIABLES:
+            continue
+        name = full[len(prefix) :]
+        if name in known:
+            continue
+        if name in ORIGINAL_SETTINGS:
+            problems.append(f"{where}{full}: a setting of the original sendit; {ORIGINAL_SETTINGS[name].advice()}")
+            continue
+        if prefix and full in known:  # SENDIT_AET is a key itself: its variable is SENDIT_SENDIT_AET
+            guess: str | None = full
+        else:
+            close = difflib.get_close_matches(name.upper(), sorted(KEYS_BY_NAME), n=1, cutoff=0.7)
+            guess = close[0] if close else None
+        hint = f"; did you mean {prefix}{guess}?" if guess else " (the README's Configuration table lists the keys)"
+        problems.append(f"{full}: unknown setting{hint}" if prefix else f"{where}unknown key {full}{hint}")
+    return problems
+
+
+def _alias_conflicts(names: Mapping[str, Any], where: str, prefix: str) -> list[str]:
+    """A key set under its own name and its alias (ORTHANC_PORT, ORTHAC_PORT) to different values: which
+    one was meant is a guess, so neither is taken."""
+    problems: list[str] = []
+    for key in KEYS:
+        given = [(prefix + name, names[prefix + name]) for name in (key.name, *key.aliases) if prefix + name in names]
+        if len({str(value).strip() for _, value in given}) > 1:
+            (own, mine), *others = given
+            both = ", ".join(f"{alias} = {'<hidden>' if key.secret else value}" for alias, value in others)
+            problems.append(
+                f"{where}{both} differs from {own} = {'<hidden>' if key.secret else mine}"
+                f" ({', '.join(alias for alias, _ in others)} is the original project's spelling);"
+                f" did you mean {own} alone?"
+            )
+    return problems
 
 
 def _derive(values: dict[str, Any], base: Path) -> None:
@@ -521,7 +647,10 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
         problems.append(f"DATE_SHIFT_MIN_DAYS: must not exceed DATE_SHIFT_MAX_DAYS ({low} > {high})")
     elif low == high == 0:
         problems.append("DATE_SHIFT_MIN_DAYS/DATE_SHIFT_MAX_DAYS: the range holds only 0 days; dates would not move")
-    for name, schemes in (("DATABASE_URL", ("sqlite", "postgres", "postgresql")), ("QUEUE_URL", ("sqlite", "redis"))):
+    for name, schemes in (
+        ("DATABASE_URL", ("sqlite", "postgres", "postgresql")),
+        ("QUEUE_URL", ("sqlite", "redis", "rediss")),
+    ):
         scheme = values[name].split("://", 1)[0] if "://" in values[name] else ""
         if scheme not in schemes:
             problems.append(f"{name}: must start with one of {', '.join(s + '://' for s in schemes)}")
@@ -537,6 +666,9 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
     problems.extend(_check_deid(values))
     if values["SEND_TO_GOOGLE"]:
         problems.append("SEND_TO_GOOGLE: Google delivery is not available in this version; set it to false")
+    for name, allowed in (("LOG_LEVEL", LOG_LEVELS), ("LOG_FORMAT", LOG_FORMATS)):
+        if values[name].strip().lower() not in (choice.lower() for choice in allowed):
+            problems.append(f"{name}: must be one of {', '.join(allowed)}, got {values[name]!r}")
     if values["RETRY_BASE_SECONDS"] > values["RETRY_CAP_SECONDS"]:
         problems.append("RETRY_BASE_SECONDS: must not exceed RETRY_CAP_SECONDS")
     return problems
@@ -594,7 +726,7 @@ def _toml_value(key: Key, value: Any) -> str:
 
 def database_settings(url: str) -> dict[str, Any]:
     """Django DATABASES['default'] for a sqlite:/// or postgres:// URL."""
-    from urllib.parse import unquote, urlsplit
+    from urllib.parse import parse_qs, unquote, urlsplit
 
     if url.startswith("sqlite:///"):
         return {
@@ -607,6 +739,9 @@ def database_settings(url: str) -> dict[str, Any]:
             },
         }
     parts = urlsplit(url)
+    # Query options (sslmode, sslrootcert, sslcert, sslkey, connect_timeout, …) are libpq's connection
+    # parameters: they reach psycopg as they are, so TLS to a remote database is one URL.
+    options = {key: values[-1] for key, values in parse_qs(parts.query, keep_blank_values=True).items()}
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": unquote(parts.path.lstrip("/")),
@@ -615,4 +750,5 @@ def database_settings(url: str) -> dict[str, Any]:
         "HOST": parts.hostname or "",
         "PORT": str(parts.port or ""),
         "CONN_MAX_AGE": 60,
+        "OPTIONS": options,
     }

@@ -71,17 +71,20 @@ def walk(
     ignored: Counter[str] | None = None,
     name: Callable[[str], str] = str,
     enter: Callable[[Path, str], bool] | None = None,
+    listed: Callable[[Path, int], None] | None = None,
 ) -> Iterator[Found]:
     """Every entry under ``root`` (in name order at each level) except those ignored by rule, which
     are counted in ``ignored``.
 
     ``name`` turns each name as the OS gives it into its part of ``rel`` (the relay escapes
     undecodable bytes). A folder is entered when ``enter(path, rel)`` says so (default: always),
-    else reported as :attr:`Kind.FOLDER`. ``root`` itself may be a link; nothing below it is
-    followed. Raises only when ``root`` cannot be listed.
+    else reported as :attr:`Kind.FOLDER`. ``listed(folder, n)`` hears of each folder listed, ``root``
+    first, with its number of entries of any kind (the relay's watcher tidies away the folders it
+    emptied). ``root`` itself may be a link; nothing below it is followed. Raises only when ``root``
+    cannot be listed.
     """
     counts: Counter[str] = ignored if ignored is not None else Counter()
-    stack = [iter(_listing(root, "", name))]
+    stack = [iter(_listing(root, "", name, listed))]
     while stack:
         item = next(stack[-1], None)
         if item is None:
@@ -108,7 +111,7 @@ def walk(
                 yield Found(path, rel, Kind.FOLDER)
                 continue
             try:
-                stack.append(iter(_listing(path, rel, name)))
+                stack.append(iter(_listing(path, rel, name, listed)))
             except (FileNotFoundError, NotADirectoryError):
                 pass  # moved or removed since the listing: the next walk sees what is there
             except OSError as exc:
@@ -119,8 +122,12 @@ def walk(
             yield Found(path, rel, Kind.FILE)
 
 
-def _listing(folder: Path, rel: str, name: Callable[[str], str]) -> list[tuple[os.DirEntry[str], str]]:
+def _listing(
+    folder: Path, rel: str, name: Callable[[str], str], listed: Callable[[Path, int], None] | None
+) -> list[tuple[os.DirEntry[str], str]]:
     with os.scandir(folder) as entries:
         ordered = sorted(entries, key=lambda entry: entry.name)
+    if listed is not None:
+        listed(folder, len(ordered))
     prefix = rel + "/" if rel else ""
     return [(entry, prefix + name(entry.name)) for entry in ordered]

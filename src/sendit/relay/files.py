@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from sendit.relay.runtime import config
@@ -168,8 +169,9 @@ def set_aside(stored: str, folder_name: str, source: Path | None = None) -> str:
     # the stored (escaped, printable) name on disk too: what the dashboard shows is what is there
     target = _unique(base / stored)
     target.parent.mkdir(parents=True, exist_ok=True)
+    changed = last_change(source.parent)  # before our own move changes it
     shutil.move(str(source), str(target))  # a rename; across file systems a link is re-made, not followed
-    remove_empty_parents(source.parent)
+    remove_empty_parents(source.parent, changed)
     return str(target)
 
 
@@ -185,10 +187,11 @@ def set_aside_long(source: Path, stored: str) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     folder = os.open(source.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        changed = changed_at(os.fstat(folder))
         os.rename(source.name, target, src_dir_fd=folder)
     finally:
         os.close(folder)
-    remove_empty_parents(source.parent)
+    remove_empty_parents(source.parent, changed)
     return str(target)
 
 
@@ -197,18 +200,46 @@ def remove_original(stored: str) -> None:
     if not inside_input(stored):
         return
     source = original(stored)
+    changed = last_change(source.parent)
     source.unlink(missing_ok=True)
-    remove_empty_parents(source.parent)
+    remove_empty_parents(source.parent, changed)
 
 
-def remove_empty_parents(folder: Path) -> None:
-    """Remove emptied folders up to, not including, the input folder itself."""
+def changed_at(info: os.stat_result) -> float:
+    """When an entry last changed: its mtime, or its ctime when the mtime was set ahead of that (a
+    tool, a wrong clock). The ctime is the kernel's own clock: it cannot be set back, and no write
+    goes without it."""
+    return min(info.st_mtime, info.st_ctime)
+
+
+def last_change(path: Path) -> float | None:
+    """When an entry (not followed if a link) last changed, or None when it cannot be looked at."""
+    try:
+        return changed_at(os.lstat(path))
+    except OSError:
+        return None
+
+
+def remove_empty_parents(folder: Path, changed: float | None = None) -> None:
+    """Remove emptied folders up to, not including, the input folder itself; never one that changed
+    within STABLE_SECONDS, to which a producer may still be writing (the watcher removes it later).
+
+    ``changed`` is when ``folder`` last changed before the caller emptied it (its own removal changed
+    it just now); each folder above is looked at before its emptied child is removed.
+    """
+    settle = config().STABLE_SECONDS
     try:
         root = input_root()
         current = folder.resolve()
     except (OSError, RuntimeError):
         return
     while current != root and root in current.parents:
+        if settle > 0:
+            if changed is None:
+                changed = last_change(current)
+            if changed is None or time.time() - changed < settle:
+                return
+            changed = last_change(current.parent)
         try:
             os.rmdir(current)
         except OSError:

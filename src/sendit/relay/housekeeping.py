@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import threading
+import time
+from collections.abc import Collection, Sequence
 from datetime import timedelta
+from typing import Any
 
 from django.db import transaction
 from django.db.models import Count, Max, Min, QuerySet
 from django.utils import timezone
 
-from sendit.relay.models import IN_FLIGHT, Image, ReceivedFile, Series, Status, Summary
-from sendit.relay.transitions import move_images
+from sendit.destinations.base import Destination
+from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Stage, Status, Summary
+from sendit.relay.transitions import clip, move_images
 
 
 def _images(series_ids: Collection[int] | None) -> QuerySet[Image]:
@@ -66,6 +70,70 @@ def retry_errors(series_ids: list[int] | None = None, user_id: int | None = None
         Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None)
         touched.append(series.pk)
     return touched
+
+
+def retry_now(series_ids: Collection[int] | None = None, who: str = "", user_id: int | None = None) -> list[int]:
+    """Retry now, the same from the web, the API and `sendit retry --now`: series waiting out a
+    back-off (stage retrying, images in flight) are due at once instead of at ``next_attempt_at``.
+
+    1. Find the waiting series (of ``series_ids``, or all).
+    2. Set their next attempt to now, each in an UPDATE that names the stage and the back-off it saw:
+       a series whose worker ran meanwhile keeps what that worker wrote.
+    3. Record an event on each series moved (from and to empty: no status changes), with the user.
+    4. Queue them; returns their ids.
+    """
+    now = timezone.now()
+    waiting = Series.objects.filter(stage=Stage.RETRYING, next_attempt_at__gt=now, images__status__in=IN_FLIGHT)
+    if series_ids is not None:
+        waiting = waiting.filter(pk__in=list(series_ids))
+    reason = clip("retry now requested" + (f" by {who}" if who else ""))
+    moved: list[int] = []
+    with transaction.atomic():
+        for series_id in list(waiting.values_list("id", flat=True).distinct()):
+            due = Series.objects.filter(pk=series_id, stage=Stage.RETRYING, next_attempt_at__gt=now)
+            if due.update(next_attempt_at=now) == 1:
+                moved.append(series_id)
+        Event.objects.bulk_create(
+            [Event(series_id=i, from_status="", to_status="", reason=reason, user_id=user_id) for i in moved]
+        )
+    if moved:
+        from sendit.relay import tasks  # the queue: only when there is something to push
+
+        tasks.enqueue(moved)
+    return moved
+
+
+def check_destinations(destinations: Sequence[Destination], seconds: float) -> list[dict[str, Any]]:
+    """Each destination's ``check()``, all at once, waiting at most ``seconds`` in all; each is closed.
+
+    For `sendit status` during an outage: a destination that does not answer in time is reported as
+    such, and its check runs on in a daemon thread that ends with the process. Rows like the
+    dashboard's: name, reachable, problem.
+    """
+    answers: dict[int, str | None] = {}
+
+    def ask(index: int, destination: Destination) -> None:
+        try:
+            answers[index] = destination.check()
+        except Exception as exc:  # a check must answer, not raise; the class name says enough
+            answers[index] = f"check failed: {type(exc).__name__}"
+        finally:
+            destination.close()
+
+    threads = [
+        threading.Thread(target=ask, args=(index, destination), name=f"sendit-check-{index}", daemon=True)
+        for index, destination in enumerate(destinations)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + seconds
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    rows = []
+    for index, destination in enumerate(destinations):
+        problem = answers.get(index, f"no answer within {seconds:g} s")
+        rows.append({"name": destination.name, "reachable": problem is None, "problem": problem or ""})
+    return rows
 
 
 def prune(retention_days: int) -> int:

@@ -13,7 +13,8 @@ are counted; a symbolic link is never followed; the walk is sorted name by name 
 of two copies of one instance found in one scan, the one whose path sorts first is the image,
 however the folder is chunked. Here: a link or special file is rejected once and moved to
 quarantine (a link as the link), a path too long to record is set aside through its folder, a
-folder that cannot be read is recorded and left in place.
+folder that cannot be read is recorded and left in place. For the watcher, a file is taken only once
+it has settled (:class:`Settle`); until then it is counted, never read, moved or recorded.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +43,7 @@ log = logging.getLogger("sendit.ingest")
 
 # A ScanState.ignored key beside the walk's (sendit.dicomio.walk: in_progress, hidden)
 REJECTED_EARLIER = "rejected_earlier"  # rejected once and left in place (could not be moved); not recorded again
+SETTLING = "settling"  # changed within STABLE_SECONDS: a producer may still be writing it; a later scan takes it
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,14 @@ class Entry:
     how: str = "move"
 
 
-def walk(root: Path, ignored: Counter[str] | None = None) -> Iterator[Entry]:
+def walk(
+    root: Path, ignored: Counter[str] | None = None, listed: Callable[[Path, int], None] | None = None
+) -> Iterator[Entry]:
     """Every entry under ``root`` to record, in name order at each level; ignored ones counted.
 
     ``root`` itself may be a link (the configured folder); nothing below it is followed. Raises only
-    when ``root`` cannot be listed: that is the whole scan failing.
+    when ``root`` cannot be listed: that is the whole scan failing. ``listed`` as for
+    :func:`sendit.dicomio.walk`.
     """
     top = root.resolve()
     prefix = files.stored_name(top, follow=True)
@@ -71,7 +77,7 @@ def walk(root: Path, ignored: Counter[str] | None = None) -> Iterator[Entry]:
     def enter(path: Path, rel: str) -> bool:  # a folder whose path is too long is set aside whole
         return not files.too_long(path, prefix + rel)
 
-    for found in walk_folder(top, ignored=ignored, name=files.escape_name, enter=enter):
+    for found in walk_folder(top, ignored=ignored, name=files.escape_name, enter=enter, listed=listed):
         stored = prefix + found.rel
         too_long = files.too_long(found.path, stored)
         if too_long:
@@ -106,6 +112,76 @@ def entry_for(path: Path) -> Entry:
     return Entry(path, name)
 
 
+class Settle:
+    """Which files of a scan are complete, for producers that write in place (docs/operations.md,
+    Settle time).
+
+    A file is settled when neither it nor anything in its folder (the folder itself, every other
+    file in it, ignored ones included) changed within ``seconds``: a producer that pauses half-way
+    through a file, or between files, is not cut short. A file that ``arrived`` by a rename the
+    watcher saw (from a `.tmp` or hidden name, or from outside the input folder: path → when it was
+    seen; a folder covers what is below it) is settled at once, unless it changed after that.
+    "Changed" is :func:`sendit.relay.files.last_change`, compared with this host's clock. ``due``
+    is the earliest time a file left now settles: the watcher scans again then. ``taken_from``: the
+    folders of the files found ready (the watcher removes such a folder once emptied and settled).
+    """
+
+    def __init__(self, seconds: float, arrived: Mapping[Path, float] | None = None, now: float | None = None) -> None:
+        self.seconds = seconds
+        self.arrived = arrived or {}
+        self.now = time.time() if now is None else now
+        self.due: float | None = None
+        self.taken_from: set[Path] = set()
+        self._folders: dict[Path, float] = {}
+
+    def ready(self, path: Path) -> bool:
+        if not self._settled(path):
+            return False
+        self.taken_from.add(path.parent)
+        return True
+
+    def _settled(self, path: Path) -> bool:
+        if self.seconds <= 0:
+            return True
+        changed = files.last_change(path)
+        if changed is None:
+            return True  # gone, or out of reach: the usual handling says what it is
+        arrived = self._arrival(path)
+        if arrived is not None and changed <= arrived:
+            return True
+        settles = max(changed, self._folder(path.parent)) + self.seconds
+        if settles <= self.now:
+            return True
+        self.due = settles if self.due is None else min(self.due, settles)
+        return False
+
+    def _arrival(self, path: Path) -> float | None:
+        if not self.arrived:
+            return None
+        for candidate in (path, *path.parents):
+            if candidate in self.arrived:
+                return self.arrived[candidate]
+        return None
+
+    def _folder(self, folder: Path) -> float:
+        """The last change in a folder: to the folder itself, or to any file in it; once per scan."""
+        if folder not in self._folders:
+            own = files.last_change(folder)
+            latest = float("-inf") if own is None else own
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        try:
+                            if not entry.is_dir(follow_symlinks=False):
+                                latest = max(latest, files.changed_at(entry.stat(follow_symlinks=False)))
+                        except OSError:
+                            continue  # gone since the listing
+            except OSError:
+                pass  # gone, or unreadable: the folder's own change is all there is
+            self._folders[folder] = latest
+        return self._folders[folder]
+
+
 @dataclass
 class IngestReport:
     images: int = 0
@@ -116,7 +192,7 @@ class IngestReport:
     quarantined: int = 0
     reprocessed: int = 0
     problems: list[tuple[str, Status, str]] = field(default_factory=list)  # (path, status, reason)
-    ignored: Counter[str] = field(default_factory=Counter)  # by rule: in_progress, hidden, rejected_earlier
+    ignored: Counter[str] = field(default_factory=Counter)  # by rule: in_progress, hidden, rejected_earlier, settling
 
     def add(self, other: IngestReport) -> None:
         self.images += other.images
@@ -160,11 +236,13 @@ def _unchanged_since(path: Path, recorded: datetime) -> bool:
         return True  # gone, or too long to look at: nothing new to record
 
 
-def ingest_paths(paths: Iterable[Path | Entry], chunk: int = 500) -> IngestReport:
+def ingest_paths(paths: Iterable[Path | Entry], chunk: int = 500, settle: Settle | None = None) -> IngestReport:
     """Ingest the given files (chunked so that a huge folder does not hold one long transaction).
 
     Files recorded earlier and still in flight are not read again, but their series are reported, so
-    that `sendit import --wait` run again after a crash finishes them.
+    that `sendit import --wait` run again after a crash finishes them. With ``settle`` (the watcher),
+    a file not yet settled is counted and left for a later scan; without (`sendit import`, the
+    operator's word that the files are complete) every file is taken now.
     """
     report = IngestReport()
     known = known_paths()
@@ -179,6 +257,9 @@ def ingest_paths(paths: Iterable[Path | Entry], chunk: int = 500) -> IngestRepor
             continue
         if entry.name in earlier and _unchanged_since(entry.path, earlier[entry.name]):
             report.ignored[REJECTED_EARLIER] += 1
+            continue
+        if settle is not None and entry.how != "keep" and not settle.ready(entry.path):
+            report.ignored[SETTLING] += 1  # a link or a long path too: its folder may still be written
             continue
         if entry.problem:
             _reject(entry, entry.problem, report)
@@ -389,9 +470,11 @@ def _reject(
     log.warning("received file #%s (%s): %s", row.pk, files.masked(entry.name), reason)
 
 
-def ingest_folder(root: Path) -> IngestReport:
+def ingest_folder(
+    root: Path, settle: Settle | None = None, listed: Callable[[Path, int], None] | None = None
+) -> IngestReport:
     """One scan of ``root``; the report counts what was ignored by rule (``report.ignored``)."""
     ignored: Counter[str] = Counter()
-    report = ingest_paths(walk(root, ignored))
+    report = ingest_paths(walk(root, ignored, listed), settle=settle)
     report.ignored.update(ignored)
     return report

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from django.db import close_old_connections, connections, transaction
-from django.db.models import DateTimeField, ExpressionWrapper, F, Q
+from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Min, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -231,8 +231,9 @@ def process_series(series_id: int) -> NextStep:
 
 def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> NextStep:
     series = Series.objects.select_related("study").get(pk=series_id)
+    in_flight = series.images.filter(status__in=IN_FLIGHT).exists()
     try:
-        if series.images.filter(status__in=IN_FLIGHT).exists():
+        if in_flight:
             ids = ensure_identifiers(series)
             written = deidentify_pending(series, ids, lease, keeper)
             deliver_and_verify(series, lease, keeper, written)
@@ -258,7 +259,16 @@ def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> NextStep:
     with fenced(lease):
         Series.objects.filter(pk=series.pk).update(attempts=0, last_error="", next_attempt_at=None)
         refresh_series_status(series)
+    if in_flight and series.status == Status.DONE:  # this run finished it
+        _log_done(series)
     return NextStep(finished=True)
+
+
+def _log_done(series: Series) -> None:
+    """One INFO line per finished series: id, images and seconds since its first image was recorded."""
+    span = series.images.aggregate(first=Min("created"), done=Count("id", filter=Q(status=Status.DONE)))
+    seconds = (timezone.now() - span["first"]).total_seconds() if span["first"] is not None else 0.0
+    log.info("series #%s DONE: %s image(s), %.1f s from first ingest", series.pk, span["done"], seconds)
 
 
 def _drop_generation_files(series_id: int, lease: Lease) -> None:
@@ -274,6 +284,7 @@ def _schedule_retry(series: Series, lease: Lease, reason: str) -> NextStep:
             attempts = Series.objects.filter(pk=series.pk).values_list("attempts", flat=True).get() + 1
             if attempts >= runtime.config().MAX_ATTEMPTS:
                 Series.objects.filter(pk=series.pk).update(attempts=attempts, next_attempt_at=None)
+                _record_failed_attempt(series, f"attempt {attempts} failed: {reason}; giving up")
                 _fail_in_flight(series, lease, f"{reason} (gave up after {attempts} attempts)")
                 return NextStep(finished=True)
             delay = backoff_seconds(attempts)
@@ -283,11 +294,18 @@ def _schedule_retry(series: Series, lease: Lease, reason: str) -> NextStep:
                 next_attempt_at=timezone.now() + timedelta(seconds=delay),
                 stage=Stage.RETRYING,
             )
+            _record_failed_attempt(series, f"attempt {attempts} failed: {reason}; next in {delay:.0f} s")
     except LeaseLost as lost:
         log.warning("%s; leaving it to that worker", lost)
         return NextStep(finished=False, busy=True)
     log.warning("series #%s: attempt %s failed (%s); retrying in %.0f s", series.pk, attempts, reason, delay)
     return NextStep(finished=False, retry_in=delay)
+
+
+def _record_failed_attempt(series: Series, reason: str) -> None:
+    """A series event (no status change: from and to empty) for each failed attempt, in the caller's
+    fenced transaction, so the series page tells each attempt and its reason, not only the last."""
+    Event.objects.create(series=series, from_status="", to_status="", reason=clip(reason))
 
 
 def _fail_in_flight(series: Series, lease: Lease, reason: str) -> None:
@@ -606,12 +624,7 @@ def _record_destination_events(series: Series, destination: Destination) -> None
     if lines:
         Event.objects.bulk_create(
             [
-                Event(
-                    series=series,
-                    from_status=series.status,
-                    to_status=series.status,
-                    reason=clip(f"{destination.name}: {line}"),
-                )
+                Event(series=series, from_status="", to_status="", reason=clip(f"{destination.name}: {line}"))
                 for line in lines
             ]
         )

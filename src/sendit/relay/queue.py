@@ -1,4 +1,5 @@
-"""The Huey instance: SqliteHuey in the data folder by default, RedisHuey for a `redis://` QUEUE_URL."""
+"""The Huey instance: SqliteHuey in the data folder by default, RedisHuey for a `redis://` QUEUE_URL
+(`rediss://` for Redis over TLS: redis-py takes the certificate options from the URL's query)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from sendit.config import Config
 
 def make_huey(cfg: Config, immediate: bool = False) -> Huey:
     url: str = cfg.QUEUE_URL
-    if url.startswith("redis://"):
+    if url.startswith(("redis://", "rediss://")):
         return RedisHuey("sendit", url=url, immediate=immediate)
     filename = url[len("sqlite:///") :]
     return SqliteHuey("sendit", filename=filename, immediate=immediate, timeout=30)

@@ -5,12 +5,20 @@ in progress (`NAME.tmpXXXX`) is touched; after a restart the first scan finds wh
 ingested. Each scan's outcome is written to ScanState (``record_scan``): a scan that fails as a whole
 (the folder unreadable, the database down) is shown on the dashboard, /health and /metrics, not only
 logged.
+
+Producers that write in place (docs/operations.md, Settle time): a file is taken once nothing in its
+folder changed for STABLE_SECONDS (:class:`sendit.relay.ingest.Settle`), and the watcher scans again
+when the first file it left settles. A rename it sees from a `.tmp` or hidden name, or into the input
+folder from outside it, is complete at once. A folder it took files from and finds empty is removed
+once settled; one it never took a file from (made for a producer) is left alone.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,9 +30,13 @@ from django.db.models import F
 from django.utils import timezone
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
-from sendit.relay.ingest import IngestReport, ingest_folder
+from sendit.dicomio.walk import hidden, in_progress
+from sendit.relay import files
+from sendit.relay.ingest import IngestReport, Settle, ingest_folder
 from sendit.relay.models import ScanState
+from sendit.relay.runtime import config
 
 log = logging.getLogger("sendit.watcher")
 
@@ -41,7 +53,8 @@ def record_scan(
     Fields: ``name`` the watcher's host; ``started``/``finished`` the last scan; ``ok`` whether it
     went through; ``error`` a fixed phrase with the exception type, never a path or a value;
     ``failures`` consecutive failed scans (0 after a good one); ``ignored`` the last good scan's
-    entries left alone by rule, by reason (``in_progress``, ``hidden``, ``rejected_earlier``).
+    entries left alone by rule, by reason (``in_progress``, ``hidden``, ``rejected_earlier``,
+    ``settling``).
     """
     host = name or socket.gethostname()
     finished = timezone.now()
@@ -81,12 +94,31 @@ def scan_error(exc: BaseException, stage: str = "scan") -> str:
 
 
 class _Poke(FileSystemEventHandler):
-    def __init__(self, wake: threading.Event) -> None:
+    """Wakes the scan; hands each rename (source, target) to ``moved`` first, so that the scan knows it."""
+
+    def __init__(self, wake: threading.Event, moved: Callable[[str, str], None]) -> None:
         self.wake = wake
+        self.moved = moved
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type == "moved":
+            self.moved(os.fsdecode(event.src_path), os.fsdecode(event.dest_path))
         if event.event_type in ("created", "moved", "closed"):
             self.wake.set()
+
+
+def _observer() -> BaseObserver:
+    """inotify with full move events on Linux: a rename into the input folder from outside it comes
+    as a move with no source, not as a creation (which a file written in place also is)."""
+    if sys.platform.startswith("linux"):
+        from watchdog.observers.inotify import InotifyObserver
+
+        return InotifyObserver(generate_full_events=True)
+    return Observer()
+
+
+def _pending(name: str) -> bool:
+    return in_progress(name) or hidden(name)
 
 
 class Watcher:
@@ -98,15 +130,19 @@ class Watcher:
         self.root = root
         self.rescan_seconds = rescan_seconds
         self.on_ingest = on_ingest
-        self.settle = settle
+        self.settle = settle  # a burst of events (one rename, many files) is one scan
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.observer = Observer()
+        self.observer = _observer()
         self.thread = threading.Thread(target=self._loop, name="sendit-watcher", daemon=True)
+        self.due: float | None = None  # when a file or folder the last scan left settles (time.time())
+        self._arrived: dict[Path, float] = {}  # complete by a rename seen then (resolved path → time.time())
+        self._held: set[Path] = set()  # folders this watcher took files from, and their parents
+        self._lock = threading.Lock()  # _arrived: written by the observer's thread
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.observer.schedule(_Poke(self.wake), str(self.root), recursive=True)
+        self.observer.schedule(_Poke(self.wake, self._moved), str(self.root), recursive=True)
         self.observer.start()
         self.wake.set()  # the first scan finds what arrived while we were down
         self.thread.start()
@@ -118,16 +154,80 @@ class Watcher:
         self.observer.join(timeout=5)
         self.thread.join(timeout=30)
 
+    def _inside(self, path: str) -> list[str] | None:
+        """A path's names below the input folder, or None when it is not below it."""
+        if not path:
+            return None
+        rel = os.path.relpath(path, self.root)
+        if rel in (os.curdir, os.pardir) or rel.startswith(os.pardir + os.sep):
+            return None
+        return rel.split(os.sep)
+
+    def _moved(self, source: str, target: str) -> None:
+        """Remember a rename that says its files are complete: from a `.tmp` or hidden name, or into
+        the input folder from outside it (an atomic move). A rename between two complete names says
+        nothing: a file written in place is not finished by moving it."""
+        names = self._inside(target)
+        if names is None or any(_pending(name) for name in names):
+            return
+        before = self._inside(source)
+        if before is not None and not any(_pending(name) for name in before):
+            return
+        with self._lock:
+            self._arrived[self.root.resolve().joinpath(*names)] = time.time()
+
+    def _arrivals(self, now: float, stable: float) -> dict[Path, float]:
+        """The renames to trust in this scan; older ones are dropped (by now the settle time covers them)."""
+        with self._lock:
+            self._arrived = {path: seen for path, seen in self._arrived.items() if now - seen <= stable}
+            return dict(self._arrived)
+
+    def _tidy(self, listed: Mapping[Path, int], taken_from: set[Path], stable: float) -> float | None:
+        """1. Remember the folders this scan took files from, with their parents, while they hold
+        anything. 2. Remove those that are now empty and settled (and their emptied, settled parents).
+        3. Return when the next one settles.
+
+        Clean-up leaves a folder that changed within STABLE_SECONDS (a producer may still write
+        there); this is where it goes once settled. Never raises.
+        """
+        top = self.root.resolve()
+        held = {folder for folder in self._held if listed.get(folder)}  # still holding something
+        for folder in taken_from:
+            while folder != top and top in folder.parents and folder not in held:
+                held.add(folder)
+                folder = folder.parent
+        now = time.time()
+        due: float | None = None
+        emptied = [folder for folder, count in listed.items() if not count and folder in self._held]
+        for folder in sorted(emptied, key=lambda path: len(path.parts), reverse=True):  # the deepest first
+            changed = files.last_change(folder)
+            if changed is None:
+                continue  # gone meanwhile
+            if changed + stable > now:
+                held.add(folder)  # not yet: the next scan looks again
+                due = changed + stable if due is None else min(due, changed + stable)
+                continue
+            files.remove_empty_parents(folder)
+        self._held = held
+        return due
+
     def scan(self) -> IngestReport:
         """One scan; its outcome goes to ScanState. Raises when the scan fails as a whole (after recording it)."""
         started = timezone.now()
+        stable = config().STABLE_SECONDS
+        now = time.time()
+        settle = Settle(stable, self._arrivals(now, stable), now=now)
+        listed: dict[Path, int] = {}
+        self.due = None
         try:
             close_old_connections()
-            report = ingest_folder(self.root)
+            report = ingest_folder(self.root, settle, listed=listed.__setitem__)
         except Exception as exc:
             close_old_connections()  # a connection the failure broke is replaced for the record
             record_scan(started, ok=False, error=scan_error(exc))
             raise
+        emptied = self._tidy(listed, settle.taken_from, stable)
+        self.due = min((due for due in (settle.due, emptied) if due is not None), default=None)
         if report.images or report.reprocessed or report.problems:
             log.info(
                 "ingested %s image(s) in %s series; %s rejected, %s skipped, %s quarantined",
@@ -145,9 +245,15 @@ class Watcher:
         record_scan(started, ok=True, ignored=report.ignored)
         return report
 
+    def _until_next_scan(self) -> float:
+        """RESCAN_SECONDS, or less when something the last scan left settles sooner."""
+        if self.due is None:
+            return self.rescan_seconds
+        return min(self.rescan_seconds, max(self.due - time.time(), 0.0) + 0.05)
+
     def _loop(self) -> None:
         while not self.stopping.is_set():
-            self.wake.wait(timeout=self.rescan_seconds)
+            self.wake.wait(timeout=self._until_next_scan())
             if self.stopping.is_set():
                 return
             time.sleep(self.settle)  # let a burst of events (one rename, many files) settle

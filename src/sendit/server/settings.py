@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import traceback
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Any
 
 from sendit.config import ConfigError, database_settings, load_config
 
@@ -10,6 +16,11 @@ try:
     SENDIT = load_config()
 except ConfigError as error:  # start-up refuses to run with a wrong value; the CLI prints the lines
     raise SystemExit("sendit: configuration problems:\n  " + "\n  ".join(error.problems)) from None
+
+try:  # the installed package's own metadata: what `sendit --version`, the dashboard and /metrics show
+    SENDIT_VERSION = package_version("sendit")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    SENDIT_VERSION = "unknown"
 
 SECRET_KEY = SENDIT.SECRET_KEY
 DEBUG = SENDIT.DEBUG
@@ -49,6 +60,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "sendit.web.context.version",
             ]
         },
     }
@@ -107,18 +119,76 @@ def withheld_records() -> logging.Handler:
     return WithheldRecords()
 
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
-        "withheld": {"()": "sendit.server.settings.withheld_records"},
-    },
-    "loggers": {
-        "sendit": {"handlers": ["console"], "level": "INFO", "propagate": False},
-        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
-        "pydicom": {"handlers": ["withheld"], "level": "WARNING", "propagate": False},
-        "pynetdicom": {"handlers": ["withheld"], "level": "WARNING", "propagate": False},
-    },
-}
+class JsonLines(logging.Formatter):
+    """``LOG_FORMAT = "json"``: one object per line for log collectors (time in UTC, level, logger,
+    message). An exception adds its type and stack, never its text: an exception's text may quote a
+    value (the text format keeps Python's usual traceback, as before)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exception"] = record.exc_info[0].__name__
+            entry["stack"] = "".join(traceback.format_tb(record.exc_info[2]))
+        return json.dumps(entry)  # ASCII with escapes: a newline in a message never splits the line
+
+
+class OneLineWarning(logging.Filter):
+    """Django's security loggers report a client's fault (a Host header not in ALLOWED_HOSTS: a
+    scanner, a wrong URL) at ERROR with a traceback; here it is one WARNING line, the message only
+    (and none when ``LOG_LEVEL`` is ERROR: the handler's level saw the record's ERROR)."""
+
+    def __init__(self, level: str = "WARNING") -> None:
+        super().__init__()
+        self.shown = logging.getLevelName(level) <= logging.WARNING
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return self.shown
+
+
+def logging_config(level: str, form: str) -> dict[str, Any]:
+    """Django's ``LOGGING`` for ``LOG_LEVEL`` and ``LOG_FORMAT``. Sendit's loggers from ``level`` on;
+    Django's and every other library's (the queue's) from WARNING on at least: below that they may
+    quote SQL parameters or request headers. pydicom's and pynetdicom's records are withheld
+    whatever the level (see :func:`withheld_records`)."""
+    level = level.strip().upper()
+    quieter = logging.getLevelName(max(logging.WARNING, logging.getLevelName(level)))
+    line: dict[str, Any] = (
+        {"()": JsonLines}
+        if form.strip().lower() == "json"
+        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"line": line},
+        "filters": {"one_line_warning": {"()": OneLineWarning, "level": level}},
+        "handlers": {
+            "console": {"class": "logging.StreamHandler", "formatter": "line", "level": level},
+            "security": {
+                "class": "logging.StreamHandler",
+                "formatter": "line",
+                "level": level,
+                "filters": ["one_line_warning"],
+            },
+            "withheld": {"()": "sendit.server.settings.withheld_records"},
+        },
+        # the queue's and other libraries' lines, formatted like ours (before: Python's bare fallback)
+        "root": {"handlers": ["console"], "level": quieter},
+        "loggers": {
+            "sendit": {"handlers": ["console"], "level": level, "propagate": False},
+            "django": {"handlers": ["console"], "level": quieter, "propagate": False},
+            "django.security": {"handlers": ["security"], "level": quieter, "propagate": False},
+            "pydicom": {"handlers": ["withheld"], "level": "WARNING", "propagate": False},
+            "pynetdicom": {"handlers": ["withheld"], "level": "WARNING", "propagate": False},
+        },
+    }
+
+
+LOGGING = logging_config(SENDIT.LOG_LEVEL, SENDIT.LOG_FORMAT)

@@ -24,6 +24,9 @@ from sendit.relay.transitions import move_images
 log = logging.getLogger("sendit.web.actions")
 
 ACTIONS = ("retry", "release", "discard")
+#: for a series waiting out a back-off after a failed attempt: its next attempt now
+RETRY_NOW = "retry-now"
+RETRY_NOW_PERMISSION = "relay.change_series"
 
 
 @dataclass
@@ -34,8 +37,11 @@ class ActionResult:
     problems: list[str] = field(default_factory=list)
 
     def message(self) -> str:
-        verb = {"retry": "retried", "release": "released", "discard": "discarded"}[self.action]
-        text = f"series #{self.series_id}: {verb} {self.changed} image(s)"
+        if self.action == RETRY_NOW:
+            text = f"series #{self.series_id}: " + ("next attempt now" if self.changed else "not waiting for a retry")
+        else:
+            verb = {"retry": "retried", "release": "released", "discard": "discarded"}[self.action]
+            text = f"series #{self.series_id}: {verb} {self.changed} image(s)"
         if self.problems:
             text += "; " + "; ".join(self.problems)
         return text
@@ -131,6 +137,16 @@ def discard(series: Series, user: Any, image_ids: list[int] | None = None) -> Ac
         files.remove_original(image.path)
         files.working_copy(series.pk, image.pk).unlink(missing_ok=True)
     log.info("series #%s: %s image(s) discarded by user #%s", series.pk, outcome.changed, user.pk)
+    return outcome
+
+
+def retry_now(series: Series, user: Any) -> ActionResult:
+    """The series' next attempt now (housekeeping.retry_now, as the CLI and the API); ``changed`` is 1
+    when it was waiting out a back-off, else 0."""
+    from sendit.relay.housekeeping import retry_now as due_now
+
+    outcome = ActionResult(RETRY_NOW, series.pk)
+    outcome.changed = len(due_now([series.pk], who=user.get_username(), user_id=user.pk))
     return outcome
 
 

@@ -14,6 +14,7 @@ from django.contrib.auth.views import redirect_to_login
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404
 from ninja import Field, NinjaAPI, Path, Query, Schema
+from ninja.errors import HttpError
 from ninja.security import HttpBearer, django_auth
 
 from sendit.relay.models import Series, Status
@@ -91,6 +92,7 @@ class SeriesOut(Schema):
     stage: str
     attempts: int
     last_error: str
+    next_attempt_at: str | None
     created: str | None
     updated: str | None
     counts: dict[str, int]
@@ -219,3 +221,14 @@ def release(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id
 @api.post("/series/{series_id}/discard", response=ActionOut, summary="ERROR and QUARANTINED images to SKIPPED")
 def discard(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id] | None = ONLY) -> dict[str, Any]:
     return _act("discard", request, series_id, image_ids)
+
+
+@api.post(
+    "/series/{series_id}/retry-now",
+    response=ActionOut,
+    summary="A series waiting out a back-off (stage retrying): its next attempt now (needs relay.change_series)",
+)
+def retry_now(request: HttpRequest, series_id: int = SERIES_ID) -> dict[str, Any]:
+    if not request.user.has_perm(actions.RETRY_NOW_PERMISSION):
+        raise HttpError(403, "retry now needs the permission to change series")
+    return actions.retry_now(get_object_or_404(Series, pk=series_id), request.user).as_json()

@@ -2,7 +2,8 @@
 
 `sendit worker` calls :func:`install` before the consumer starts; Huey runs the start-up hook in
 every worker process, which starts a daemon thread. The dashboard and /metrics count the workers
-seen within :data:`ALIVE_SECONDS`.
+seen within :data:`ALIVE_SECONDS`. `sendit run` also records whether the consumer it supervises
+is running, for /health.
 """
 
 from __future__ import annotations
@@ -81,6 +82,22 @@ def install(huey: Any) -> None:
     @huey.on_startup("sendit-heartbeat")  # type: ignore[untyped-decorator]
     def _start() -> None:
         start_thread()
+
+
+#: In `sendit run`'s process: is the queue consumer it started running? None in any other process
+#: (a standalone `sendit worker`, tests, another web server): it has no consumer of its own to judge.
+_consumer_running: bool | None = None
+
+
+def set_consumer_running(running: bool) -> None:
+    """Called by `sendit run`'s supervisor when its consumer starts and when it dies."""
+    global _consumer_running
+    _consumer_running = running
+
+
+def consumer_down() -> bool:
+    """True while the consumer of this `sendit run` is dead and waiting to be started again."""
+    return _consumer_running is False
 
 
 def alive() -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import Count
 from prometheus_client import CollectorRegistry, generate_latest
@@ -53,6 +54,10 @@ def bounded_reasons(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, i
 
 class SenditCollector(Collector):
     def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily("sendit_build_info", "The running Sendit release (always 1).", labels=["version"])
+        build.add_metric([settings.SENDIT_VERSION], 1)
+        yield build
+
         images = GaugeMetricFamily("sendit_images", "Images (and rejected files) per status.", labels=["status"])
         for status, n in status_counts().items():
             images.add_metric([status], n)

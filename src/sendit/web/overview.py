@@ -104,6 +104,7 @@ def series_row(series: Series, counts: dict[str, int]) -> dict[str, Any]:
         "stage": series.stage,
         "attempts": series.attempts,
         "last_error": series.last_error,
+        "next_attempt_at": iso(series.next_attempt_at),  # set while retrying: when the next attempt is due
         "created": iso(series.created),
         "updated": iso(series.updated),
         "counts": counts,
@@ -111,7 +112,7 @@ def series_row(series: Series, counts: dict[str, int]) -> dict[str, Any]:
     }
 
 
-SERIES_FIELDS = ("id", "modality", "status", "stage", "attempts", "last_error", "created", "updated")
+SERIES_FIELDS = ("id", "modality", "status", "stage", "attempts", "last_error", "next_attempt_at", "created", "updated")
 
 
 def series_rows(series: list[Series]) -> list[dict[str, Any]]:
@@ -446,9 +447,12 @@ def scan_states(now: datetime | None = None) -> list[dict[str, Any]]:
 # --- health ---------------------------------------------------------------------------------------
 
 
-def health_problems(scans: list[dict[str, Any]] | None, space: dict[str, Any] | None) -> list[str]:
-    """Problem codes, PHI- and host-free (``/health`` answers anyone): scan_failed, scan_stale, low_space."""
-    problems = []
+def health_problems(
+    scans: list[dict[str, Any]] | None, space: dict[str, Any] | None, consumer_down: bool = False
+) -> list[str]:
+    """Problem codes, PHI- and host-free (``/health`` answers anyone): consumer_down, scan_failed,
+    scan_stale, low_space."""
+    problems = ["consumer_down"] if consumer_down else []
     if scans is None:
         problems.append("scan_state_unreadable")
     else:
@@ -468,12 +472,14 @@ def health() -> list[str]:
     except Exception as exc:  # the table unreadable: say so, do not fail the probe
         _note_unavailable("health.scans", exc)
         scans = None
-    return health_problems(scans, free_space())
+    return health_problems(scans, free_space(), heartbeat.consumer_down())
 
 
 def warnings(scans: list[dict[str, Any]] | None, space: dict[str, Any] | None) -> list[str]:
     """Sentences for the top of the dashboard: failed or stalled scans, file systems low on space."""
     lines = []
+    if heartbeat.consumer_down():
+        lines.append("The queue consumer has stopped: nothing is processed until sendit run has started it again")
     rescan = int(runtime.config().RESCAN_SECONDS)
     for scan in scans or []:
         if not scan["ok"]:

@@ -13,7 +13,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import LoginView
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseForbidden, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
@@ -78,6 +78,7 @@ def series_page(request: HttpRequest, series_id: int) -> HttpResponse:
             "may_see_identifiers": may_see,
             "identifiers": identifiers,
             "actions": actions.ACTIONS,
+            "may_retry_now": request.user.has_perm(actions.RETRY_NOW_PERMISSION),
         },
     )
 
@@ -85,15 +86,20 @@ def series_page(request: HttpRequest, series_id: int) -> HttpResponse:
 @login_required
 @require_POST
 def series_action(request: HttpRequest, series_id: int, action: str) -> HttpResponse:
-    """retry / release / discard from a form (CSRF-checked by the middleware); back to where it came from."""
-    if action not in actions.ACTIONS:
+    """retry / release / discard / retry-now from a form (CSRF-checked by the middleware); back to
+    where it came from. Retry now needs the permission to change series."""
+    if action == actions.RETRY_NOW:
+        if not request.user.has_perm(actions.RETRY_NOW_PERMISSION):
+            return HttpResponseForbidden("retry now needs the permission to change series")
+        outcome = actions.retry_now(get_object_or_404(Series, pk=series_id), request.user)
+    elif action in actions.ACTIONS:
+        outcome = actions.perform(action, get_object_or_404(Series, pk=series_id), request.user)
+    else:
         return HttpResponseBadRequest("unknown action")
-    series = get_object_or_404(Series, pk=series_id)
-    outcome = actions.perform(action, series, request.user)
     (messages.warning if outcome.problems or not outcome.changed else messages.success)(request, outcome.message())
     target = request.POST.get("next", "")
     if not url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
-        target = f"/series/{series.pk}/"
+        target = f"/series/{outcome.series_id}/"
     return redirect(target)
 
 
@@ -106,8 +112,8 @@ def health(request: HttpRequest) -> JsonResponse:
     """For load balancers and monitors: no login, no data.
 
     503 {"status": "error"} when the database does not answer. Otherwise 200, with {"status": "ok"},
-    or {"status": "degraded", "problems": [...]} (codes: scan_failed, scan_stale, low_space,
-    scan_state_unreadable) when the service runs but needs a person. ``?strict=1`` answers 503 for
+    or {"status": "degraded", "problems": [...]} (codes: consumer_down, scan_failed, scan_stale,
+    low_space, scan_state_unreadable) when the service runs but needs a person. ``?strict=1`` answers 503 for
     degraded too, for monitors that read only the code. A load balancer keeps the plain form: the
     dashboard must stay reachable exactly when something is wrong.
     """

@@ -213,6 +213,8 @@ var Sendit = (function () {
     $("series-counts").innerHTML = Object.keys(s.counts).map(function (k) { return badge(k) + " " + s.counts[k]; }).join(" ");
     $("series-attempts").textContent = s.attempts;
     $("series-error").textContent = s.last_error;
+    $("series-next-attempt").textContent = s.next_attempt_at ? s.next_attempt_at.slice(0, 19).replace("T", " ") + " UTC" : "";
+    if ($("series-retry-now")) $("series-retry-now").hidden = !(s.stage === "retrying" && s.next_attempt_at);
     $("series-actions").hidden = !(s.counts.ERROR || s.counts.QUARANTINED);
     function secs(v) { return v === null || v === undefined ? "" : v.toFixed(2); }
     $("stages").tBodies[0].innerHTML = s.stages.map(function (st) {
