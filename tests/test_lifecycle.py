@@ -370,3 +370,17 @@ def test_without_the_kernels_signal_a_child_still_dies_with_its_parent() -> None
     finally:
         if alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_run_names_an_unreachable_destination_at_start(configured: Path) -> None:
+    """12.8: the operator learns at start that a destination does not answer, not at the first series."""
+    closed = free_port()  # nothing listens here
+    with (configured / "sendit.toml").open("a") as config:
+        config.write(f'ORTHANC_URL = "http://127.0.0.1:{closed}"\n')
+    port = free_port()
+    with sendit_run(configured, port) as process:
+        assert wait_for(lambda: "unreachable at start" in log_of(configured, port), 30), log_of(configured, port)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    line = next(line for line in log_of(configured, port).splitlines() if "unreachable at start" in line)
+    assert "orthanc-rest" in line and str(closed) in line

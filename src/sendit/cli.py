@@ -404,6 +404,27 @@ def _web_server(host: str, port: int) -> Any:
     return Server((host, port), QuietHandler)
 
 
+def _say_unreachable_destinations() -> None:
+    """At start, in the background: a destination that does not answer is named now, not at the first
+    series that waits for it."""
+    import logging
+
+    from django.db import connections
+
+    from sendit.relay import runtime
+    from sendit.relay.housekeeping import check_destinations
+
+    log = logging.getLogger("sendit.run")
+    try:
+        for row in check_destinations(runtime.destinations(), seconds=15):
+            if not row["reachable"]:
+                log.warning("destination %s is unreachable at start: %s", row["name"], row["problem"])
+    except Exception as exc:  # a start-up courtesy: never the reason the service stops
+        log.warning("destinations could not be checked at start (%s)", type(exc).__name__)
+    finally:
+        connections.close_all()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Web server and watcher in this process; the queue consumer in a child `sendit worker`, started
     again when it dies. SIGTERM, SIGINT or SIGHUP stops them all (sendit.lifecycle)."""
@@ -449,6 +470,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"sendit {_version()}: watching {cfg.INPUT_FOLDER}; status page on http://{host}:{port}/ ; Ctrl-C stops",
             flush=True,
         )
+        threading.Thread(target=_say_unreachable_destinations, name="sendit-start-check", daemon=True).start()
         while not signals.stop and web.is_alive():
             consumer.tick()  # in the main thread: the child's parent-death signal follows the thread that forked it
             time.sleep(0.2)
