@@ -271,7 +271,8 @@ def test_a_worker_stuck_on_a_silent_destination_is_interrupted_and_nothing_is_lo
             assert running_consumer(run.pid), log_of(configured, port)
             for study in staging.iterdir():
                 study.rename(configured / "data" / "input" / study.name)
-            assert wait_for(lambda: bool(accepted), 60), log_of(configured, port)  # a worker is in the association
+            # two connections: the start-up destination check's, and a worker's now waiting in its association
+            assert wait_for(lambda: len(accepted) >= 2, 60), log_of(configured, port)
             os.kill(run.pid, signal.SIGTERM)
             assert run.wait(timeout=120) == 0, log_of(configured, port)
             assert wait_for(lambda: not session_members(run.pid), 30)

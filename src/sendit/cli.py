@@ -275,7 +275,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             watcher.stop()
         consumer.finish_stop(lambda: signals.hurry)
         log.info("stopped")
-    return 0 if signals.stop else 1
+    code = 0 if signals.stop else 1
+    # A thread left waiting on a silent peer (the start-up destination check's DICOM association, which
+    # pynetdicom does not make a daemon) would hold the exit for its whole time-out: everything that
+    # mattered has stopped, so leave without waiting for it.
+    if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    return code
 
 
 NO_WORKER = "no worker is running: start `sendit run` or `sendit worker`, or use --wait"
