@@ -34,6 +34,7 @@ from sendit.relay.models import Event, Series, Stage, Status
 from sendit.relay.pipeline import process_series
 from sendit.web import tokens
 from tests.helpers import demo_into, ingest_and_run, wait_for
+from tests.test_cli import cli_env
 
 VERSION = version("sendit")
 NO_WORKER = "no worker is running: start `sendit run` or `sendit worker`, or use --wait"
@@ -323,13 +324,6 @@ def test_import_without_a_running_worker_says_so(
 
 
 # --- the real commands ----------------------------------------------------------------------------
-
-
-def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
-    """A user's environment: no test settings, no DATABASE_URL leaking in from the test run."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDIT_", "DJANGO_")) and k != "DATABASE_URL"}
-    env.update({"SENDIT_CONFIG": str(tmp / "sendit.toml"), "SENDIT_WORKERS": "2", **extra})
-    return env
 
 
 @pytest.fixture
