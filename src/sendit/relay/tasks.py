@@ -100,7 +100,7 @@ def stale_series() -> list[int]:
         .distinct()
     )
     stale: set[int] = set()
-    unleased: list[tuple[int, Any, str]] = []
+    unleased: list[tuple[int, Any]] = []
     for series_id, owner, expires, enqueued in rows:
         leased = expires is not None and expires >= now
         if leased:
@@ -109,13 +109,13 @@ def stale_series() -> list[int]:
         elif owner:
             stale.add(series_id)  # a lease that ran out: its worker is gone
         elif enqueued is None or enqueued < now - orphan:
-            unleased.append((series_id, enqueued, owner))
+            unleased.append((series_id, enqueued))
     if unleased:
         queued = _queued_series()
         if queued is not None:
-            stale |= {series_id for series_id, enqueued, _ in unleased if series_id not in queued}
+            stale |= {series_id for series_id, _ in unleased if series_id not in queued}
         else:  # cannot tell: only those silent for a whole lease period
-            stale |= {series_id for series_id, enqueued, _ in unleased if enqueued is None or enqueued < now - lease}
+            stale |= {series_id for series_id, enqueued in unleased if enqueued is None or enqueued < now - lease}
     return sorted(stale)
 
 
