@@ -542,11 +542,12 @@ def cmd_deid(args: argparse.Namespace) -> int:
         cfg = load_config()
     except ConfigError as error:
         return _fail(error.problems)
-    from sendit.deid import build_deidentifier, deid_folder
+    from sendit.deid import build_deidentifier, deid_folder, ocr_settings
     from sendit.identifiers.local import LocalProvider
 
     provider = LocalProvider(cfg.SECRET_KEY, cfg.DATE_SHIFT_MIN_DAYS, cfg.DATE_SHIFT_MAX_DAYS)
-    engine = build_deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER)
+    ocr = ocr_settings(cfg.values)
+    engine = build_deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER, ocr)
     summary = deid_folder(Path(args.input), Path(args.output), engine, provider, workers=args.workers or cfg.WORKERS)
     for name, reason in summary.problems:
         print(f"{name}: {reason}", file=sys.stderr)

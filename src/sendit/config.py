@@ -134,6 +134,42 @@ KEYS: tuple[Key, ...] = (
         "default",
         'Burned-in text filter: "default" (shipped), "none", or a deid recipe file with %filter sections.',
     ),
+    Key(
+        "OCR",
+        bool,
+        True,
+        "Read the images the burned-in text filter flags with OCR (tesseract); off: they are quarantined.",
+    ),
+    Key(
+        "OCR_ON_TEXT",
+        str,
+        "quarantine",
+        'When OCR finds text in a flagged image: "quarantine" it for review, or "blank" its lines and release it.',
+    ),
+    Key(
+        "OCR_EVERY_NTH_FRAME",
+        int,
+        0,
+        "Multi-frame images: OCR the first frame only (0), or frames 0, N, 2N, ...",
+        minimum=0,
+        maximum=100000,
+    ),
+    Key(
+        "OCR_MAX_SIDE",
+        int,
+        1024,
+        "Frames are scaled down to this many pixels on their longer side before OCR (bounds its time).",
+        minimum=64,
+        maximum=16384,
+    ),
+    Key(
+        "OCR_RELEASE_CONFIDENCE",
+        int,
+        35,
+        "Per cent: a flagged image in which OCR finds no text is released only when OCR is at least this sure.",
+        minimum=0,
+        maximum=100,
+    ),
     # -- the identifier service (docs/identifiers.md); checked as a whole when DEIDENTIFY_RESTFUL is on --
     Key("DASHER_URL", str, "", "Identifier service base URL (requests go to {DASHER_URL}/uid/{DASHER_STUDY})."),
     Key("DASHER_STUDY", str, "", "Study name in the identifier service."),
@@ -263,7 +299,7 @@ class Original(NamedTuple):
 # DEBUG, DEIDENTIFY_RESTFUL, SEND_TO_ORTHANC, ORTHANC_*, ORTHAC_PORT, SEND_TO_GOOGLE, GOOGLE_CLOUD_STORAGE,
 # GOOGLE_APPLICATION_CREDENTIALS) are keys. docs/configuration.md has the table; a test keeps it in step.
 _GOOGLE = "Google delivery is not available in this version (SEND_TO_GOOGLE must be false)"
-_PIXELS = "on by default: an image that may show burned-in text is quarantined unless a rule cleans it"
+_PIXELS = "on by default: an image that may show burned-in text is read by OCR, released only if none is found"
 _DASHER_CREDENTIALS = "or DASHER_TOKEN_URL with DASHER_CLIENT_ID and DASHER_CLIENT_SECRET; docs/identifiers.md"
 ORIGINAL_SETTINGS: dict[str, Original] = {
     "ANONYMIZE_RESTFUL": Original("DEIDENTIFY_RESTFUL", ""),
@@ -326,6 +362,11 @@ class Config:
     DEID_OPTIONS: str
     DEID_RECIPE: str
     DEID_FILTER: str
+    OCR: bool
+    OCR_ON_TEXT: str
+    OCR_EVERY_NTH_FRAME: int
+    OCR_MAX_SIDE: int
+    OCR_RELEASE_CONFIDENCE: int
     DASHER_URL: str
     DASHER_STUDY: str
     DASHER_TOKEN: str
@@ -675,7 +716,8 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
 
 
 def _check_deid(values: dict[str, Any]) -> list[str]:
-    """DEID_OPTIONS names known options; DEID_RECIPE and DEID_FILTER load (errors name the line)."""
+    """DEID_OPTIONS names known options; DEID_RECIPE and DEID_FILTER load (errors name the line);
+    OCR_ON_TEXT is one of its choices."""
     from sendit.deid.profile import DeidOptions
     from sendit.deid.recipe import RecipeError, load_recipe
 
@@ -693,6 +735,10 @@ def _check_deid(values: dict[str, Any]) -> list[str]:
                 problems.append(f"{name}: {exc}")
     if str(values["DEID_RECIPE"]).strip().lower() in ("default", "none"):
         problems.append('DEID_RECIPE: give a recipe file, or leave it empty ("default" and "none" are for DEID_FILTER)')
+    from sendit.deid.ocr import ON_TEXT_CHOICES
+
+    if values["OCR_ON_TEXT"] not in ON_TEXT_CHOICES:
+        problems.append(f"OCR_ON_TEXT: must be one of {', '.join(ON_TEXT_CHOICES)}, got {values['OCR_ON_TEXT']!r}")
     return problems
 
 

@@ -378,6 +378,7 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
             break
         move_images(series, [image.id for image in batch], Status.PROCESSING, expect=(Status.NEW,), lease=lease)
         made: list[Image] = []
+        notes: dict[int, str] = {}
         renames: list[tuple[Path, Path]] = []
         for image in batch:
             keeper.check()  # a worker that lost its lease stops at once, not after the batch
@@ -410,6 +411,7 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
                 continue
             image.deid_sop_instance_uid, image.sha256 = result.sop_instance_uid, digest
             made.append(image)
+            notes[image.pk] = result.pixels
             renames.append((mine, target))
             if not series.deid_series_uid:
                 series.deid_series_uid = result.series_uid
@@ -423,13 +425,22 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
             for mine, target in renames:
                 os.replace(mine, target)
             Image.objects.bulk_update(made, ["deid_sop_instance_uid", "sha256"])
-            move_images(
-                series, [image.pk for image in made], Status.DONEPROCESSING, expect=(Status.PROCESSING,), lease=lease
-            )
+            for note, ids_with_note in _by_pixel_note(made, notes).items():  # OCR's decision on the event
+                move_images(
+                    series, ids_with_note, Status.DONEPROCESSING, note, expect=(Status.PROCESSING,), lease=lease
+                )
     write_series_metadata(series, ids)
     with fenced(lease):
         Series.objects.filter(pk=series.pk).update(stage=Stage.DEIDENTIFIED)
     return written
+
+
+def _by_pixel_note(made: list[Image], notes: dict[int, str]) -> dict[str, list[int]]:
+    """The images written, grouped by what the burned-in text step decided ("" for no rule)."""
+    groups: dict[str, list[int]] = {}
+    for image in made:
+        groups.setdefault(notes.get(image.pk, ""), []).append(image.pk)
+    return groups
 
 
 def write_series_metadata(series: Series, ids: Identifiers) -> None:

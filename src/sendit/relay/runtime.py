@@ -15,6 +15,7 @@ from sendit.identifiers.local import LocalProvider
 
 if TYPE_CHECKING:  # the engine loads pydicom's tables and the recipes: only when a task needs it
     from sendit.deid import Deidentifier
+    from sendit.deid.ocr import OcrSettings
 
 
 def config() -> Config:
@@ -25,15 +26,17 @@ def config() -> Config:
 
 def deidentifier() -> Deidentifier:
     """The engine for the current configuration (built once per distinct set of DEID_* values)."""
+    from sendit.deid import ocr_settings
+
     cfg = config()
-    return _deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER)
+    return _deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER, ocr_settings(cfg.values))
 
 
 @cache
-def _deidentifier(secret_key: str, options: str, recipe: str, pixel_filter: str) -> Deidentifier:
+def _deidentifier(secret_key: str, options: str, recipe: str, pixel_filter: str, ocr: OcrSettings) -> Deidentifier:
     from sendit.deid import build_deidentifier
 
-    return build_deidentifier(secret_key, options, recipe, pixel_filter)
+    return build_deidentifier(secret_key, options, recipe, pixel_filter, ocr)
 
 
 @cache
