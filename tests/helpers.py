@@ -54,3 +54,21 @@ def stop_process_group(process: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+def process_table() -> dict[int, tuple[int, int, int, str]]:
+    """pid -> (parent pid, process group, session id, state) of every process still running, from
+    /proc; zombies left out (they run nothing and write nothing)."""
+    rows = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        state = fields[0].decode()
+        if state not in ("Z", "X"):
+            rows[int(entry.name)] = (int(fields[1]), int(fields[2]), int(fields[3]), state)
+    return rows
