@@ -253,10 +253,20 @@ def ink_left(mask: np.ndarray, regions: Sequence[tuple[int, int, int, int]]) -> 
 # -- the run --------------------------------------------------------------------------------------
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (tesseract): on a busy machine, closer to
+    what one idle core would take than the wall clock."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=10, help="pictures per kind, with and without text")
     parser.add_argument("--seed", type=int, default=20240115)
+    parser.add_argument("--cost-only", action="store_true", help="measure the cost (section 1) only")
     args = parser.parse_args()
     if unavailable_reason():
         raise SystemExit(f"{unavailable_reason()}: apt-get install tesseract-ocr")
@@ -267,6 +277,8 @@ def main() -> None:
 
     # 1. cost per flagged 512 x 512 single-frame image
     ocr_seconds: list[float] = []
+    ocr_cpu: list[float] = []
+    flagged_cpu: list[float] = []
     flagged_seconds: list[float] = []
     floor_seconds: list[float] = []
     free: list[tuple[str, Dataset]] = []
@@ -282,15 +294,18 @@ def main() -> None:
     for kind, ds in free:
         if kind == "tiny":
             continue
-        started = time.perf_counter()
+        started, used = time.perf_counter(), cpu_seconds()
         find_text(ds, OcrSettings())
         ocr_seconds.append(time.perf_counter() - started)
+        ocr_cpu.append(cpu_seconds() - used)
         for flagged, bucket in ((True, flagged_seconds), (False, floor_seconds)):
             source = save(as_dicom(ds.pixel_array, flagged=flagged), folder / "in.dcm")
-            started = time.perf_counter()
+            started, used = time.perf_counter(), cpu_seconds()
             with contextlib.suppress(BurnedInError):
                 engine.deidentify_file(source, folder / "out.dcm", IDS)
             bucket.append(time.perf_counter() - started)
+            if flagged:
+                flagged_cpu.append(cpu_seconds() - used)
     mean_ocr = statistics.mean(ocr_seconds)
     print("\n1. OCR cost per flagged single-frame 512 x 512 image (text-free pictures)")
     print(
@@ -298,6 +313,15 @@ def main() -> None:
         f"p95 {sorted(ocr_seconds)[int(0.95 * (len(ocr_seconds) - 1))]:.3f} s, max {max(ocr_seconds):.3f} s "
         f"(target <= 0.5 s: {'met' if mean_ocr <= 0.5 else 'NOT met'})"
     )
+    print(
+        f"   CPU seconds (this process and tesseract; what one idle core takes): find_text mean "
+        f"{statistics.mean(ocr_cpu):.3f} s (first reading only); deidentify_file of a flagged image mean "
+        f"{statistics.mean(flagged_cpu):.3f} s, p95 {sorted(flagged_cpu)[int(0.95 * (len(flagged_cpu) - 1))]:.3f} s "
+        f"(with the closer second reading of unsure images; target <= 0.5 s: "
+        f"{'met' if statistics.mean(flagged_cpu) <= 0.5 else 'NOT met'})"
+    )
+    if args.cost_only:
+        return
     print(
         f"   deidentify_file: flagged {statistics.mean(flagged_seconds):.3f} s vs unflagged "
         f"{statistics.mean(floor_seconds):.3f} s per file "

@@ -89,7 +89,7 @@ class OcrSettings:
     found (``blank`` its lines, or ``quarantine``), which frames of a multi-frame image are read (0:
     the first only; N: frames 0, N, 2N, ...), the longest side a frame is scaled down to, and how
     sure (0-1) a reading that found no text must be before the image is released as it is
-    (:attr:`OcrResult.confidence`; a doubtful reading is read again the other way, then quarantined)."""
+    (:attr:`OcrResult.confidence`; a doubtful reading is read again closer, then quarantined)."""
 
     enabled: bool = True
     on_text: str = "quarantine"
@@ -135,6 +135,9 @@ class OcrResult:
     frames: tuple[int, ...]
     confidence: float
     seconds: float = field(default=0.0, compare=False)
+    #: Where a closer look is due, as (frame, first row, row after the last): the rows of what was
+    #: half-read as letters (above the doubt the settings allow) and of rows of small glyphs not read.
+    unsure: tuple[tuple[int, int, int], ...] = field(default=(), compare=False)
 
     @property
     def found(self) -> bool:
@@ -165,10 +168,13 @@ def unavailable_reason() -> str:
     return ""
 
 
-def find_text(ds: Dataset, settings: OcrSettings, reading: int = 0, closer: bool = False) -> OcrResult:
+def find_text(
+    ds: Dataset, settings: OcrSettings, reading: int = 0, closer: Sequence[tuple[int, int, int]] | None = None
+) -> OcrResult:
     """OCR the frames of ``ds`` that ``settings`` selects (``reading``: how many times this image has
-    been read before; it picks the page segmentation mode, :data:`PAGE_MODES`; ``closer``: at twice
-    the size, for small text — the second look at a doubtful reading, see :func:`read_frame`). Raises
+    been read before; it picks the page segmentation mode, :data:`PAGE_MODES`). ``closer``: read
+    instead only these rows (:attr:`OcrResult.unsure` of a first reading; empty: the whole frames)
+    at twice the size — the second look at a doubtful reading, see :func:`read_frame`. Raises
     :class:`OcrUnavailable` when tesseract cannot run and :class:`UnreadableFrame` when the pixel
     data cannot be decoded."""
     reason = unavailable_reason()
@@ -176,16 +182,54 @@ def find_text(ds: Dataset, settings: OcrSettings, reading: int = 0, closer: bool
         raise OcrUnavailable(reason)
     started = time.perf_counter()
     count = int(ds.get("NumberOfFrames", 1) or 1)
-    chosen = settings.frames(count)
+    frames = sorted({frame for frame, _, _ in closer}) if closer else list(settings.frames(count))
     lines: list[TextLine] = []
+    unsure: list[tuple[int, int, int]] = []
     noise = 0.0
-    for index in chosen:
+    mode = PAGE_MODES[reading % len(PAGE_MODES)]
+    for index in frames:
         values = frame_values(ds, index if count > 1 else None)
-        found, frame_noise = read_frame(values, settings.max_side, PAGE_MODES[reading % len(PAGE_MODES)], closer)
+        if closer is None:
+            found, frame_noise, rows = read_frame(values, settings.max_side, mode, 1.0 - settings.release_confidence)
+            unsure += [(index, top, bottom) for top, bottom in rows]
+        else:
+            spans = [(top, bottom) for frame, top, bottom in closer if frame == index] or [(0, values.shape[0])]
+            found, frame_noise = _read_rows_closer(values, spans, settings.max_side, mode)
         noise = max(noise, frame_noise)
         lines = _merged(lines + [TextLine(box, index, confidence) for box, confidence in found])
     confidence = max(line.confidence for line in lines) if lines else 1.0 - noise
-    return OcrResult(tuple(lines), tuple(chosen), round(confidence, 2), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return OcrResult(tuple(lines), tuple(frames), round(confidence, 2), seconds, tuple(sorted(set(unsure))))
+
+
+def _read_rows_closer(
+    values: np.ndarray, spans: Sequence[tuple[int, int]], max_side: int, mode: int
+) -> tuple[list[tuple[Box, float]], float]:
+    """Read the rows ``spans`` of a frame (each with a line height more above and below) at twice
+    the size: cut out, stacked with a gap, read as one image, the boxes mapped back to the frame."""
+    rows = values.shape[0]
+    grown = sorted((max(0, top - (bottom - top)), min(rows, bottom + (bottom - top))) for top, bottom in spans)
+    merged: list[list[int]] = []
+    for top, bottom in grown:
+        if merged and top <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], bottom)
+        else:
+            merged.append([top, bottom])
+    gap = np.full((_PAD, values.shape[1]), float(np.median(values)), dtype=np.float32)
+    pieces: list[np.ndarray] = []
+    places: list[tuple[int, int, int]] = []  # (first row in the cut-out, first row in the frame, rows)
+    at = 0
+    for top, bottom in merged:
+        pieces += [np.asarray(values[top:bottom], dtype=np.float32), gap]
+        places.append((at, top, bottom - top))
+        at += bottom - top + _PAD
+    found, noise, _ = read_frame(np.vstack(pieces), max_side, mode, closer=True)
+    mapped: list[tuple[Box, float]] = []
+    for (x0, y0, x1, y1), confidence in found:
+        middle = (y0 + y1) // 2
+        start, top, _ = next((place for place in places if place[0] <= middle < place[0] + place[2] + _PAD), places[-1])
+        mapped.append(((x0, max(0, y0 + top - start), x1, min(rows, y1 + top - start)), confidence))
+    return mapped, noise
 
 
 def _merged(lines: list[TextLine]) -> list[TextLine]:
@@ -209,13 +253,15 @@ def _merged(lines: list[TextLine]) -> list[TextLine]:
 
 
 def read_frame(
-    values: np.ndarray, max_side: int, mode: int = PAGE_MODES[0], closer: bool = False
-) -> tuple[list[tuple[Box, float]], float]:
+    values: np.ndarray, max_side: int, mode: int = PAGE_MODES[0], doubt_above: float = 1.0, closer: bool = False
+) -> tuple[list[tuple[Box, float]], float, list[tuple[int, int]]]:
     """OCR one 2-D frame (any numeric type): the text lines found (box in the frame's pixels, margin
-    included; confidence 0-1), and the best confidence (0-1) of the words that did not count.
-    ``closer`` reads the frame at twice the size, in the full-size views only: text of 10-14 pixels
-    (a name in a corner of a 512² frame) that tesseract misses at its own size (measured); the
-    larger text those views miss was read by the first look.
+    included; confidence 0-1); the best confidence (0-1) of the words that did not count; and the
+    rows where a closer look is due: those of words half-read as letters with a confidence above
+    ``doubt_above``, and those of rows of small glyphs not read (:func:`glyph_rows`; they make the
+    best confidence 1: nothing says there is no text). ``closer`` reads the frame at twice the size,
+    in the full-size views only: text of 8-14 pixels that tesseract misses at its own size
+    (measured); the larger text those views miss was read by the first look.
 
     1. Scale the frame to ``max_side`` (:func:`_scaled`) and to 8 bits.
     2. Make the views (:func:`_views`) and stack them into one image, white between them.
@@ -229,7 +275,7 @@ def read_frame(
     image, scale = _scaled(values, max_side, 2.0 if closer else 1.0)
     views = _views(image, levels=1 if closer else 3)
     if not views:
-        return [], 0.0
+        return [], 0.0, []
     width = max(view.shape[1] for view, _ in views) + 2 * _PAD
     starts: list[int] = []
     blocks = [np.full((_PAD, width), 255, np.uint8)]
@@ -245,15 +291,23 @@ def read_frame(
         y = top - starts[index]
         words_by_view[index].append(((left - _PAD, y, left - _PAD + w, y + h), confidence, text))
     found: list[tuple[Box, float]] = []
+    unsure: list[tuple[int, int]] = []
     noise = 0.0
     for (view, factor), words in zip(views, words_by_view, strict=True):
         boxes, view_noise = _text_boxes(words)
         noise = max(noise, view_noise)
-        if not closer and factor == 1.0 and not boxes and small_glyph_row(view):
-            noise = 1.0  # no confidence that nothing is there: the caller reads it closer
-
-        ink = view < INK_LEVEL
         per_pixel = scale * factor  # view pixels per frame pixel
+        doubts = [
+            (box[1], box[3])
+            for box, confidence, text in words
+            if confidence / 100.0 > doubt_above and not is_text(text, confidence) and any(c.isalnum() for c in text)
+        ]
+        if not closer and factor == 1.0 and not boxes:
+            small = glyph_rows(view)
+            doubts += small
+            noise = 1.0 if small else noise  # nothing says there is no text: the caller reads it closer
+        unsure += [(max(0, int(y0 / per_pixel)), min(rows, int(np.ceil(y1 / per_pixel)))) for y0, y1 in doubts]
+        ink = view < INK_LEVEL
         lines = [(_along_line(ink, box), confidence) for box, confidence in boxes]
         lines += [(_along_line(ink, extra), confidence) for box, confidence in lines for extra in _stacked(ink, box)]
         for (x0, y0, x1, y1), confidence in lines:
@@ -269,7 +323,7 @@ def read_frame(
                     confidence,
                 )
             )
-    return found, noise
+    return found, noise, unsure
 
 
 def is_text(word: str, confidence: float) -> bool:
@@ -449,36 +503,37 @@ def _parts(ink: np.ndarray) -> tuple[_Runs, _Runs] | None:
     return (row, start, end, index), (top, bottom, left, right)
 
 
-def small_glyph_row(view: np.ndarray) -> bool:
-    """Whether ``view`` shows :data:`SMALL_ROW` or more glyph-sized parts of one size side by side on
-    a line: small text tesseract may not read at this size (it missed 8-9 pixel text on a 512²
-    frame entirely, reading nothing, so no confidence warned: measured). Grain and speckle can
-    line up too; that only costs a closer reading."""
+def glyph_rows(view: np.ndarray) -> list[tuple[int, int]]:
+    """The rows (first, after the last) where ``view`` shows :data:`SMALL_ROW` or more glyph-sized
+    parts of one size side by side on a line: small text tesseract may not read at this size (it
+    missed 8-9 pixel text on a 512² frame entirely, reading nothing, so no confidence warned:
+    measured). Grain and speckle can line up too; that only costs a closer reading of those rows."""
     parts = _parts(view < 128)
     if parts is None:
-        return False
+        return []
     _, (top, bottom, left, right) = parts
     height, width = bottom - top, right - left
     small = np.flatnonzero((height >= SMALL_GLYPH[0]) & (height <= SMALL_GLYPH[1]) & (width <= 2 * height + 2))
     if small.size < SMALL_ROW:
-        return False
+        return []
     order = small[np.argsort(left[small], kind="stable")]
-    chain: dict[int, int] = {}
+    chain: dict[int, tuple[int, int, int]] = {}  # part -> (length of the chain it ends, its top, bottom)
     lines: dict[int, list[int]] = {}  # parts by the band of their middle, in order of their left edge
+    found: list[tuple[int, int]] = []
     for i in order:
         h, middle = int(height[i]), int(top[i] + bottom[i]) // 2
-        best = 0
+        length, first, last = 1, int(top[i]), int(bottom[i])
         for band in range((middle - h // 2) // 4, (middle + h // 2) // 4 + 1):
             for j in lines.get(band, ())[-8:]:
                 gap = int(left[i]) - int(right[j])
                 near = -1 <= gap <= 1.5 * h and abs((top[j] + bottom[j]) // 2 - middle) <= 0.35 * h
-                if near and 0.6 * h <= height[j] <= 1.6 * h:
-                    best = max(best, chain[int(j)])
-        chain[int(i)] = best + 1
-        if best + 1 >= SMALL_ROW:
-            return True
+                if near and 0.6 * h <= height[j] <= 1.6 * h and chain[j][0] + 1 > length:
+                    length, first, last = chain[j][0] + 1, min(chain[j][1], first), max(chain[j][2], last)
+        chain[int(i)] = (length, first, last)
+        if length >= SMALL_ROW:
+            found.append((first, last))
         lines.setdefault(middle // 4, []).append(int(i))
-    return False
+    return found
 
 
 def _runs(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

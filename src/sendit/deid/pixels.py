@@ -280,7 +280,7 @@ def resolve(ds: Dataset, decision: Decision, settings: OcrSettings) -> PixelOutc
     result = _read(ds, settings, flagged)
     if not result.found and result.confidence < settings.release_confidence:
         # in doubt (tesseract half-read something): small text is read at twice the size
-        second = _read(ds, settings, flagged, closer=True)
+        second = _read(ds, settings, flagged, closer=result.unsure)
         if second.found or second.confidence >= settings.release_confidence:
             result = second
         elif not decision.text_expected:
@@ -306,7 +306,13 @@ def resolve(ds: Dataset, decision: Decision, settings: OcrSettings) -> PixelOutc
     raise BurnedInError(f"{detected}; still read after blanking {BLANKING_ROUNDS} times")
 
 
-def _read(ds: Dataset, settings: OcrSettings, context: str, reading: int = 0, closer: bool = False) -> OcrResult:
+def _read(
+    ds: Dataset,
+    settings: OcrSettings,
+    context: str,
+    reading: int = 0,
+    closer: Sequence[tuple[int, int, int]] | None = None,
+) -> OcrResult:
     """OCR, with every failure turned into a quarantine reason that names ``context``."""
     try:
         return find_text(ds, settings, reading, closer)
