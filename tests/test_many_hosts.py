@@ -48,7 +48,7 @@ SERIES = 3
 SHARED_SETTINGS: dict[str, object] = {
     "WORKERS": 2,
     "LEASE_SECONDS": 10,
-    "HEARTBEAT_SECONDS": 2,
+    "HEARTBEAT_SECONDS": 3,
     "BATCH_SIZE": 4,
     "RETRY_BASE_SECONDS": 1,
     "RETRY_CAP_SECONDS": 3,

@@ -218,7 +218,7 @@ KEYS: tuple[Key, ...] = (
         5,
         "How often each worker process writes its heartbeat; a lease holder silent for 3 periods is dead.",
         minimum=1,
-        maximum=300,
+        maximum=10,  # 3 periods stay within the dashboard's 30 s window of live workers
     ),
     Key("MAX_ATTEMPTS", int, 8, "Tries of a failing step before the images go to ERROR.", minimum=1, maximum=100),
     Key("RETRY_BASE_SECONDS", int, 5, "First back-off; doubles with each attempt.", minimum=0, maximum=3600),

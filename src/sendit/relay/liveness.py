@@ -78,9 +78,9 @@ def beat(name: str | None = None, *, worker: bool = False, started: datetime | N
     pid = os.getpid()
     name = name or heartbeat_name()
     since = started or _started.setdefault(pid, timezone.now())
-    fields: dict[str, object] = {"seen": Now(), "started": since}
-    if worker:
-        fields["worker"] = True
+    fields: dict[str, object] = {"seen": Now()}
+    if worker:  # the worker thread's beat: a row left by an earlier process of the same pid is now its
+        fields |= {"worker": True, "started": since}
     if not WorkerHeartbeat.objects.filter(name=name).update(**fields):
         try:
             with transaction.atomic():
