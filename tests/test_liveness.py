@@ -117,4 +117,3 @@ def test_an_owner_name_sendit_does_not_write_is_judged_by_the_expiry_only(sendit
     _held_by(series_id, "a-person-typed-this")
     assert not pipeline.holder_is_dead("a-person-typed-this")
     assert pipeline.acquire_lease(series_id, pipeline.lease_owner_name()) is None
-
