@@ -248,6 +248,14 @@ KEYS: tuple[Key, ...] = (
         maximum=3600,
     ),
     Key("LEASE_SECONDS", int, 600, "A series whose worker is silent this long is requeued.", minimum=10, maximum=86400),
+    Key(
+        "HEARTBEAT_SECONDS",
+        int,
+        5,
+        "How often each worker process writes its heartbeat; a lease holder silent for 3 periods is dead.",
+        minimum=1,
+        maximum=10,  # 3 periods stay within the dashboard's 30 s window of live workers
+    ),
     Key("MAX_ATTEMPTS", int, 8, "Tries of a failing step before the images go to ERROR.", minimum=1, maximum=100),
     Key("RETRY_BASE_SECONDS", int, 5, "First back-off; doubles with each attempt.", minimum=0, maximum=3600),
     Key("RETRY_CAP_SECONDS", int, 600, "Longest back-off.", minimum=0, maximum=86400),
@@ -402,6 +410,7 @@ class Config:
     RESCAN_SECONDS: int
     STABLE_SECONDS: int
     LEASE_SECONDS: int
+    HEARTBEAT_SECONDS: int
     MAX_ATTEMPTS: int
     RETRY_BASE_SECONDS: int
     RETRY_CAP_SECONDS: int

@@ -185,9 +185,18 @@ class ApiToken(models.Model):
 
 
 class WorkerHeartbeat(models.Model):
-    """Each queue worker process writes here every few seconds; the dashboard counts the recent ones."""
+    """Each queue worker process, and each process while it holds a lease, writes here every
+    HEARTBEAT_SECONDS (in database time). The dashboard counts the recent worker rows; any host
+    judges a lease holder whose row is missing or silent for 3 periods dead (relay.liveness)."""
 
-    name = models.CharField(max_length=255, unique=True, help_text="host:pid")
+    name = models.CharField(
+        max_length=255, unique=True, help_text="host:pid:namespace — how this process's lease owner names begin"
+    )
+    host = models.CharField(max_length=255, blank=True)
+    boot_id = models.CharField(max_length=64, blank=True, help_text="the kernel's boot id")
+    pid_namespace = models.CharField(max_length=16, blank=True, help_text="digest of boot id and PID namespace")
+    pid = models.IntegerField(null=True, blank=True)
+    worker = models.BooleanField(default=True, help_text="a queue worker (else a process holding a lease)")
     started = models.DateTimeField()
     seen = models.DateTimeField(db_index=True)
 

@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import close_old_connections
-from django.db.models import DateTimeField, ExpressionWrapper, Q
+from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 from huey import crontab
@@ -93,16 +93,18 @@ def stale_series() -> list[int]:
     lease = timedelta(seconds=runtime.config().LEASE_SECONDS)
     orphan = timedelta(seconds=ORPHAN_AFTER_SECONDS)
     to_do = Q(images__status__in=IN_FLIGHT) | Q(images__status=Status.DONE, images__cleaned_at__isnull=True)
+    # whether a lease still runs is the database's clock's call, never this host's
+    running = ExpressionWrapper(Q(lease_expires__gte=Now()), output_field=BooleanField())
     rows = (
         Series.objects.filter(to_do)
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .values_list("id", "lease_owner", "lease_expires", "enqueued_at")
+        .annotate(leased=running)
+        .values_list("id", "lease_owner", "leased", "enqueued_at")
         .distinct()
     )
     stale: set[int] = set()
     unleased: list[tuple[int, Any]] = []
-    for series_id, owner, expires, enqueued in rows:
-        leased = expires is not None and expires >= now
+    for series_id, owner, leased, enqueued in rows:
         if leased:
             if holder_is_dead(owner):
                 stale.add(series_id)
