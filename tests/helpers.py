@@ -54,3 +54,58 @@ def stop_process_group(process: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+def write_ultrasound(
+    path: Path,
+    *,
+    frames: int = 2,
+    rows: int = 48,
+    columns: int = 64,
+    study_uid: str = "1.2.826.0.1.3680043.8.498.101",
+    series_uid: str = "1.2.826.0.1.3680043.8.498.102",
+    sop_uid: str = "1.2.826.0.1.3680043.8.498.103",
+) -> Path:
+    """A synthetic colour ultrasound (every pixel 200,200,200) with invented PHI; the shipped burned-in
+    text filter quarantines it ("Ultrasound without a known layout")."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    multi = frames > 1
+    sop_class = "1.2.840.10008.5.1.4.1.1.3.1" if multi else "1.2.840.10008.5.1.4.1.1.6.1"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientName = "SONO^JANE"
+    ds.PatientID = "MRN-US-4711"
+    ds.PatientBirthDate = "19800101"
+    ds.AccessionNumber = "ACC-US-0815"
+    ds.StudyDate = "20240301"
+    ds.StudyTime = "101500"
+    ds.Modality = "US"
+    ds.Manufacturer = "ACME"
+    ds.ManufacturerModelName = "Sono 1"
+    ds.SeriesDescription = "Abdomen"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    if multi:
+        ds.NumberOfFrames = frames
+    ds.PixelData = np.full((frames, rows, columns, 3), 200, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -95,7 +95,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     )
     env = _env(tmp_path)
     made = subprocess.run(
-        [sys.executable, "-m", "sendit", "createuser", "alice", "--password-stdin"],
+        [sys.executable, "-m", "sendit", "createuser", "alice", "--password-stdin", "--role", "reviewer"],
         cwd=tmp_path,
         env=env,
         input=PASSWORD + "\n",

@@ -469,26 +469,68 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _known_series(asked: set[int], verb: str) -> bool:
+    """An unknown id is refused (a typo must not pass for "nothing to do")."""
+    from sendit.relay.models import Series
+
+    known = set(Series.objects.filter(pk__in=[i for i in asked if 0 < i < 2**63]).values_list("id", flat=True))
+    if asked - known:
+        unknown = ", ".join(str(i) for i in sorted(asked - known))
+        print(f"sendit: no series {unknown}; nothing {verb}", file=sys.stderr)
+        return False
+    return True
+
+
+def _act(action: str, series_ids: list[int], errors_only: bool = False) -> int:
+    """The dashboard's button (sendit.web.actions.perform) on each series, as the host's user."""
+    import getpass
+
+    from sendit.relay.models import Series, Status
+    from sendit.web import actions
+
+    user = actions.CommandLineUser(getpass.getuser())
+    for series in Series.objects.filter(pk__in=series_ids).order_by("id"):
+        only = list(series.images.filter(status=Status.ERROR).values_list("id", flat=True)) if errors_only else None
+        print(actions.perform(action, series, user, only).message())
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     _django()
-    from sendit.relay.housekeeping import retry_errors, retry_now
-    from sendit.relay.models import Series
-    from sendit.relay.tasks import enqueue
+    from sendit.relay.housekeeping import retry_now
+    from sendit.relay.models import Series, Status
 
-    asked = set(args.series)
-    known = set(Series.objects.filter(pk__in=[i for i in asked if 0 < i < 2**63]).values_list("id", flat=True))
-    if asked - known:  # a typo must not pass for "nothing to retry"
-        unknown = ", ".join(str(i) for i in sorted(asked - known))
-        print(f"sendit: no series {unknown}; nothing retried", file=sys.stderr)
+    if not _known_series(set(args.series), "retried"):
         return EXIT_UNAVAILABLE
-
-    series = retry_errors(args.series or None)
-    enqueue(series)
-    print(f"requeued {len(series)} series")
+    if args.series:  # the dashboard's Retry: ERROR and QUARANTINED images of these series
+        _act("retry", args.series)
+    else:  # every series with images in ERROR; quarantined images need a person to name them
+        errors = list(Series.objects.filter(images__status=Status.ERROR).distinct().values_list("id", flat=True))
+        _act("retry", errors, errors_only=True)
+        print(f"requeued {len(errors)} series")
     if args.now:  # the same as the series page's "Retry now" and POST /api/series/<id>/retry-now
         due = retry_now(args.series or None, who="sendit retry --now")
         print(f"next attempt now for {len(due)} series waiting out a back-off")
     return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    _django()
+    if not _known_series(set(args.series), "released"):
+        return EXIT_UNAVAILABLE
+    return _act("release", args.series)
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    _django()
+    if not _known_series(set(args.series), "discarded"):
+        return EXIT_UNAVAILABLE
+    if not args.yes:
+        print(
+            "sendit: discard deletes the files of the ERROR and QUARANTINED images; confirm with --yes", file=sys.stderr
+        )
+        return 2
+    return _act("discard", args.series)
 
 
 def _days(text: str) -> int:
@@ -577,22 +619,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_createuser(args: argparse.Namespace) -> int:
-    """A dashboard/API account; with --token also a bearer token for scripts (printed once)."""
+    """A dashboard/API account with a role; with --token also a bearer token for scripts (printed once)."""
     _django()
     from getpass import getpass
 
     from django.contrib.auth import get_user_model
-    from django.contrib.auth.models import Permission
+    from django.contrib.auth.password_validation import validate_password
+    from django.core.exceptions import ValidationError
 
+    from sendit.relay.roles import assign
     from sendit.web.tokens import issue
 
+    role = "admin" if args.superuser else args.role
+    if args.identifiers and role in (None, "viewer", "operator"):
+        role = "reviewer"  # the identifier permission is the reviewer's
     users = get_user_model()
     user = users.objects.filter(username=args.username).first()
-    if user is not None and not (args.token or args.identifiers):
-        hint = "--token adds an API token, --identifiers the permission"
+    if user is not None and not (args.token or role):
+        hint = "--token adds an API token, --role changes the role"
         print(f"sendit: user {args.username} exists ({hint})", file=sys.stderr)
         return 1
     if user is None:
+        try:
+            users._meta.get_field("username").run_validators(args.username)  # as the admin's form does
+        except ValidationError as error:
+            print(f"sendit: user name refused: {' '.join(error.messages)}", file=sys.stderr)
+            return 2
         if args.password_stdin:
             password = sys.stdin.readline().rstrip("\n")
         elif args.no_password:
@@ -608,14 +660,21 @@ def cmd_createuser(args: argparse.Namespace) -> int:
         if not password and not args.no_password:
             print("sendit: an empty password is not allowed (--no-password makes a token-only user)", file=sys.stderr)
             return 2
+        if password:
+            try:
+                validate_password(password, users(username=args.username))
+            except ValidationError as error:
+                print(f"sendit: password refused: {' '.join(error.messages)}", file=sys.stderr)
+                return 2
         user = users.objects.create_user(args.username, password=password or None)
-        if args.superuser:
-            user.is_staff = user.is_superuser = True
-            user.save(update_fields=["is_staff", "is_superuser"])
-        print(f"created user {args.username}" + (" (superuser)" if args.superuser else ""))
-    if args.identifiers:
-        user.user_permissions.add(Permission.objects.get(codename="view_identifier_response"))
-        print(f"{args.username} may see identifier responses")
+        role = role or "viewer"
+        assign(user, role)
+        print(f"created user {args.username} ({role})" + (" (superuser)" if role == "admin" else ""))
+    elif role:
+        assign(user, role)
+        print(f"{args.username} is now {role}")
+    if role in ("reviewer", "admin"):
+        print(f"{args.username} may see identifier responses and original data in quarantine")
     if args.token:
         print(f"API token (shown once; send it as 'Authorization: Bearer <token>'): {issue(user, 'createuser')}")
     return 0
@@ -712,13 +771,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
     p = command(
         "retry",
-        "put images in ERROR back into the pipeline",
-        "Images in ERROR go back to NEW and their series are queued again: every such series, or only the"
-        " ones named. An unknown series id is refused and nothing is retried.",
+        "put images in ERROR (and QUARANTINED, for named series) back into the pipeline",
+        "The dashboard's Retry: the ERROR and QUARANTINED images of the named series go back to NEW and"
+        " the series are queued again. Without ids, the images in ERROR of every series. An unknown series"
+        " id is refused and nothing is retried.",
     )
     p.add_argument("series", nargs="*", type=int, metavar="SERIES_ID", help="series ids (default: all in ERROR)")
     p.add_argument("--now", action="store_true", help="also: series waiting out a back-off try again now")
     p.set_defaults(func=cmd_retry)
+    p = command(
+        "release",
+        "de-identify the QUARANTINED images of series again",
+        "The dashboard's Release: QUARANTINED images of the named series are de-identified again (after the"
+        " cause was fixed: a recipe, a blanking rule, a replaced file). Nothing is sent without"
+        " de-identification: an image that still fails is quarantined again.",
+    )
+    p.add_argument("series", nargs="+", type=int, metavar="SERIES_ID", help="series ids")
+    p.set_defaults(func=cmd_release)
+    p = command(
+        "discard",
+        "give up on the ERROR and QUARANTINED images of series (their files are deleted)",
+        "The dashboard's Discard: ERROR and QUARANTINED images of the named series become SKIPPED and"
+        " their files (quarantined original, working copy) are deleted. Needs --yes.",
+    )
+    p.add_argument("series", nargs="+", type=int, metavar="SERIES_ID", help="series ids")
+    p.add_argument("--yes", action="store_true", help="confirm: the files are deleted")
+    p.set_defaults(func=cmd_discard)
     p = command(
         "cleanup",
         "prune finished series older than RETENTION_DAYS",
@@ -752,14 +830,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "createuser",
         "an account for the dashboard and the API",
-        "Create an account for the dashboard and the API (the password is asked twice, or read from"
-        " stdin), or give an existing account an API token or the identifier permission.",
+        "Create an account for the dashboard and the API with a role (the password is asked twice, or read"
+        " from stdin, and must pass Django's password validators), or give an existing account an API token"
+        " or another role.",
     )
     p.add_argument("username", help="the account's user name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     p.add_argument("--no-password", action="store_true", help="no password login (for a token-only script user)")
-    p.add_argument("--superuser", action="store_true", help="may also use /admin/ and see everything")
-    p.add_argument("--identifiers", action="store_true", help="may see identifier responses (people → pseudonyms)")
+    p.add_argument(
+        "--role",
+        choices=("viewer", "operator", "reviewer", "admin"),
+        help="viewer (default: look), operator (retry, release), reviewer (original data, discard), admin",
+    )
+    p.add_argument("--superuser", action="store_true", help="the same as --role admin (also /admin/)")
+    p.add_argument("--identifiers", action="store_true", help="at least --role reviewer (sees identifier responses)")
     p.add_argument("--token", action="store_true", help="print a new API bearer token for this user")
     p.set_defaults(func=cmd_createuser)
     p = command(

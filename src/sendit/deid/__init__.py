@@ -14,10 +14,11 @@ from sendit.deid.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 
 
 def build_deidentifier(
-    secret_key: str | bytes, options: str, recipe: str = "", pixel_filter: str = "default"
+    secret_key: str | bytes, options: str, recipe: str = "", pixel_filter: str = "default", site_filter: str = ""
 ) -> Deidentifier:
     """The engine from config text: ``options`` a comma list of option names, ``recipe`` a recipe path
-    (or empty), ``pixel_filter`` ``default``, ``none`` or a recipe path. Raises ``ValueError``
+    (or empty), ``pixel_filter`` ``default``, ``none`` or a recipe path, ``site_filter`` recipe text
+    whose ``%filter`` rules join the pixel filter (a site's blanking rules). Raises ``ValueError``
     (``RecipeError`` is one) on a bad value."""
     chosen = DeidOptions.from_names(options.split(","))
     header = load_recipe(recipe) if recipe.strip() else None
@@ -25,6 +26,9 @@ def build_deidentifier(
         rules: Recipe | None = None
     else:
         rules = load_recipe("default" if pixel_filter.strip().lower() == "default" else pixel_filter)
+    if site_filter.strip():
+        site = parse_recipe(site_filter, "site blanking rules")
+        rules = rules.extended(site) if rules is not None else site
     return Deidentifier(secret_key, chosen, recipe=header, pixel_filter=rules)
 
 

@@ -95,6 +95,11 @@ class Image(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["series", "status"])]
+        # the roles (sendit.web.roles) are groups of these permissions
+        permissions = [
+            ("review_image", "Can see the original data of quarantined images and rejected files"),
+            ("discard_image", "Can discard images and rejected files"),
+        ]
 
     def __str__(self) -> str:
         return f"image #{self.pk}"
@@ -238,3 +243,28 @@ class PeriodicRun(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class BlankingRule(models.Model):
+    """A site rule a reviewer drew on a quarantined image: blank this region of every image that
+    matches the criteria (a ``%filter graylist`` label, applied with the DEID_FILTER rules).
+
+    The criteria are layout facts (modality, maker, model, size), never patient values.
+    """
+
+    modality = models.CharField(max_length=16)
+    manufacturer = models.CharField(max_length=64, blank=True)
+    model_name = models.CharField(max_length=64, blank=True)
+    rows = models.PositiveIntegerField()
+    columns = models.PositiveIntegerField()
+    x0 = models.PositiveIntegerField()
+    y0 = models.PositiveIntegerField()
+    x1 = models.PositiveIntegerField()
+    y1 = models.PositiveIntegerField()
+    active = models.BooleanField(default=True)
+    image_id_was = models.BigIntegerField(null=True, blank=True, help_text="The image it was drawn on.")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"blanking rule #{self.pk}"

@@ -125,6 +125,7 @@ class ImageOut(Schema):
     attempts: int
     size: int
     updated: str | None
+    requarantined: bool
 
 
 class ImagePage(PageMeta):
@@ -197,28 +198,35 @@ def list_images(
     size: int = 50,
 ) -> dict[str, Any]:
     result = overview.paginate(overview.image_queryset(series, _status(status)), page, size)
-    return {**result.meta(), "items": [overview.image_row(i) for i in result.items]}
+    return {**result.meta(), "items": overview.image_rows(result.items)}
 
 
 def _act(action: str, request: HttpRequest, series_id: int, image_ids: list[int] | None) -> dict[str, Any]:
     series = get_object_or_404(Series, pk=series_id)
-    return actions.perform(action, series, request.user, image_ids or None).as_json()
+    try:
+        return actions.perform(action, series, request.user, image_ids or None).as_json()
+    except actions.Forbidden as refused:
+        raise HttpError(403, str(refused)) from None
 
 
 ONLY = Query(None, description="Only these images of the series (repeat the parameter); default all that apply")
 
 
-@api.post("/series/{series_id}/retry", response=ActionOut, summary="ERROR and QUARANTINED images back to NEW")
+@api.post(
+    "/series/{series_id}/retry", response=ActionOut, summary="ERROR and QUARANTINED images back to NEW (operator)"
+)
 def retry(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id] | None = ONLY) -> dict[str, Any]:
     return _act("retry", request, series_id, image_ids)
 
 
-@api.post("/series/{series_id}/release", response=ActionOut, summary="De-identify QUARANTINED images again")
+@api.post("/series/{series_id}/release", response=ActionOut, summary="De-identify QUARANTINED images again (operator)")
 def release(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id] | None = ONLY) -> dict[str, Any]:
     return _act("release", request, series_id, image_ids)
 
 
-@api.post("/series/{series_id}/discard", response=ActionOut, summary="ERROR and QUARANTINED images to SKIPPED")
+@api.post(
+    "/series/{series_id}/discard", response=ActionOut, summary="ERROR and QUARANTINED images to SKIPPED (reviewer)"
+)
 def discard(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id] | None = ONLY) -> dict[str, Any]:
     return _act("discard", request, series_id, image_ids)
 
@@ -226,9 +234,10 @@ def discard(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id
 @api.post(
     "/series/{series_id}/retry-now",
     response=ActionOut,
-    summary="A series waiting out a back-off (stage retrying): its next attempt now (needs relay.change_series)",
+    summary="A series waiting out a back-off (stage retrying): its next attempt now (operator role)",
 )
 def retry_now(request: HttpRequest, series_id: int = SERIES_ID) -> dict[str, Any]:
-    if not request.user.has_perm(actions.RETRY_NOW_PERMISSION):
-        raise HttpError(403, "retry now needs the permission to change series")
-    return actions.retry_now(get_object_or_404(Series, pk=series_id), request.user).as_json()
+    try:
+        return actions.retry_now(get_object_or_404(Series, pk=series_id), request.user).as_json()
+    except actions.Forbidden as refused:
+        raise HttpError(403, str(refused)) from None

@@ -143,7 +143,7 @@ def image_queryset(series_id: int | None = None, status: str = "") -> QuerySet[I
     return queryset
 
 
-def image_row(image: Image) -> dict[str, Any]:
+def image_row(image: Image, requarantined: bool = False) -> dict[str, Any]:
     return {
         "id": image.pk,
         "series_id": image.series_id,
@@ -152,7 +152,17 @@ def image_row(image: Image) -> dict[str, Any]:
         "attempts": image.attempts,
         "size": image.size,
         "updated": iso(image.updated),
+        # quarantined again although a person released it: the release did not remove the cause
+        "requarantined": requarantined,
     }
+
+
+def image_rows(images: list[Image]) -> list[dict[str, Any]]:
+    """Rows for a page of images (one more query: which were quarantined again after a release)."""
+    from sendit.web.actions import requarantined
+
+    again = requarantined([i.pk for i in images if i.status == Status.QUARANTINED])
+    return [image_row(i, i.pk in again) for i in images]
 
 
 def event_row(event: Event) -> dict[str, Any]:

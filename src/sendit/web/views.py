@@ -72,7 +72,7 @@ def series_page(request: HttpRequest, series_id: int) -> HttpResponse:
             "series": series,
             "detail": detail,
             "images": images,
-            "image_rows": [overview.image_row(i) for i in images.items],
+            "image_rows": overview.image_rows(images.items),
             "events": events,
             "event_rows": [overview.event_row(e) for e in events.items],
             "may_see_identifiers": may_see,
@@ -88,19 +88,31 @@ def series_page(request: HttpRequest, series_id: int) -> HttpResponse:
 def series_action(request: HttpRequest, series_id: int, action: str) -> HttpResponse:
     """retry / release / discard / retry-now from a form (CSRF-checked by the middleware); back to
     where it came from. Retry now needs the permission to change series."""
-    if action == actions.RETRY_NOW:
-        if not request.user.has_perm(actions.RETRY_NOW_PERMISSION):
-            return HttpResponseForbidden("retry now needs the permission to change series")
-        outcome = actions.retry_now(get_object_or_404(Series, pk=series_id), request.user)
-    elif action in actions.ACTIONS:
-        outcome = actions.perform(action, get_object_or_404(Series, pk=series_id), request.user)
-    else:
+    if action != actions.RETRY_NOW and action not in actions.ACTIONS:
         return HttpResponseBadRequest("unknown action")
-    (messages.warning if outcome.problems or not outcome.changed else messages.success)(request, outcome.message())
+    try:
+        if action == actions.RETRY_NOW:
+            outcome = actions.retry_now(get_object_or_404(Series, pk=series_id), request.user)
+        else:
+            outcome = actions.perform(action, get_object_or_404(Series, pk=series_id), request.user)
+    except actions.Forbidden as refused:
+        return HttpResponseForbidden(str(refused))
+    say_result(request, outcome)
     target = request.POST.get("next", "")
     if not url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
         target = f"/series/{outcome.series_id}/"
     return redirect(target)
+
+
+def say_result(request: HttpRequest, outcome: actions.ActionResult) -> None:
+    """A banner: green only when something was done as asked; a release is never green (it only
+    sends images back to de-identification, which may quarantine them again)."""
+    if outcome.problems or not outcome.changed:
+        messages.warning(request, outcome.message())
+    elif outcome.action == "release":
+        messages.info(request, outcome.message())
+    else:
+        messages.success(request, outcome.message())
 
 
 @login_or_token_required

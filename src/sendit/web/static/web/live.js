@@ -2,7 +2,8 @@
 "use strict";
 var Sendit = (function () {
   var EVERY_MS = 2000;
-  var ACTIONS = ["retry", "release", "discard"];
+  // only the actions the user's role allows (set on <body> by the server)
+  var ACTIONS = (document.body.getAttribute("data-actions") || "").split(" ").filter(Boolean);
   var CONFIRM = "Discard the ERROR and QUARANTINED images of this series? Their files are deleted.";
 
   function esc(value) {
@@ -222,8 +223,10 @@ var Sendit = (function () {
         '</td><td class="n">' + secs(st.mean) + '</td><td class="n">' + secs(st.max) + "</td></tr>";
     }).join("");
     $("images").tBodies[0].innerHTML = images.items.map(function (i) {
+      var review = document.body.getAttribute("data-review") === "1" && (i.status === "QUARANTINED" || i.status === "ERROR");
       return '<tr data-image="' + i.id + '"><td>#' + i.id + "</td><td>" + badge(i.status) + '</td><td class="small">' +
-        esc(i.reason) + '</td><td class="n">' + i.attempts + '</td><td class="small">' + clock(i.updated) + "</td></tr>";
+        esc(i.reason) + (i.requarantined ? ' <b class="bad">quarantined again after release</b>' : "") +
+        (review ? ' <a href="/images/' + i.id + '/review" data-testid="review-link">review</a>' : "") + '</td><td class="n">' + i.attempts + '</td><td class="small">' + clock(i.updated) + "</td></tr>";
     }).join("");
     $("images-count").textContent = images.count;
     if (eventsPage === 1) {
