@@ -118,6 +118,7 @@ ACTIONS = [
     "/images/1/release",
     "/images/1/discard",
     "/images/1/blank",
+    "/series/bulk/retry",
 ]
 
 
@@ -142,6 +143,7 @@ def test_anonymous_requests_are_refused_everywhere_but_health() -> None:
     assert routes == {
         "",
         "series/",
+        "series/bulk/<str:action>",
         "series/<int:series_id>/",
         "series/<int:series_id>/<str:action>",
         "images/<int:image_id>/review",

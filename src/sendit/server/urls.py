@@ -18,6 +18,7 @@ def _static(request, path):  # type: ignore[no-untyped-def]
 urlpatterns = [
     path("", views.status_page, name="status"),
     path("series/", views.series_list, name="series-list"),
+    path("series/bulk/<str:action>", views.series_bulk, name="series-bulk"),
     path("series/<int:series_id>/", views.series_page, name="series"),
     path("series/<int:series_id>/<str:action>", views.series_action, name="series-action"),
     path("images/<int:image_id>/review", review.review_page, name="review"),

@@ -18,7 +18,7 @@ from ninja.errors import HttpError
 from ninja.security import HttpBearer, django_auth
 
 from sendit.relay.models import Series, Status
-from sendit.web import actions, overview, throttle, tokens
+from sendit.web import actions, overview, search, throttle, tokens
 
 # Database ids are 64-bit: a larger number is a client error (422), not an overflow in the database.
 MAX_ID = 2**63 - 1
@@ -169,11 +169,29 @@ def dashboard(request: HttpRequest) -> dict[str, Any]:
     return overview.dashboard()
 
 
-@api.get("/series", response=SeriesPage, summary="Series, newest first; filter by status, modality, stage")
+@api.get(
+    "/series",
+    response=SeriesPage,
+    summary="Series, newest first; filter by status, modality, stage, pseudonym or de-identified accession (q),"
+    " image reason (part of it) and arrival dates (since, until: YYYY-MM-DD)",
+)
 def list_series(
-    request: HttpRequest, status: str = "", modality: str = "", stage: str = "", page: int = 1, size: int = 50
+    request: HttpRequest,
+    status: str = "",
+    modality: str = "",
+    stage: str = "",
+    q: str = "",
+    reason: str = "",
+    since: str = "",
+    until: str = "",
+    page: int = 1,
+    size: int = 50,
 ) -> dict[str, Any]:
-    result = overview.paginate(overview.series_queryset(_status(status), modality, stage), page, size)
+    flt = search.Filter(q=q, modality=modality, status=_status(status), reason=reason, since=since, until=until)
+    queryset = search.series_matching(flt)
+    if stage:
+        queryset = queryset.filter(stage=stage)
+    result = overview.paginate(queryset, page, size)
     return {**result.meta(), "items": overview.series_rows(result.items)}
 
 

@@ -19,7 +19,8 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from sendit.relay.models import Series, SeriesIdentifiers, Status
-from sendit.web import actions, metrics, overview, throttle
+from sendit.relay import roles
+from sendit.web import actions, metrics, overview, search, throttle
 from sendit.web.api import login_or_token_required
 
 IDENTIFIER_PERMISSION = "relay.view_identifier_response"
@@ -39,14 +40,66 @@ def status_page(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def series_list(request: HttpRequest) -> HttpResponse:
-    status = request.GET.get("status", "")
-    status = status if status in Status.values else ""
-    page = overview.paginate(overview.series_queryset(status), request.GET.get("page", 1), 50)
+    """Series, filtered (sendit.web.search); a POST by a reviewer searches by an original identifier."""
+    flt = search.Filter.from_query(request.GET)
+    original = ""
+    if request.method == "POST":
+        if not request.user.has_perm(roles.REVIEW):
+            return HttpResponseForbidden("a search by original identifiers needs the reviewer role")
+        original = str(request.POST.get("original", "")).strip()
+        if not original:
+            return HttpResponseBadRequest("give an accession number or a patient ID")
+        queryset = search.by_original(original, request.user)
+    else:
+        queryset = search.series_matching(flt)
+    page = overview.paginate(queryset, request.GET.get("page", 1), 50)
+    problems = bool(flt) and not original
     return render(
         request,
         "web/series_list.html",
-        {"page": page, "rows": overview.series_rows(page.items), "status": status, "statuses": Status.values},
+        {
+            "page": page,
+            "rows": overview.series_rows(page.items),
+            "filter": flt,
+            "query": flt.query_string(),
+            "status": flt.status,
+            "statuses": Status.values,
+            "by_original": bool(original),
+            "bulk": problems and page.count > 0,
+            "bulk_limit": search.BULK_LIMIT,
+        },
     )
+
+
+@login_required
+@require_POST
+def series_bulk(request: HttpRequest, action: str) -> HttpResponse:
+    """retry / release / discard every image the filter selects (ERROR and QUARANTINED for retry and
+    discard, QUARANTINED for release), after the confirmation the page asks for."""
+    if action not in actions.ACTIONS:
+        return HttpResponseBadRequest("unknown action")
+    try:
+        actions.check(request.user, action)
+    except actions.Forbidden as refused:
+        return HttpResponseForbidden(str(refused))
+    flt = search.Filter.from_query(request.POST)
+    back = "/series/?" + flt.query_string()
+    if not flt:
+        messages.warning(request, "a bulk action needs a filter")
+        return redirect(back)
+    if request.POST.get("confirm") != "yes":
+        messages.warning(request, f"{action} not done: it needs your confirmation")
+        return redirect(back)
+    statuses = (Status.QUARANTINED,) if action == "release" else (Status.ERROR, Status.QUARANTINED)
+    changed, problems, count = 0, 0, 0
+    for series, image_ids in search.bulk_targets(flt, statuses):
+        outcome = actions.perform(action, series, request.user, image_ids)
+        changed += outcome.changed
+        problems += len(outcome.problems)
+        count += 1
+    text = f"{action}: {changed} image(s) in {count} series" + (f"; {problems} problem(s)" if problems else "")
+    (messages.warning if problems or not changed else messages.info)(request, text)
+    return redirect(back)
 
 
 @login_required
