@@ -18,8 +18,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from sendit.relay.models import Series, SeriesIdentifiers, Status
 from sendit.relay import roles
+from sendit.relay.models import Series, SeriesIdentifiers, Status
 from sendit.web import actions, metrics, overview, search, throttle
 from sendit.web.api import login_or_token_required
 
