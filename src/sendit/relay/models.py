@@ -68,6 +68,8 @@ class Series(models.Model):
     # Fencing token: +1 at every acquisition. A status change names the generation it holds, so a
     # worker that lost its lease (paused, cut off) changes nothing when it wakes.
     lease_generation = models.PositiveBigIntegerField(default=0)
+    # the status an alert was last sent for (sendit.relay.alerts): one alert per change, whichever worker
+    alerted_status = models.CharField(max_length=16, blank=True)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -268,3 +270,15 @@ class BlankingRule(models.Model):
 
     def __str__(self) -> str:
         return f"blanking rule #{self.pk}"
+
+
+class AlertState(models.Model):
+    """A condition that lasts (a destination silent, a file system low on space): since when, and
+    whether its alert went out, so each episode alerts once whichever process looks."""
+
+    name = models.CharField(max_length=100, unique=True)
+    since = models.DateTimeField()
+    sent = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.name
