@@ -105,6 +105,8 @@ PAGES = [
     "/series/1/",
     "/images/1/review",
     "/images/1/preview.png",
+    "/files/",
+    "/files/1/download",
     "/api/docs",
     "/api/openapi.json",
     "/metrics",
@@ -119,6 +121,9 @@ ACTIONS = [
     "/images/1/discard",
     "/images/1/blank",
     "/series/bulk/retry",
+    "/files/1/retry",
+    "/files/1/discard",
+    "/files/1/resolve",
 ]
 
 
@@ -149,6 +154,9 @@ def test_anonymous_requests_are_refused_everywhere_but_health() -> None:
         "images/<int:image_id>/review",
         "images/<int:image_id>/preview.png",
         "images/<int:image_id>/<str:action>",
+        "files/",
+        "files/<int:file_id>/download",
+        "files/<int:file_id>/<str:action>",
         "login/",
         "logout/",
         "api/",

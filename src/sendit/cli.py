@@ -441,20 +441,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     foreign = _foreign_key_problem(cfg.SECRET_KEY)
     if foreign is not None:
         raise ConfigError([foreign])
-    from sendit.relay.housekeeping import problem_reasons, status_counts
+    from sendit.relay.housekeeping import file_counts, problem_reasons, status_counts
     from sendit.web.overview import free_space, space_lines
 
     counts = status_counts()
+    rejected = file_counts()
     space = free_space()
     problems = problem_reasons()
     destinations = _destination_states(cfg)
     if args.json:
         rows = [list(row) for row in problems]
-        report = {"counts": counts, "problems": rows, "disk": space, "destinations": destinations}
+        report = {
+            "counts": counts,
+            "files": rejected,
+            "problems": rows,
+            "disk": space,
+            "destinations": destinations,
+        }
         print(json.dumps(report, indent=2, default=str))
         return 0
+    print("images:")
     for status, n in counts.items():
-        print(f"{status:15s} {n}")
+        print(f"  {status:15s} {n}")
+    print("rejected files (not images; `sendit files` lists them):")
+    for status, n in rejected.items():
+        print(f"  {status:15s} {n}")
     for line in space_lines(space):
         print(f"disk: {line}")
     for state in destinations:
@@ -495,6 +506,51 @@ def _act(action: str, series_ids: list[int], errors_only: bool = False) -> int:
     return 0
 
 
+def _file_act(action: str, file_ids: list[int], winner: str = "") -> int:
+    """The files page's buttons (sendit.web.rejected.perform), as the host's user."""
+    import getpass
+
+    from sendit.relay.models import ReceivedFile
+    from sendit.web import actions, rejected
+
+    rows = {row.pk: row for row in ReceivedFile.objects.filter(pk__in=[i for i in file_ids if 0 < i < 2**63])}
+    unknown = [str(i) for i in file_ids if i not in rows]
+    if unknown:
+        print(f"sendit: no received file {', '.join(unknown)}; nothing done", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    user = actions.CommandLineUser(getpass.getuser())
+    failed = False
+    for file_id in file_ids:
+        outcome = rejected.perform(action, rows[file_id], user, winner)
+        failed = failed or not outcome.changed
+        print(outcome.message())
+    return 1 if failed else 0
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    _django(migrate=False)
+    from sendit.relay.models import ReceivedFile
+    from sendit.web.rejected import file_row
+
+    queryset = ReceivedFile.objects.order_by("id")
+    if not args.all:
+        queryset = queryset.filter(resolved="")
+    rows = [file_row(row) for row in queryset[: args.limit]]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        image = f" image #{row['image_id']}" if row["image_id"] else ""
+        done = f" [{row['resolved']}]" if row["resolved"] else ""
+        print(f"#{row['id']:<6} {row['status']:12s}{image} {row['reason']}{done}")
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    _django()
+    return _file_act("resolve", [args.file], args.winner)
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     _django()
     from sendit.relay.housekeeping import retry_now
@@ -502,6 +558,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
     if not _known_series(set(args.series), "retried"):
         return EXIT_UNAVAILABLE
+    if args.file:
+        code = _file_act("retry", args.file)
+        if not args.series:
+            return code
     if args.series:  # the dashboard's Retry: ERROR and QUARANTINED images of these series
         _act("retry", args.series)
     else:  # every series with images in ERROR; quarantined images need a person to name them
@@ -523,6 +583,9 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 def cmd_discard(args: argparse.Namespace) -> int:
     _django()
+    if not args.series and not args.file:
+        print("sendit: name series ids or --file ids", file=sys.stderr)
+        return 2
     if not _known_series(set(args.series), "discarded"):
         return EXIT_UNAVAILABLE
     if not args.yes:
@@ -530,6 +593,10 @@ def cmd_discard(args: argparse.Namespace) -> int:
             "sendit: discard deletes the files of the ERROR and QUARANTINED images; confirm with --yes", file=sys.stderr
         )
         return 2
+    if args.file:
+        code = _file_act("discard", args.file)
+        if not args.series:
+            return code
     return _act("discard", args.series)
 
 
@@ -778,6 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("series", nargs="*", type=int, metavar="SERIES_ID", help="series ids (default: all in ERROR)")
     p.add_argument("--now", action="store_true", help="also: series waiting out a back-off try again now")
+    p.add_argument(
+        "--file", type=int, action="append", default=[], metavar="FILE_ID", help="a rejected file: back to the input"
+    )
     p.set_defaults(func=cmd_retry)
     p = command(
         "release",
@@ -792,11 +862,36 @@ def build_parser() -> argparse.ArgumentParser:
         "discard",
         "give up on the ERROR and QUARANTINED images of series (their files are deleted)",
         "The dashboard's Discard: ERROR and QUARANTINED images of the named series become SKIPPED and"
-        " their files (quarantined original, working copy) are deleted. Needs --yes.",
+        " their files (quarantined original, working copy) are deleted; --file deletes a rejected file."
+        " Needs --yes.",
     )
-    p.add_argument("series", nargs="+", type=int, metavar="SERIES_ID", help="series ids")
+    p.add_argument("series", nargs="*", type=int, metavar="SERIES_ID", help="series ids")
+    p.add_argument(
+        "--file", type=int, action="append", default=[], metavar="FILE_ID", help="a rejected file: delete it"
+    )
     p.add_argument("--yes", action="store_true", help="confirm: the files are deleted")
     p.set_defaults(func=cmd_discard)
+    p = command(
+        "files",
+        "list the received files that did not become images",
+        "Files that did not become images (not DICOM, truncated, a conflicting copy, missing UIDs, duplicates),"
+        " open ones by default: id, status, the image a duplicate or conflict names, and the reason. Act on"
+        " them with `sendit retry --file ID`, `sendit discard --file ID --yes` and `sendit resolve`.",
+    )
+    p.add_argument("--all", action="store_true", help="also the resolved ones")
+    p.add_argument("--json", action="store_true", help="as JSON, for scripts")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    p.set_defaults(func=cmd_files)
+    p = command(
+        "resolve",
+        "choose which copy of a conflicting instance wins",
+        "A received file that conflicts with a processed image (same SOPInstanceUID, other content):"
+        " --winner processed keeps the image as processed and deletes this copy; --winner this makes this copy"
+        " the image's original and processes it again.",
+    )
+    p.add_argument("file", type=int, metavar="FILE_ID", help="the conflicting received file (`sendit files`)")
+    p.add_argument("--winner", choices=("processed", "this"), required=True, help="which copy wins")
+    p.set_defaults(func=cmd_resolve)
     p = command(
         "cleanup",
         "prune finished series older than RETENTION_DAYS",

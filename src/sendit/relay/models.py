@@ -143,6 +143,9 @@ class ReceivedFile(models.Model):
     stored_at = models.CharField(max_length=1024, blank=True, help_text="Where the file was moved.")
     image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.SET_NULL)
     created = models.DateTimeField(auto_now_add=True, db_index=True)
+    # what a person did about it (sendit.web.rejected): "retried by …", "discarded by …"; empty = open
+    resolved = models.CharField(max_length=200, blank=True, db_index=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"received file #{self.pk}"  # not the path: folder names may be patient names

@@ -17,8 +17,8 @@ from ninja import Field, NinjaAPI, Path, Query, Schema
 from ninja.errors import HttpError
 from ninja.security import HttpBearer, django_auth
 
-from sendit.relay.models import Series, Status
-from sendit.web import actions, overview, search, throttle, tokens
+from sendit.relay.models import ReceivedFile, Series, Status
+from sendit.web import actions, overview, rejected, search, throttle, tokens
 
 # Database ids are 64-bit: a larger number is a client error (422), not an overflow in the database.
 MAX_ID = 2**63 - 1
@@ -157,11 +157,96 @@ def _status(value: str) -> str:
     return value if value in Status.values else ""
 
 
-@api.get("/status", response=dict[str, int], summary="Images (and rejected files) per status")
+@api.get("/status", response=dict[str, int], summary="Images per status (rejected files: /api/files/status)")
 def status(request: HttpRequest) -> dict[str, int]:
     from sendit.relay.housekeeping import status_counts
 
     return status_counts()
+
+
+class FileOut(Schema):
+    id: int
+    status: str
+    reason: str
+    image_id: int | None
+    conflict: bool
+    stored: bool
+    resolved: str
+    created: str | None
+
+
+class FilePage(PageMeta):
+    items: list[FileOut]
+
+
+class FileActionOut(Schema):
+    action: str
+    file_id: int
+    changed: int
+    problems: list[str]
+
+
+FILE_ID = Path(..., ge=1, le=MAX_ID, description="Database id of the received file")
+
+
+@api.get("/files/status", response=dict[str, int], summary="Open rejected files (not images) per status")
+def file_status(request: HttpRequest) -> dict[str, int]:
+    from sendit.relay.housekeeping import file_counts
+
+    return file_counts()
+
+
+@api.get("/files", response=FilePage, summary="Received files that did not become images, newest first")
+def list_files(request: HttpRequest, resolved: bool = False, page: int = 1, size: int = 50) -> dict[str, Any]:
+    queryset = ReceivedFile.objects.order_by("-id")
+    if not resolved:
+        queryset = queryset.filter(resolved="")
+    result = overview.paginate(queryset, page, size)
+    return {**result.meta(), "items": [rejected.file_row(r) for r in result.items]}
+
+
+def _file_act(action: str, request: HttpRequest, file_id: int, winner: str = "") -> dict[str, Any]:
+    row = get_object_or_404(ReceivedFile, pk=file_id)
+    try:
+        return rejected.perform(action, row, request.user, winner).as_json()
+    except actions.Forbidden as refused:
+        raise HttpError(403, str(refused)) from None
+    except ValueError as wrong:
+        raise HttpError(422, str(wrong)) from None
+
+
+@api.post("/files/{file_id}/retry", response=FileActionOut, summary="Back into the input folder (operator)")
+def retry_file(request: HttpRequest, file_id: int = FILE_ID) -> dict[str, Any]:
+    return _file_act("retry", request, file_id)
+
+
+@api.post("/files/{file_id}/discard", response=FileActionOut, summary="Delete the set-aside file (reviewer)")
+def discard_file(request: HttpRequest, file_id: int = FILE_ID) -> dict[str, Any]:
+    return _file_act("discard", request, file_id)
+
+
+@api.post(
+    "/files/{file_id}/resolve",
+    response=FileActionOut,
+    summary="A conflicting copy: winner=processed keeps the processed image (reviewer), winner=this makes this"
+    " copy the image's original and processes it again (operator)",
+)
+def resolve_file(request: HttpRequest, winner: str, file_id: int = FILE_ID) -> dict[str, Any]:
+    return _file_act("resolve", request, file_id, winner)
+
+
+@api.get("/files/{file_id}/download", summary="The file's bytes (reviewer); an event with the user")
+def download_file(request: HttpRequest, file_id: int = FILE_ID) -> HttpResponse:
+    row = get_object_or_404(ReceivedFile, pk=file_id)
+    try:
+        data = rejected.download(row, request.user)
+    except actions.Forbidden as refused:
+        raise HttpError(403, str(refused)) from None
+    except OSError:
+        raise HttpError(404, "the file is gone") from None
+    response = HttpResponse(data, content_type="application/octet-stream")
+    response["Content-Disposition"] = f'attachment; filename="received-file-{row.pk}.bin"'
+    return response
 
 
 @api.get("/dashboard", summary="Everything the dashboard shows, for its live updates")

@@ -24,7 +24,7 @@ from django.db.models.functions import Cast, Substr, TruncMinute
 from django.utils import timezone
 
 from sendit.relay import runtime
-from sendit.relay.housekeeping import problem_reasons, status_counts
+from sendit.relay.housekeeping import file_counts, problem_reasons, status_counts
 from sendit.relay.models import IN_FLIGHT, TERMINAL, Event, Image, ScanState, Series, Status
 from sendit.web import heartbeat
 
@@ -590,11 +590,13 @@ def dashboard(check_destinations: bool = True) -> dict[str, Any]:
             return None
 
     counts = panel("counts", status_counts)
+    rejected = panel("files", file_counts)
     scans = panel("scans", scan_states)
     space = panel("disk", free_space)
     return {
         "now": iso(timezone.now()),
-        "counts": counts,
+        "counts": counts,  # images only
+        "files": rejected,  # received files that did not become images, still open
         "total": sum(counts.values()) if counts is not None else None,
         "throughput": panel("throughput", throughput),
         "queue": panel("queue", queue_depth),

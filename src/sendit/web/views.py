@@ -19,8 +19,8 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from sendit.relay import roles
-from sendit.relay.models import Series, SeriesIdentifiers, Status
-from sendit.web import actions, metrics, overview, search, throttle
+from sendit.relay.models import ReceivedFile, Series, SeriesIdentifiers, Status
+from sendit.web import actions, metrics, overview, rejected, search, throttle
 from sendit.web.api import login_or_token_required
 
 IDENTIFIER_PERMISSION = "relay.view_identifier_response"
@@ -166,6 +166,53 @@ def say_result(request: HttpRequest, outcome: actions.ActionResult) -> None:
         messages.info(request, outcome.message())
     else:
         messages.success(request, outcome.message())
+
+
+@login_required
+def file_list(request: HttpRequest) -> HttpResponse:
+    """Received files that did not become images; open ones first (``?all=1`` also resolved ones)."""
+    show_all = request.GET.get("all", "") == "1"
+    queryset = ReceivedFile.objects.order_by("-id")
+    if not show_all:
+        queryset = queryset.filter(resolved="")
+    page = overview.paginate(queryset, request.GET.get("page", 1), 50)
+    return render(
+        request,
+        "web/files.html",
+        {"page": page, "rows": [rejected.file_row(r) for r in page.items], "show_all": show_all},
+    )
+
+
+@login_required
+@require_POST
+def file_action(request: HttpRequest, file_id: int, action: str) -> HttpResponse:
+    if action not in rejected.FILE_ACTIONS:
+        return HttpResponseBadRequest("unknown action")
+    row = get_object_or_404(ReceivedFile, pk=file_id)
+    try:
+        outcome = rejected.perform(action, row, request.user, str(request.POST.get("winner", "")))
+    except actions.Forbidden as refused:
+        return HttpResponseForbidden(str(refused))
+    except ValueError as wrong:
+        return HttpResponseBadRequest(str(wrong))
+    (messages.warning if outcome.problems or not outcome.changed else messages.success)(request, outcome.message())
+    return redirect("/files/")
+
+
+@login_required
+def file_download(request: HttpRequest, file_id: int) -> HttpResponse:
+    """The file as an attachment named by its id (its own name may hold a patient's name)."""
+    row = get_object_or_404(ReceivedFile, pk=file_id)
+    try:
+        data = rejected.download(row, request.user)
+    except actions.Forbidden as refused:
+        return HttpResponseForbidden(str(refused))
+    except OSError:
+        return HttpResponse("the file is gone", status=404, content_type="text/plain")
+    response = HttpResponse(data, content_type="application/octet-stream")
+    response["Content-Disposition"] = f'attachment; filename="received-file-{row.pk}.bin"'
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @login_or_token_required
