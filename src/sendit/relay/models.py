@@ -131,6 +131,8 @@ class Delivery(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["image", "destination"], name="one_delivery_per_destination")]
+        # the dashboard's last success and throughput per destination
+        indexes = [models.Index(fields=["destination", "created"], name="delivery_destination_created")]
         verbose_name_plural = "deliveries"
 
 

@@ -99,6 +99,8 @@ class SeriesOut(Schema):
     total: int
     finished: int
     done: int
+    study_date: str = ""  # as delivered (shifted); lists only
+    duration: float | None = None  # seconds from arrival to the last change, once finished; lists only
 
 
 class StageOut(Schema):
