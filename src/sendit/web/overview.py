@@ -384,7 +384,7 @@ def destination_states(max_age: float = DESTINATION_CHECK_SECONDS) -> list[dict[
                 )
             _destinations_cache = (time.monotonic(), states)
         checked = _destinations_cache[1]
-    return [{**state, **delivery_stats(state["name"])} for state in checked]
+    return [{**state, **delivery_stats(str(state["name"]))} for state in checked]
 
 
 def delivery_stats(name: str) -> dict[str, Any]:
