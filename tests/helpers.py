@@ -143,3 +143,26 @@ class WebhookReceiver:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def run_cli(*args: str, stdin: str = "") -> tuple[int, str, str]:
+    """`sendit ARGS` in this process: (exit code, stdout, stderr).
+
+    Not pytest's capsys: the command sets Django up, and Django's log handlers keep the stderr they
+    find; a capsys stream is closed after its test, and a later test's logging would fail on it.
+    """
+    import contextlib
+    import io
+    import sys
+
+    from sendit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_stdin = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        sys.stdin = old_stdin
+    return code, out.getvalue(), err.getvalue()

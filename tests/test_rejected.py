@@ -10,12 +10,11 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
-from sendit.cli import main
 from sendit.relay.housekeeping import file_counts, status_counts
 from sendit.relay.models import Event, Image, ReceivedFile, Status
 from sendit.relay.roles import assign
 from sendit.web import tokens
-from tests.helpers import demo_into, ingest_and_run
+from tests.helpers import demo_into, ingest_and_run, run_cli
 
 pytestmark = pytest.mark.django_db
 
@@ -68,13 +67,11 @@ def test_a_truncated_file_is_counted_apart_downloaded_by_a_reviewer_and_retried_
     notes = ReceivedFile.objects.get(reason__contains="not a DICOM")
     assert f'data-file="{notes.pk}"' in listed and f'data-file="{truncated.pk}"' not in listed
     assert client_for(operator).post(f"/files/{notes.pk}/discard").status_code == 403
-    assert main(["discard", "--file", str(notes.pk), "--yes"]) == 0
+    assert run_cli("discard", "--file", str(notes.pk), "--yes")[0] == 0
     assert not Path(notes.stored_at).exists() and file_counts()[Status.QUARANTINED] == 0
 
 
-def test_a_conflict_is_resolved_by_choosing_the_winner(
-    sendit_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_conflict_is_resolved_by_choosing_the_winner(sendit_dirs: dict[str, Path]) -> None:
     written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=2)
     for name in ("z-copy-a.dcm", "z-copy-b.dcm"):
         ds = pydicom.dcmread(written[0])
@@ -97,10 +94,9 @@ def test_a_conflict_is_resolved_by_choosing_the_winner(
     assert ReceivedFile.objects.get(pk=first.pk).resolved == "conflict resolved: processed copy kept by rita"
     # this copy wins: it arrives again and the image is processed again from it
     winner = pydicom.dcmread(second.stored_at).ImageComments
-    assert main(["resolve", str(second.pk), "--winner", "this"]) == 0
-    assert "resolved" in capsys.readouterr().out
+    code, out, _ = run_cli("resolve", str(second.pk), "--winner", "this")
+    assert code == 0 and "resolved" in out
     ingest_and_run(sendit_dirs["INPUT_FOLDER"])
     image.refresh_from_db()
     assert image.status == Status.DONE and image.path.endswith(winner)
-    assert main(["files"]) == 0
-    assert capsys.readouterr().out == ""  # nothing open
+    assert run_cli("files") == (0, "", "")  # nothing open

@@ -13,12 +13,11 @@ from django.contrib.auth.models import User
 from django.test import Client
 from PIL import Image as PILImage
 
-from sendit.cli import main
 from sendit.deid.recipe import parse_recipe
 from sendit.relay.models import BlankingRule, Event, Image, Series, Status
 from sendit.relay.roles import assign
 from sendit.web import tokens
-from tests.helpers import ingest_and_run, write_ultrasound
+from tests.helpers import ingest_and_run, run_cli, write_ultrasound
 
 pytestmark = pytest.mark.django_db
 
@@ -86,29 +85,21 @@ def test_each_role_may_do_only_its_actions_in_the_web_and_the_api(
     assert Client().get(f"/api/series/{series.pk}", **plain_auth).status_code == 200
 
 
-def test_createuser_checks_the_name_and_the_password_and_sets_the_role(
-    sendit_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def create(*args: str, password: str | None = None) -> int:
-        if password is not None:
-            monkeypatch.setattr("sys.stdin", io.StringIO(password + "\n"))
-        return main(["createuser", *args])
-
-    assert create("bad name!", "--password-stdin", password=PASSWORD) == 2
-    assert "user name refused" in capsys.readouterr().err
-    assert create("dora", "--password-stdin", password="12345678") == 2
-    err = capsys.readouterr().err
-    assert "password refused" in err and "too short" in err
-    assert create("dora", "--password-stdin", password="481516234200") == 2
-    assert "entirely numeric" in capsys.readouterr().err
+def test_createuser_checks_the_name_and_the_password_and_sets_the_role(sendit_dirs: dict[str, Path]) -> None:
+    code, _, err = run_cli("createuser", "bad name!", "--password-stdin", stdin=PASSWORD + "\n")
+    assert code == 2 and "user name refused" in err
+    code, _, err = run_cli("createuser", "dora", "--password-stdin", stdin="12345678\n")
+    assert code == 2 and "password refused" in err and "too short" in err
+    code, _, err = run_cli("createuser", "dora", "--password-stdin", stdin="481516234200\n")
+    assert code == 2 and "entirely numeric" in err
     assert not User.objects.filter(username="dora").exists()
-    assert create("dora", "--password-stdin", "--role", "operator", password=PASSWORD) == 0
-    assert "created user dora (operator)" in capsys.readouterr().out
+    code, out, _ = run_cli("createuser", "dora", "--password-stdin", "--role", "operator", stdin=PASSWORD + "\n")
+    assert code == 0 and "created user dora (operator)" in out
     dora = User.objects.get(username="dora")
     assert dora.has_perm("relay.change_series") and not dora.has_perm("relay.discard_image")
-    assert create("dora", "--role", "reviewer") == 0
+    assert run_cli("createuser", "dora", "--role", "reviewer")[0] == 0
     assert User.objects.get(username="dora").has_perm("relay.discard_image")
-    assert create("eve", "--no-password") == 0  # no role given: a viewer
+    assert run_cli("createuser", "eve", "--no-password")[0] == 0  # no role given: a viewer
     assert not User.objects.get(username="eve").has_perm("relay.change_series")
 
 
@@ -226,21 +217,20 @@ def test_a_release_that_quarantines_again_says_so(
 
 
 def test_cli_release_and_discard_are_the_dashboards_buttons(
-    sendit_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    sendit_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("sendit.relay.tasks.enqueue", lambda ids: len(ids))
     image = quarantined_ultrasound(sendit_dirs)
     series = image.series
-    assert main(["release", str(series.pk)]) == 0
-    out = capsys.readouterr().out
-    assert f"series #{series.pk}: released 1 image(s)" in out and "quarantined again" in out
+    code, out, _ = run_cli("release", str(series.pk))
+    assert code == 0 and f"series #{series.pk}: released 1 image(s)" in out and "quarantined again" in out
     event = Event.objects.get(image=image, to_status=Status.NEW, from_status=Status.QUARANTINED)
     assert event.reason.startswith("release by cli:") and event.user is None
     Image.objects.filter(pk=image.pk).update(status=Status.QUARANTINED)
-    assert main(["discard", str(series.pk)]) == 2  # needs --yes
+    assert run_cli("discard", str(series.pk))[0] == 2  # needs --yes
     assert Image.objects.get(pk=image.pk).status == Status.QUARANTINED
-    assert main(["discard", str(series.pk), "--yes"]) == 0
+    assert run_cli("discard", str(series.pk), "--yes")[0] == 0
     assert Image.objects.get(pk=image.pk).status == Status.SKIPPED
-    assert main(["release", "999999"]) == 1
-    assert "no series 999999; nothing released" in capsys.readouterr().err
+    code, _, err = run_cli("release", "999999")
+    assert code == 1 and "no series 999999; nothing released" in err
     assert Series.objects.filter(pk=series.pk).exists()
