@@ -276,6 +276,7 @@ def test_identifier_response_is_shown_only_with_its_permission(sendit_dirs: dict
     allowed = Client()
     allowed.force_login(User.objects.get(pk=operator.pk))
     assert pseudonym in allowed.get(f"/series/{series.pk}/").content.decode()
+    assert Event.objects.filter(series=series, reason="identifier response viewed by olga", user=operator).count() == 1
 
 
 # --- API and metrics ------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from sendit.relay import roles
-from sendit.relay.models import ReceivedFile, Series, SeriesIdentifiers, Status
+from sendit.relay.models import Event, ReceivedFile, Series, SeriesIdentifiers, Status
+from sendit.relay.transitions import clip
 from sendit.web import actions, metrics, overview, rejected, search, throttle
 from sendit.web.api import login_or_token_required
 
@@ -113,6 +114,14 @@ def series_page(request: HttpRequest, series_id: int) -> HttpResponse:
     if may_see:
         stored = SeriesIdentifiers.objects.filter(series=series).only("provider", "response", "created").first()
         if stored is not None:
+            # it may hold the original identifiers the service was asked about: a look is an event
+            Event.objects.create(
+                series=series,
+                from_status=series.status,
+                to_status=series.status,
+                reason=clip(f"identifier response viewed by {request.user.get_username()}"),
+                user_id=request.user.pk,
+            )
             identifiers = {
                 "provider": stored.provider,
                 "created": stored.created,
