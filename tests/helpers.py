@@ -94,6 +94,9 @@ def write_ultrasound(
     ds.Manufacturer = "ACME"
     ds.ManufacturerModelName = "Sono 1"
     ds.SeriesDescription = "Abdomen"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "US-ABD", "99SENDIT", "Abdomen ultrasound"
+    ds.ProcedureCodeSequence = [code]
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.SamplesPerPixel = 3

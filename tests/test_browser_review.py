@@ -153,6 +153,10 @@ def test_reviewer_blanks_a_quarantined_ultrasound_and_a_viewer_cannot_review_or_
         assert "Ultrasound without a known layout" in rita.locator("[data-testid=rule-fired]").text_content()
         header = rita.locator("[data-testid=header]").text_content()
         assert "PatientName" in header and "SONO^JANE" in header and "(0028,0010)" in header
+        nested = rita.locator("#header tr[data-depth='1']").first
+        assert nested.is_hidden()  # a sequence's items are folded until asked for
+        rita.click("#header button.fold")
+        assert nested.is_visible() and "CodeValue" in nested.text_content()
         rita.wait_for_function("() => document.getElementById('preview').naturalWidth === 128")
         rita.fill("#frame", "1")
         rita.dispatch_event("#frame", "input")

@@ -112,6 +112,9 @@ def test_reviewer_sees_header_and_preview_and_each_look_is_an_event(sendit_dirs:
     page = reviewer.get(f"/images/{image.pk}/review").content.decode()
     assert "(0010,0010)" in page and "PatientName" in page and "SONO^JANE" in page  # the original's header
     assert "Ultrasound without a known layout" in page  # the rule that fired
+    # a sequence is one row with its item count; its items' rows are folded (hidden) below it
+    assert re.search(r"ProcedureCodeSequence</td><td>SQ</td><td><button[^>]*>1 item\(s\)", page)
+    assert re.search(r'<tr data-depth="1" class="nested" hidden><td[^>]*>\(0008,0100\)</td><td>CodeValue', page)
     assert 'type="range"' in page and 'max="2"' in page  # a slider over the three frames
     assert (
         Event.objects.filter(reason=f"review: original header and preview viewed of image #{image.pk} by rita").count()
