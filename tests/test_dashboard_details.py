@@ -45,6 +45,7 @@ def test_series_rows_carry_the_shifted_date_the_duration_and_why_a_series_is_hel
 ) -> None:
     written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=2)
     original = pydicom.dcmread(written[1]).StudyDate
+    descriptions = {str(d.SeriesInstanceUID): str(d.SeriesDescription) for d in map(pydicom.dcmread, written)}
     broken = pydicom.dcmread(written[0])
     broken.StudyDate = "2021-13-45"
     broken.save_as(written[0])
@@ -58,5 +59,7 @@ def test_series_rows_carry_the_shifted_date_the_duration_and_why_a_series_is_hel
     expected = (datetime.strptime(original, "%Y%m%d") + timedelta(days=jitter)).strftime("%Y-%m-%d")
     assert rows[done.pk]["study_date"] == expected and original not in str(rows[done.pk])
     assert rows[done.pk]["duration"] is not None and rows[done.pk]["duration"] >= 0
+    # the description as researchers get it (scrubbed; the demo's hold no names)
+    assert rows[done.pk]["description"] == descriptions[done.series_uid]
     listed = viewer().get("/api/series?status=QUARANTINED").json()["items"][0]
     assert listed["stage"] == "quarantined"

@@ -68,6 +68,8 @@ class Series(models.Model):
     # Fencing token: +1 at every acquisition. A status change names the generation it holds, so a
     # worker that lost its lease (paused, cut off) changes nothing when it wakes.
     lease_generation = models.PositiveBigIntegerField(default=0)
+    # the series description as researchers get it (scrubbed: sendit.deid.metadata), for the dashboard
+    description = models.CharField(max_length=200, blank=True)
     # the status an alert was last sent for (sendit.relay.alerts): one alert per change, whichever worker
     alerted_status = models.CharField(max_length=16, blank=True)
     created = models.DateTimeField(auto_now_add=True)

@@ -88,6 +88,7 @@ class PageMeta(Schema):
 class SeriesOut(Schema):
     id: int
     modality: str
+    description: str
     status: str
     stage: str
     attempts: int

@@ -110,6 +110,7 @@ def series_row(series: Series, counts: dict[str, int]) -> dict[str, Any]:
     return {
         "id": series.pk,
         "modality": series.modality,
+        "description": series.description,  # scrubbed (sendit.deid.metadata), empty until de-identified
         "status": series.status,
         "stage": series.stage,
         "attempts": series.attempts,
@@ -122,7 +123,18 @@ def series_row(series: Series, counts: dict[str, int]) -> dict[str, Any]:
     }
 
 
-SERIES_FIELDS = ("id", "modality", "status", "stage", "attempts", "last_error", "next_attempt_at", "created", "updated")
+SERIES_FIELDS = (
+    "id",
+    "modality",
+    "description",
+    "status",
+    "stage",
+    "attempts",
+    "last_error",
+    "next_attempt_at",
+    "created",
+    "updated",
+)
 
 
 def series_rows(series: list[Series]) -> list[dict[str, Any]]:

@@ -195,6 +195,7 @@ var Sendit = (function () {
     panel(d, "recent", function (recent) {
       $("recent").tBodies[0].innerHTML = recent.length ? recent.map(function (s) {
         return '<tr data-series="' + s.id + '"><td><a href="/series/' + s.id + '/">#' + s.id + "</a></td><td>" + esc(s.modality) +
+          (s.description ? ' <span class="muted small">' + esc(s.description) + "</span>" : "") +
           '</td><td class="status">' + badge(s.status) + "</td><td>" + esc(s.stage) + "</td><td>" + progressBar(s) +
           '</td><td class="n">' + s.finished + "/" + s.total + '</td><td class="small">' + esc(s.study_date || "") +
           '</td><td class="small n">' + seconds(s.duration) + '</td><td class="small">' + clock(s.updated) + "</td></tr>";
