@@ -24,6 +24,12 @@ from typing import Any, NamedTuple
 CONFIG_FILE = "sendit.toml"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+#: short names of Django's mail backends for EMAIL_BACKEND
+EMAIL_BACKENDS = {
+    "smtp": "django.core.mail.backends.smtp.EmailBackend",
+    "console": "django.core.mail.backends.console.EmailBackend",
+    "locmem": "django.core.mail.backends.locmem.EmailBackend",
+}
 ENV_PREFIX = "SENDIT_"
 
 
@@ -276,6 +282,41 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("WEB_PORT", int, 8000, "Port of the web server of `sendit run`.", minimum=1, maximum=65535),
     Key("ALLOWED_HOSTS", str, "127.0.0.1,localhost", "Comma-separated host names the web server answers."),
+    # -- alerts (docs/operations.md, Alerts) --
+    Key(
+        "SITE_URL",
+        str,
+        "",
+        "The dashboard's address as people reach it (https://sendit.example.org), for links in alerts.",
+    ),
+    Key(
+        "ALERT_WEBHOOK_URL",
+        str,
+        "",
+        "POST a JSON alert here (series ERROR or QUARANTINED, destination unreachable, low space); empty = off.",
+        secret=True,
+    ),
+    Key("ALERT_EMAIL_TO", str, "", "Comma-separated addresses that get the alerts by e-mail; empty = off."),
+    Key("ALERT_EMAIL_FROM", str, "sendit@localhost", "Sender address of alert e-mails."),
+    Key(
+        "ALERT_UNREACHABLE_MINUTES",
+        int,
+        10,
+        "Alert when a destination has not answered for this long; 0 = never.",
+        minimum=0,
+        maximum=10080,
+    ),
+    Key(
+        "EMAIL_BACKEND",
+        str,
+        "smtp",
+        "Django mail backend for alerts: smtp, console (to the log stream), or a dotted backend class.",
+    ),
+    Key("EMAIL_HOST", str, "localhost", "SMTP server for alert e-mails."),
+    Key("EMAIL_PORT", int, 25, "SMTP port.", minimum=1, maximum=65535),
+    Key("EMAIL_HOST_USER", str, "", "SMTP user name; empty = no login."),
+    Key("EMAIL_HOST_PASSWORD", str, "", "SMTP password.", secret=True),
+    Key("EMAIL_USE_TLS", bool, False, "SMTP with STARTTLS."),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 ALIASES = {alias: key.name for key in KEYS for alias in key.aliases}
@@ -419,6 +460,17 @@ class Config:
     HTTPS: bool
     WEB_PORT: int
     ALLOWED_HOSTS: str
+    SITE_URL: str
+    ALERT_WEBHOOK_URL: str
+    ALERT_EMAIL_TO: str
+    ALERT_EMAIL_FROM: str
+    ALERT_UNREACHABLE_MINUTES: int
+    EMAIL_BACKEND: str
+    EMAIL_HOST: str
+    EMAIL_PORT: int
+    EMAIL_HOST_USER: str
+    EMAIL_HOST_PASSWORD: str
+    EMAIL_USE_TLS: bool
     source: Path | None = field(default=None, kw_only=True)  # the file read, if any
 
     def __post_init__(self) -> None:
@@ -704,8 +756,14 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
         scheme = values[name].split("://", 1)[0] if "://" in values[name] else ""
         if scheme not in schemes:
             problems.append(f"{name}: must start with one of {', '.join(s + '://' for s in schemes)}")
-    if values["ORTHANC_URL"] and not values["ORTHANC_URL"].startswith(("http://", "https://")):
-        problems.append("ORTHANC_URL: must start with http:// or https://")
+    for name in ("ORTHANC_URL", "SITE_URL"):
+        if values[name] and not values[name].startswith(("http://", "https://")):
+            problems.append(f"{name}: must start with http:// or https://")
+    if values["ALERT_WEBHOOK_URL"] and not values["ALERT_WEBHOOK_URL"].startswith(("http://", "https://")):
+        problems.append("ALERT_WEBHOOK_URL: must start with http:// or https://")  # never the URL: it may hold a token
+    backend = values["EMAIL_BACKEND"].strip()
+    if backend not in EMAIL_BACKENDS and not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", backend):
+        problems.append(f"EMAIL_BACKEND: must be smtp, console or a dotted class path, got {backend!r}")
     if values["DEIDENTIFY_RESTFUL"] and not values["IDENTIFIER_PROVIDER"]:
         from sendit.identifiers.dasher.settings import DasherSettings
 

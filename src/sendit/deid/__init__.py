@@ -22,10 +22,13 @@ def build_deidentifier(
     options: str,
     recipe: str = "",
     pixel_filter: str = "default",
+    *,
+    site_filter: str = "",
     ocr: OcrSettings | None = None,
 ) -> Deidentifier:
     """The engine from config text: ``options`` a comma list of option names, ``recipe`` a recipe path
-    (or empty), ``pixel_filter`` ``default``, ``none`` or a recipe path; ``ocr`` the OCR_* keys
+    (or empty), ``pixel_filter`` ``default``, ``none`` or a recipe path, ``site_filter`` recipe text
+    whose ``%filter`` rules join the pixel filter (a site's blanking rules); ``ocr`` the OCR_* keys
     (:func:`ocr_settings`). Raises ``ValueError`` (``RecipeError`` is one) on a bad value."""
     chosen = DeidOptions.from_names(options.split(","))
     header = load_recipe(recipe) if recipe.strip() else None
@@ -33,6 +36,9 @@ def build_deidentifier(
         rules: Recipe | None = None
     else:
         rules = load_recipe("default" if pixel_filter.strip().lower() == "default" else pixel_filter)
+    if site_filter.strip():
+        site = parse_recipe(site_filter, "site blanking rules")
+        rules = rules.extended(site) if rules is not None else site
     return Deidentifier(secret_key, chosen, recipe=header, pixel_filter=rules, ocr=ocr)
 
 

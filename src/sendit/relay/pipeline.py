@@ -10,6 +10,7 @@ its lease and woke up after another took the series over changes nothing and sto
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import socket
@@ -462,7 +463,7 @@ def write_series_metadata(series: Series, ids: Identifiers) -> None:
         return
     try:
         study_uid = Study.objects.filter(pk=series.study_id).values_list("deid_study_uid", flat=True).first()
-        write_series_document(
+        written = write_series_document(
             files.original(first.path),
             runtime.deidentifier().known_identifiers,
             files.series_folder(series.pk) / "metadata.json",
@@ -471,6 +472,8 @@ def write_series_metadata(series: Series, ids: Identifiers) -> None:
             series_uid=series.deid_series_uid,
             images=made.count(),
         )
+        described = json.loads(written.read_text(encoding="utf-8")).get("series_description") or ""
+        Series.objects.filter(pk=series.pk).update(description=str(described)[:200])  # the dashboard's
     except Exception as exc:
         log.warning("series #%s: metadata.json not written (%s)", series.pk, type(exc).__name__)
 

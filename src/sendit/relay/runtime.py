@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -25,18 +25,24 @@ def config() -> Config:
 
 
 def deidentifier() -> Deidentifier:
-    """The engine for the current configuration (built once per distinct set of DEID_* values)."""
+    """The engine for the current configuration and the site's blanking rules (one query), built once
+    per distinct set of DEID_* and OCR_* values and rules: a rule a reviewer adds applies from the next series."""
     from sendit.deid import ocr_settings
+    from sendit.relay.blanking import site_filter_text
 
     cfg = config()
-    return _deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER, ocr_settings(cfg.values))
+    return _deidentifier(
+        cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER, site_filter_text(), ocr_settings(cfg.values)
+    )
 
 
-@cache
-def _deidentifier(secret_key: str, options: str, recipe: str, pixel_filter: str, ocr: OcrSettings) -> Deidentifier:
+@lru_cache(maxsize=8)
+def _deidentifier(
+    secret_key: str, options: str, recipe: str, pixel_filter: str, site: str, ocr: OcrSettings
+) -> Deidentifier:
     from sendit.deid import build_deidentifier
 
-    return build_deidentifier(secret_key, options, recipe, pixel_filter, ocr)
+    return build_deidentifier(secret_key, options, recipe, pixel_filter, site_filter=site, ocr=ocr)
 
 
 @cache
