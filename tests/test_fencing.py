@@ -251,3 +251,33 @@ def test_two_series_of_one_study_store_their_identifiers_at_once_without_deadloc
     from sendit.relay.models import SeriesIdentifiers
 
     assert SeriesIdentifiers.objects.filter(series__in=[first, second]).count() == 2
+
+
+def test_a_back_off_is_due_by_the_databases_clock_whatever_a_hosts_clock_says(
+    sendit_dirs: dict[str, Path], reconfigure: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose clock runs two hours fast schedules a retry: it is due after the back-off by the
+    database's clock, and the requeue on such a host does not take it early (before, the host wrote
+    and compared its own time: due two hours late on the others, or at once on a fast one)."""
+    from django.db.models.functions import Now
+
+    from sendit.relay.tasks import huey, stale_series
+
+    reconfigure(RETRY_BASE_SECONDS=30, LEASE_SECONDS=600)
+    series_id = _one_series(sendit_dirs["INPUT_FOLDER"], images=1)
+    real_now = timezone.now
+    fast = lambda: real_now() + timedelta(hours=2)  # noqa: E731 - this host's clock
+    monkeypatch.setattr(timezone, "now", fast)
+    lease = pipeline.acquire_lease(series_id, pipeline.lease_owner_name())
+    assert lease is not None
+    pipeline._schedule_retry(Series.objects.get(pk=series_id), lease, "destination down")
+    pipeline.release_lease(lease)
+    due = Series.objects.values_list("next_attempt_at", flat=True).get(pk=series_id)
+    assert real_now() + timedelta(seconds=20) < due < real_now() + timedelta(seconds=40)
+
+    huey.flush()  # no task queued, queued long ago by the database's clock: only the back-off holds it
+    Series.objects.filter(pk=series_id).update(enqueued_at=Now() - timedelta(minutes=30))
+    assert series_id not in stale_series()  # on the fast host too
+    monkeypatch.undo()
+    Series.objects.filter(pk=series_id).update(next_attempt_at=Now() - timedelta(seconds=1))
+    assert series_id in stale_series()

@@ -10,6 +10,7 @@ from typing import Any
 
 from django.db import transaction
 from django.db.models import Count, Max, Min, QuerySet
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from sendit.destinations.base import Destination
@@ -89,16 +90,15 @@ def retry_now(series_ids: Collection[int] | None = None, who: str = "", user_id:
     3. Record an event on each series moved (from and to empty: no status changes), with the user.
     4. Queue them; returns their ids.
     """
-    now = timezone.now()
-    waiting = Series.objects.filter(stage=Stage.RETRYING, next_attempt_at__gt=now, images__status__in=IN_FLIGHT)
+    waiting = Series.objects.filter(stage=Stage.RETRYING, next_attempt_at__gt=Now(), images__status__in=IN_FLIGHT)
     if series_ids is not None:
         waiting = waiting.filter(pk__in=list(series_ids))
     reason = clip("retry now requested" + (f" by {who}" if who else ""))
     moved: list[int] = []
     with transaction.atomic():
         for series_id in list(waiting.values_list("id", flat=True).distinct()):
-            due = Series.objects.filter(pk=series_id, stage=Stage.RETRYING, next_attempt_at__gt=now)
-            if due.update(next_attempt_at=now) == 1:
+            due = Series.objects.filter(pk=series_id, stage=Stage.RETRYING, next_attempt_at__gt=Now())
+            if due.update(next_attempt_at=Now()) == 1:
                 moved.append(series_id)
         Event.objects.bulk_create(
             [Event(series_id=i, from_status="", to_status="", reason=reason, user_id=user_id) for i in moved]

@@ -15,17 +15,18 @@ import hashlib
 import logging
 import os
 import socket
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 
 from django.db import IntegrityError, transaction
-from django.db.models import DateTimeField, ExpressionWrapper
+from django.db.models import ExpressionWrapper
 from django.db.models.functions import Now
 from django.utils import timezone
 
 from sendit.relay import runtime
 from sendit.relay.models import WorkerHeartbeat
+from sendit.relay.transitions import database_time
 
 log = logging.getLogger("sendit.liveness")
 
@@ -65,8 +66,7 @@ def period_seconds() -> float:
 
 def _silent_since() -> ExpressionWrapper:
     """Database time minus the silence bound: a row seen before it is a dead process's."""
-    bound = timedelta(seconds=SILENT_PERIODS * period_seconds())
-    return ExpressionWrapper(Now() - bound, output_field=DateTimeField())
+    return database_time(-SILENT_PERIODS * period_seconds())
 
 
 _started: dict[int, datetime] = {}  # pid → when this process first beat (a forked child starts afresh)

@@ -18,12 +18,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from django.db import close_old_connections, connections, transaction
-from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Min, Q
+from django.db.models import Count, F, Min, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -32,7 +31,15 @@ from sendit.dicomio import sop_class_and_syntax
 from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
 from sendit.relay import files, liveness, runtime
 from sendit.relay.models import IN_FLIGHT, Delivery, Event, Image, Series, SeriesIdentifiers, Stage, Status, Study
-from sendit.relay.transitions import Lease, LeaseLost, clip, fenced, move_images, refresh_series_status
+from sendit.relay.transitions import (
+    Lease,
+    LeaseLost,
+    clip,
+    database_time,
+    fenced,
+    move_images,
+    refresh_series_status,
+)
 
 log = logging.getLogger("sendit.pipeline")
 
@@ -94,8 +101,7 @@ def holder_is_dead(owner: str) -> bool:
 
 def _expiry() -> Any:
     """Database time plus the lease period: hosts' clocks never decide who holds a series."""
-    seconds = runtime.config().LEASE_SECONDS
-    return ExpressionWrapper(Now() + timedelta(seconds=seconds), output_field=DateTimeField())
+    return database_time(runtime.config().LEASE_SECONDS)
 
 
 def acquire_lease(series_id: int, owner: str) -> Lease | None:
@@ -299,7 +305,7 @@ def _schedule_retry(series: Series, lease: Lease, reason: str) -> NextStep:
             Series.objects.filter(pk=series.pk).update(
                 attempts=attempts,
                 last_error=clip(f"retrying: {reason}"),
-                next_attempt_at=timezone.now() + timedelta(seconds=delay),
+                next_attempt_at=database_time(delay),  # due by the database's clock, not this host's
                 stage=Stage.RETRYING,
             )
             _record_failed_attempt(series, f"attempt {attempts} failed: {reason}; next in {delay:.0f} s")

@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import close_old_connections
-from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, Q
+from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 from huey import crontab
@@ -23,6 +23,7 @@ from sendit.relay import alerts, runtime
 from sendit.relay.models import IN_FLIGHT, PeriodicRun, Series, Stage, Status
 from sendit.relay.pipeline import holder_is_dead, process_series
 from sendit.relay.queue import make_huey
+from sendit.relay.transitions import database_time
 
 log = logging.getLogger("sendit.tasks")
 huey = make_huey(runtime.config())
@@ -46,7 +47,7 @@ def enqueue(series_ids: Iterable[int]) -> int:
     for series_id in ids:
         run_series(series_id)
     if ids:
-        Series.objects.filter(pk__in=ids).update(enqueued_at=timezone.now())
+        Series.objects.filter(pk__in=ids).update(enqueued_at=database_time())
     return len(ids)
 
 
@@ -60,7 +61,7 @@ def run_series(series_id: int) -> None:
         outcome = process_series(series_id)
         if outcome.retry_in is not None:
             run_series.schedule((series_id,), delay=outcome.retry_in)
-            Series.objects.filter(pk=series_id).update(enqueued_at=timezone.now())
+            Series.objects.filter(pk=series_id).update(enqueued_at=database_time())
     except Exception as exc:
         log.warning(
             "series #%s: step failed (%s); retrying in %s s", series_id, type(exc).__name__, FAILED_STEP_RETRY_SECONDS
@@ -98,44 +99,47 @@ def stale_series() -> list[int]:
     """Series with work to do and due, whose worker or task is gone: lease expired or holder dead, or
     not leased and no task queued for it (the queue lost it, a push failed). Work to do includes a
     clean-up a killed worker left half-way (DONE images not yet cleaned)."""
-    now = timezone.now()
-    lease = timedelta(seconds=runtime.config().LEASE_SECONDS)
-    orphan = timedelta(seconds=ORPHAN_AFTER_SECONDS)
+    lease = runtime.config().LEASE_SECONDS
     to_do = Q(images__status__in=IN_FLIGHT) | Q(images__status=Status.DONE, images__cleaned_at__isnull=True)
     # whether a lease still runs is the database's clock's call, never this host's
     running = ExpressionWrapper(Q(lease_expires__gte=Now()), output_field=BooleanField())
+    queued_before = {  # how long ago the series was last queued, also by the database's clock
+        name: ExpressionWrapper(
+            Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=database_time(-seconds)), output_field=BooleanField()
+        )
+        for name, seconds in (("orphaned", ORPHAN_AFTER_SECONDS), ("silent", lease))
+    }
     rows = (
         Series.objects.filter(to_do)
-        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .annotate(leased=running)
-        .values_list("id", "lease_owner", "leased", "enqueued_at")
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=Now()))
+        .annotate(leased=running, **queued_before)
+        .values_list("id", "lease_owner", "leased", "orphaned", "silent")
         .distinct()
     )
     stale: set[int] = set()
-    unleased: list[tuple[int, Any]] = []
-    for series_id, owner, leased, enqueued in rows:
+    unleased: list[tuple[int, bool]] = []
+    for series_id, owner, leased, orphaned, silent in rows:
         if leased:
             if holder_is_dead(owner):
                 stale.add(series_id)
         elif owner:
             stale.add(series_id)  # a lease that ran out: its worker is gone
-        elif enqueued is None or enqueued < now - orphan:
-            unleased.append((series_id, enqueued))
+        elif orphaned:
+            unleased.append((series_id, bool(silent)))
     if unleased:
         queued = _queued_series()
         if queued is not None:
             stale |= {series_id for series_id, _ in unleased if series_id not in queued}
         else:  # cannot tell: only those silent for a whole lease period
-            stale |= {series_id for series_id, enqueued in unleased if enqueued is None or enqueued < now - lease}
+            stale |= {series_id for series_id, silent in unleased if silent}
     return sorted(stale)
 
 
 def wake_when_destinations_are_back() -> list[int]:
     """Series waiting out a back-off after a destination failure go at once when every destination
     answers again, instead of after the rest of their back-off (up to RETRY_CAP_SECONDS)."""
-    now = timezone.now()
     waiting = list(
-        Series.objects.filter(stage=Stage.RETRYING, next_attempt_at__gt=now, images__status__in=IN_FLIGHT)
+        Series.objects.filter(stage=Stage.RETRYING, next_attempt_at__gt=Now(), images__status__in=IN_FLIGHT)
         .values_list("id", flat=True)
         .distinct()
     )
@@ -149,7 +153,7 @@ def wake_when_destinations_are_back() -> list[int]:
         for destination in destinations:
             destination.close()
     # names the back-off it expects: a series that ran meanwhile keeps what its worker wrote
-    Series.objects.filter(pk__in=waiting, stage=Stage.RETRYING, next_attempt_at__gt=now).update(next_attempt_at=now)
+    Series.objects.filter(pk__in=waiting, stage=Stage.RETRYING, next_attempt_at__gt=Now()).update(next_attempt_at=Now())
     log.info("destinations answer again: %s waiting series go now", len(waiting))
     enqueue(waiting)
     return waiting
@@ -168,7 +172,7 @@ def my_turn(name: str, period_seconds: float) -> bool:
     PeriodicRun.objects.bulk_create([PeriodicRun(name=name, last_run=now - timedelta(days=1))], ignore_conflicts=True)
     # names the time it expects to be older than the period: of two consumers, the first UPDATE wins;
     # the other changes nothing and skips this period
-    due = ExpressionWrapper(Now() - timedelta(seconds=period_seconds), output_field=DateTimeField())
+    due = database_time(-period_seconds)
     return (
         PeriodicRun.objects.filter(name=name, last_run__lte=due).update(last_run=Now(), host=socket.gethostname()) == 1
     )

@@ -12,15 +12,22 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.db import transaction
-from django.db.models import Count, F
+from django.db.models import Count, DateTimeField, ExpressionWrapper, F
 from django.db.models.functions import Now
 from django.utils import timezone
 
 from sendit.relay.models import Event, Image, Series, Status
 
 REASON_LENGTH = 500
+
+
+def database_time(seconds: float = 0.0) -> ExpressionWrapper:
+    """The database's clock plus ``seconds`` (minus, when negative), for every time two hosts compare
+    — leases, heartbeats, back-offs, queue times: a host's skewed clock never decides what is due."""
+    return ExpressionWrapper(Now() + timedelta(seconds=seconds), output_field=DateTimeField())
 
 
 def clip(reason: str) -> str:

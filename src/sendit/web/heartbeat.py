@@ -15,12 +15,11 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import close_old_connections
-from django.db.models import DateTimeField, ExpressionWrapper
-from django.db.models.functions import Now
 from django.utils import timezone
 
 from sendit.relay import liveness
 from sendit.relay.models import WorkerHeartbeat
+from sendit.relay.transitions import database_time
 
 log = logging.getLogger("sendit.heartbeat")
 
@@ -104,7 +103,7 @@ def consumer_down() -> bool:
 
 def alive() -> list[dict[str, Any]]:
     """Workers seen recently, newest first."""
-    since = ExpressionWrapper(Now() - timedelta(seconds=ALIVE_SECONDS), output_field=DateTimeField())
+    since = database_time(-ALIVE_SECONDS)
     recent = WorkerHeartbeat.objects.filter(worker=True, seen__gte=since).order_by("name")
     rows = recent.values("name", "started", "seen")[:200]
     return [dict(row) for row in rows]
