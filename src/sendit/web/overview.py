@@ -311,7 +311,7 @@ def destination_states(max_age: float = DESTINATION_CHECK_SECONDS) -> list[dict[
         if _destinations_cache is not None and time.monotonic() - _destinations_cache[0] < max_age:
             return _destinations_cache[1]
         states = []
-        for destination in runtime.destinations():
+        for destination in runtime.all_destinations():
             try:
                 problem = destination.check()
             except Exception as exc:  # a check must answer, not raise; the class name says enough
