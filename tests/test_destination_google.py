@@ -286,3 +286,45 @@ def test_a_stopped_datastore_is_retryable(
         assert destination.check() is not None
     finally:
         datastore_emulator.start()
+
+
+def test_sendit_check_shows_both_google_destinations(
+    tmp_path: Path, google_env: tuple[GcsServer, DatastoreEmulator]
+) -> None:
+    """The operator's view: one line per Google destination, and the missing bucket named."""
+    import os
+    import subprocess
+    import sys
+
+    gcs, _ = google_env
+    gcs.create_bucket("check-bucket")
+
+    def check(bucket: str) -> subprocess.CompletedProcess[str]:
+        folder = tmp_path / bucket
+        folder.mkdir()
+        config = write_toml(
+            folder,
+            DATA_DIR="data",
+            OUTPUT_FOLDER="off",
+            SEND_TO_GOOGLE=True,
+            GOOGLE_CLOUD_STORAGE=bucket,
+            GOOGLE_PROJECT=PROJECT,
+            GOOGLE_NIFTI=True,
+            GOOGLE_TIMEOUT=3,
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDIT_", "DJANGO_")) and k != "DATABASE_URL"}
+        env["SENDIT_CONFIG"] = str(config)
+        command = [sys.executable, "-m", "sendit", "check"]
+        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+
+    ok = check("check-bucket")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "[ok] destination google-storage: gs://check-bucket/" in ok.stdout
+    assert "[ok] destination google-datastore: kind SenditSeries in project sendit-test" in ok.stdout
+    assert "[ok] destination google-nifti" in ok.stdout
+
+    missing = check("no-such-bucket")
+    assert missing.returncode == 1
+    line = next(line for line in missing.stdout.splitlines() if "destination google-storage" in line)
+    assert line.strip().startswith("[FAIL]") and "GOOGLE_CLOUD_STORAGE" in line
+    assert "Traceback" not in missing.stderr

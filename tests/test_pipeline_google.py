@@ -224,3 +224,27 @@ def test_canary_corpus_leaves_no_canary_in_any_name_object_sidecar_or_entity(
     texts["series events"] = "\n".join(event.reason for event in Event.objects.all())
     leaked = sorted({(secret, where) for secret in secrets for where, text in texts.items() if found(secret, text)})
     assert leaked == [], "\n".join(f"{secret} in {where}" for secret, where in leaked)
+
+
+def test_the_dashboard_shows_both_google_destinations(
+    sendit_dirs: dict[str, Path], reconfigure: Reconfigure, google_env: tuple[GcsServer, DatastoreEmulator]
+) -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    from sendit.web import overview
+
+    gcs, _ = google_env
+    browser = Client()
+    browser.force_login(User.objects.create_user("alice", password="correct horse battery staple"))
+    to_google(reconfigure, gcs)
+    overview._destinations_cache = None
+    rows = {row["name"]: row for row in browser.get("/api/dashboard").json()["destinations"]}
+    assert rows["google-storage"]["reachable"] and rows["google-datastore"]["reachable"]
+
+    to_google(reconfigure, gcs, bucket="no-such-bucket")
+    overview._destinations_cache = None
+    rows = {row["name"]: row for row in browser.get("/api/dashboard").json()["destinations"]}
+    overview._destinations_cache = None
+    assert not rows["google-storage"]["reachable"] and "GOOGLE_CLOUD_STORAGE" in rows["google-storage"]["problem"]
+    assert rows["google-datastore"]["reachable"]
