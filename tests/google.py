@@ -152,7 +152,11 @@ class GcsServer(_Process):
         return client.get(f"{self.url}/storage/v1/b?project={PROJECT}").status_code == 200
 
     def create_bucket(self, name: str) -> None:
-        reply = httpx.post(f"{self.url}/storage/v1/b?project={PROJECT}", json={"name": name}, timeout=10)
+        self.create_bucket_at(self.url, name)
+
+    @staticmethod
+    def create_bucket_at(url: str, name: str) -> None:
+        reply = httpx.post(f"{url}/storage/v1/b?project={PROJECT}", json={"name": name}, timeout=10)
         reply.raise_for_status()
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, dict[str, str]]:

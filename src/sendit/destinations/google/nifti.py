@@ -1,11 +1,11 @@
 """NIfTI for researchers: dcm2niix on a series' de-identified working copies, gzip, a filtered sidecar.
 
 1. Link the series' working copies (only those: never an original) into a private temp folder.
-2. Run dcm2niix uncompressed (``-z n``), BIDS sidecar anonymised (``-ba y``), no comment, no user
-   defaults file (``-g i``); bounded in time.
-3. Compress each ``.nii`` with :data:`COMPRESSION` — measured as the fastest correct way here
-   (docs/performance.md, "NIfTI compression"); the gzip header carries no name and no time, so the
-   same series gives the same bytes again (a re-upload finds an equal object).
+2. Run dcm2niix with the BIDS sidecar anonymised (``-ba y``), no comment, no user defaults file
+   (``-g i``), one series folder deep; bounded in time.
+3. Compress as :data:`COMPRESSION` says — measured as the fastest correct way here: dcm2niix's own
+   zlib at level 1 (``-z i -1``), no pigz needed (docs/performance.md, "NIfTI compression"). Its
+   output is the same bytes for the same series, so a re-upload finds an equal object.
 4. The JSON sidecar keeps only the keys of :data:`SIDECAR_KEYS` whose values are numbers or short
    codes: dcm2niix copies header values into it, and it passes the same allow-list idea as the
    series metadata (sendit.deid.metadata).
@@ -40,12 +40,12 @@ from sendit.destinations.google.storage import Conflict, GoogleStorageDestinatio
 log = logging.getLogger("sendit.destinations.google")
 
 CONVERT_TIMEOUT = 900.0  # seconds for one series; a 2,000-slice CT takes well under a minute
-#: How a .nii becomes .nii.gz: "pigz1" (pigz -1 on all cores; Python's zlib where pigz is not
-#: installed), "zlib1" (Python's zlib at level 1, in process), "dcm2niix" (its -z y: pigz at level 6
-#: where installed), "dcm2niix-zlib1" (its own zlib, -1). Measured by benchmarks/bench_google.py
-#: --nifti; the numbers and the choice are in docs/performance.md.
-COMPRESSION = "pigz1"
-COMPRESSIONS = ("zlib1", "pigz1", "dcm2niix", "dcm2niix-zlib1")
+#: How a .nii becomes .nii.gz: "dcm2niix-zlib1" (dcm2niix -z i -1: its own zlib), "dcm2niix-pigz1"
+#: (-z y -1), "dcm2niix" (-z y: pigz at level 6 where installed), "zlib1" (-z n, then Python's zlib at
+#: level 1), "pigz1" (-z n, then pigz -1 -n). Measured by benchmarks/bench_google.py
+#: --nifti-compression; the numbers and the choice are in docs/performance.md.
+COMPRESSION = "dcm2niix-zlib1"
+COMPRESSIONS = ("zlib1", "pigz1", "dcm2niix", "dcm2niix-pigz1", "dcm2niix-zlib1")
 _BASENAME = "series"
 
 #: Sidecar keys that leave: acquisition physics and geometry, the converter. No descriptions, names,
@@ -164,10 +164,10 @@ def convert(images: Sequence[Path], work: Path, method: str = COMPRESSION) -> tu
         except OSError:  # another file system: a copy
             shutil.copyfile(image, target)
     internal = method.startswith("dcm2niix")
-    zflag = "y" if method == "dcm2niix" else ("i" if method == "dcm2niix-zlib1" else "n")
+    zflag = {"dcm2niix": "y", "dcm2niix-pigz1": "y", "dcm2niix-zlib1": "i"}.get(method, "n")
     command = [binary, "-g", "i", "-b", "y", "-ba", "y", "-z", zflag, "-f", _BASENAME, "-c", "", "-d", "0"]
     command += ["-w", "1", "-v", "0", "-o", str(out)]
-    if method == "dcm2niix-zlib1":
+    if method in ("dcm2niix-zlib1", "dcm2niix-pigz1"):
         command.append("-1")
     command.append(str(source))
     try:
