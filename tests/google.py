@@ -129,8 +129,12 @@ class _Process:
             time.sleep(0.1)
 
 
+@dataclass
 class GcsServer(_Process):
-    """fake-gcs-server: a stand-in for Google Cloud Storage (objects on disk under ``root``)."""
+    """fake-gcs-server: a stand-in for Google Cloud Storage (objects on disk under ``root``, kept
+    across a restart; ``in_memory=True`` keeps them in memory, as the benchmark does)."""
+
+    in_memory: bool = False
 
     @property
     def url(self) -> str:
@@ -144,7 +148,8 @@ class GcsServer(_Process):
         return [
             str(_get_binary_path()),
             *("-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port)),
-            *("-backend", "filesystem", "-filesystem-root", str(data), "-external-url", self.url),
+            *(("-backend", "memory") if self.in_memory else ("-backend", "filesystem", "-filesystem-root", str(data))),
+            *("-external-url", self.url),
             *("-log-level", "error"),
         ]
 
@@ -181,6 +186,7 @@ class GcsServer(_Process):
         return reply.content
 
 
+@dataclass
 class DatastoreEmulator(_Process):
     """Google's Cloud Datastore emulator (in memory): a stand-in for Datastore."""
 

@@ -9,6 +9,9 @@ quote a request), never goes into a message: only the HTTP status or the error's
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from typing import Any
 
 from sendit.destinations.base import DestinationError
@@ -71,6 +74,32 @@ def retry_policy(settings: GoogleSettings) -> Any:
         multiplier=2.0,
         timeout=settings.timeout,
     )
+
+
+_SHARED: dict[tuple[Any, ...], Any] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_client(kind: str, settings: GoogleSettings) -> Any:
+    """One client per process, thread and settings, kept for the process's life.
+
+    A fresh client pays for its connection on its first call (Datastore's gRPC channel: up to a
+    second), and adapters are made anew for every series; a client is never shared between threads,
+    nor used again after a fork (the key holds the PID)."""
+    key = (kind, os.getpid(), threading.get_ident(), settings)
+    with _SHARED_LOCK:
+        client = _SHARED.get(key)
+    if client is None:
+        client = storage_client(settings) if kind == "storage" else datastore_client(settings)
+        with _SHARED_LOCK:
+            _SHARED[key] = client
+            alive = {thread.ident for thread in threading.enumerate()}
+            gone = [k for k in _SHARED if k[1] != os.getpid() or k[2] not in alive]
+            dropped = [_SHARED.pop(k) for k in gone]  # a finished thread's (a dashboard check's)
+        for old in dropped:
+            with contextlib.suppress(Exception):
+                old.close()
+    return client
 
 
 def storage_client(settings: GoogleSettings) -> Any:

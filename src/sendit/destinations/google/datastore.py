@@ -97,12 +97,9 @@ class GoogleDatastoreDestination:
     def __init__(self, settings: GoogleSettings) -> None:
         self.settings = settings
         self.where = f"kind {settings.kind}" + (f" in project {settings.project}" if settings.project else "")
-        self._client: Any = None
 
     def client(self) -> Any:
-        if self._client is None:
-            self._client = gclient.datastore_client(self.settings)
-        return self._client
+        return gclient.shared_client("datastore", self.settings)
 
     def explain(self, exc: BaseException, doing: str) -> DestinationError:
         return gclient.explain(exc, service="Datastore", setting="GOOGLE_PROJECT", doing=doing)
@@ -141,7 +138,4 @@ class GoogleDatastoreDestination:
         return None
 
     def close(self) -> None:
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                self._client.close()
-        self._client = None
+        return None  # the client stays with the process (client.shared_client)

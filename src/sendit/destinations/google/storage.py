@@ -8,16 +8,19 @@
    re-send) compares checksums: equal is delivered; different is a permanent error for the image.
 4. 401/403 and a missing bucket are the configuration's (not retried, naming the setting); anything
    that still fails after the retries is the destination's (the series is tried again later).
-5. Verification lists the series' prefix and compares names, and the CRC32C of every object this
+5. Up to :data:`UPLOADS` objects go up at once, each thread with its own client.
+6. Verification lists the series' prefix and compares names, and the CRC32C of every object this
    adapter uploaded or matched.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ log = logging.getLogger("sendit.destinations.google")
 RESUMABLE_ABOVE = 8 * 1024 * 1024  # the client's own multipart limit; larger files go in chunks
 CHUNK_SIZE = 8 * 1024 * 1024  # a multiple of 256 KiB, as resumable uploads require
 CHECK_OBJECT = ".sendit-check"
+UPLOADS = 8  # objects uploaded at once per batch: one upload waits on the network most of its time
 
 
 def crc32c_of(path: Path) -> str:
@@ -51,18 +55,15 @@ class GoogleStorageDestination:
     def __init__(self, settings: GoogleSettings) -> None:
         self.settings = settings
         self.where = f"gs://{settings.bucket}/{settings.prefix + '/' if settings.prefix else ''}"
-        self._client: Any = None
-        self._bucket: Any = None
+        self._lock = threading.Lock()
         self._series: dict[str, str] = {}  # series UID → its prefix, for verification
         self._checksums: dict[str, str] = {}  # object name → CRC32C of what we hold locally
 
     # -- the client ------------------------------------------------------------------------------
 
     def bucket(self) -> Any:
-        if self._bucket is None:
-            self._client = gclient.storage_client(self.settings)
-            self._bucket = self._client.bucket(self.settings.bucket)
-        return self._bucket
+        """The bucket through this thread's client (its own HTTP session, kept by the process)."""
+        return gclient.shared_client("storage", self.settings).bucket(self.settings.bucket)
 
     def explain(self, exc: BaseException, doing: str) -> DestinationError:
         return gclient.explain(exc, service="Cloud Storage", setting="GOOGLE_CLOUD_STORAGE", doing=doing)
@@ -102,38 +103,42 @@ class GoogleStorageDestination:
     # -- Destination ---------------------------------------------------------------------------------
 
     def send(self, images: Sequence[OutgoingImage]) -> list[SendResult]:
-        results: list[SendResult] = []
+        """Up to :data:`UPLOADS` at once; one result per image, in order. A destination-wide failure
+        (refused, missing bucket, still down after the retries) stops the rest and raises."""
         self.bucket()  # no usable credentials: a DestinationError for the batch, before any image
-        for image in images:
-            prefix = series_prefix(self.settings.prefix, image.patient_id, image.study_uid, image.series_uid)
+        if len(images) <= 1:
+            return [self.send_one(image) for image in images]
+        futures = [upload_pool().submit(self.send_one, image) for image in images]
+        try:
+            return [future.result() for future in futures]
+        finally:  # after a failure: the rest is not started, and nothing runs on after we return
+            for future in futures:
+                future.cancel()
+            wait(futures)
+
+    def send_one(self, image: OutgoingImage) -> SendResult:
+        prefix = series_prefix(self.settings.prefix, image.patient_id, image.study_uid, image.series_uid)
+        name = instance_name(prefix, image.sop_instance_uid)
+        with self._lock:
             self._series[image.series_uid] = prefix
-            name = instance_name(prefix, image.sop_instance_uid)
-            try:
-                checksum, created = self.upload(image.path, name, "application/dicom")
-            except Conflict:
-                results.append(
-                    SendResult(
-                        image.image_id,
-                        delivered=False,
-                        permanent=True,
-                        message=f"image {image.image_id}: the bucket already holds this instance with "
-                        "different content (CRC32C differs); not overwritten",
-                    )
-                )
-                continue
-            except Vanished:  # this image only, tried again later
-                message = f"image {image.image_id}: its object vanished after a 412"
-                results.append(SendResult(image.image_id, delivered=False, message=message))
-                continue
-            except Exception as exc:
-                if _is_corruption(exc):  # the client deleted what arrived damaged: try it again later
-                    message = f"image {image.image_id}: upload arrived damaged (CRC32C mismatch)"
-                    results.append(SendResult(image.image_id, delivered=False, message=message))
-                    continue
-                raise self.explain(exc, f"uploading image {image.image_id}") from None
+        try:
+            checksum, _ = self.upload(image.path, name, "application/dicom")
+        except Conflict:
+            message = (
+                f"image {image.image_id}: the bucket already holds this instance with different content "
+                "(CRC32C differs); not overwritten"
+            )
+            return SendResult(image.image_id, delivered=False, permanent=True, message=message)
+        except Vanished:  # this image only, tried again later
+            return SendResult(image.image_id, delivered=False, message=f"image {image.image_id}: its object vanished")
+        except Exception as exc:
+            if _is_corruption(exc):  # the client deleted what arrived damaged: try it again later
+                message = f"image {image.image_id}: upload arrived damaged (CRC32C mismatch)"
+                return SendResult(image.image_id, delivered=False, message=message)
+            raise self.explain(exc, f"uploading image {image.image_id}") from None
+        with self._lock:
             self._checksums[name] = checksum
-            results.append(SendResult(image.image_id, delivered=True))
-        return results
+        return SendResult(image.image_id, delivered=True)
 
     def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
         prefix = self._series.get(series_uid)
@@ -199,10 +204,20 @@ class GoogleStorageDestination:
         return link(self.settings.bucket, name)
 
     def close(self) -> None:
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                self._client.close()
-        self._client = self._bucket = None
+        return None  # the clients stay with the process (client.shared_client)
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def upload_pool() -> ThreadPoolExecutor:
+    """This process's upload threads (made after a fork, never inherited), kept with their clients."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=UPLOADS, thread_name_prefix="sendit-gcs"))
+        return _POOL[1]
 
 
 class Conflict(Exception):
