@@ -113,3 +113,13 @@ def series_destinations() -> list[SeriesDestination]:
 def all_destinations() -> list[Destination | SeriesDestination]:
     """Every adapter, for `sendit check`, `sendit status` and the dashboard (each has name, check, close)."""
     return [*destinations(), *series_destinations()]
+
+
+def preload_destinations() -> None:
+    """Import the configured destinations' client libraries now, before worker processes are forked:
+    each worker would otherwise import them again (Google's clients: about a second of CPU each).
+    Only modules: no client, connection or thread exists yet, so nothing is shared across the fork."""
+    if config().SEND_TO_GOOGLE:
+        from sendit.destinations.google.client import preload
+
+        preload()
