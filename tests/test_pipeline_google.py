@@ -248,3 +248,39 @@ def test_the_dashboard_shows_both_google_destinations(
     overview._destinations_cache = None
     assert not rows["google-storage"]["reachable"] and "GOOGLE_CLOUD_STORAGE" in rows["google-storage"]["problem"]
     assert rows["google-datastore"]["reachable"]
+
+
+def test_a_series_arriving_in_two_drops_gets_one_nifti_and_entity_of_all_its_images(
+    tmp_path: Path,
+    sendit_dirs: dict[str, Path],
+    reconfigure: Reconfigure,
+    google_env: tuple[GcsServer, DatastoreEmulator],
+) -> None:
+    """The second drop's working copies are all there is locally: the earlier instances come back
+    from the bucket, so the volume and the count hold the whole series."""
+    import pydicom
+
+    gcs, _ = google_env
+    bucket, kind = to_google(reconfigure, gcs, GOOGLE_NIFTI=True, KEEP_WORKING=False)
+    staging = tmp_path / "staging"
+    written = demo_into(staging, patients=1, images=4)
+    ct = sorted(path for path in written if pydicom.dcmread(path, stop_before_pixels=True).Modality == "CT")
+    first_series = pydicom.dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID
+    ours = [p for p in ct if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID == first_series]
+    assert len(ours) == 4
+    for drop, part in enumerate((ours[:2], ours[2:])):
+        folder = sendit_dirs["INPUT_FOLDER"] / f"drop{drop}"
+        folder.mkdir()
+        for path in part:
+            path.rename(folder / path.name)
+        ingest_and_run(folder)
+
+    series = Series.objects.get()
+    assert series.images.filter(status=Status.DONE).count() == 4
+    held = gcs.objects(bucket)
+    folder_name = folder_of(held, series.deid_series_uid)
+    volume = gzip.decompress(gcs.download(bucket, f"{folder_name}/{series.deid_series_uid}.nii.gz"))
+    dims = [int.from_bytes(volume[40 + 2 * i : 42 + 2 * i], "little") for i in range(4)]  # NIfTI-1 dim[0..3]
+    assert dims[3] == 4, dims  # four slices: both drops
+    assert entities(kind)[series.deid_series_uid]["images"] == 4
+    assert Event.objects.filter(reason__contains="replaced: the series changed").exists()

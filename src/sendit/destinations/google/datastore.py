@@ -2,7 +2,8 @@
 
 1. The entity holds the allow-listed document the pipeline writes as ``metadata.json``
    (:mod:`sendit.deid.metadata`: modality, body part, cleaned descriptions, codes, age bucket, sex,
-   manufacturer, numbers; descriptions once more through :func:`stricter`), the image count, the
+   manufacturer, numbers; descriptions once more through :func:`stricter`), the instances the
+   bucket holds of the series (a listing: a series may arrive in two drops), the
    series' dates as delivered (shifted; taken from a de-identified copy, so exactly what the DICOM
    objects say) and links to the objects in the bucket.
 2. Written as an upsert (``put``: the same key again replaces it, so a re-run changes nothing) and
@@ -22,6 +23,7 @@ from sendit.destinations.base import DestinationError, OutgoingSeries, SeriesOut
 from sendit.destinations.google import client as gclient
 from sendit.destinations.google.layout import link, series_prefix
 from sendit.destinations.google.settings import GoogleSettings
+from sendit.destinations.google.storage import GoogleStorageDestination
 
 #: A word of 9+ characters mixing letters and digits: a code or a subject number rather than a
 #: technique word (``ep2d``, ``b1000``, ``T2W``), which the scrubber keeps. It leaves as ``[ID]``.
@@ -57,8 +59,9 @@ def stricter(text: str) -> str:
     return _LONG_CODE.sub("[ID]", text)
 
 
-def entity_fields(series: OutgoingSeries, bucket: str, prefix: str) -> dict[str, Any]:
-    """Every property of the series' entity (values free of PHI by construction)."""
+def entity_fields(series: OutgoingSeries, bucket: str, prefix: str, instances: int | None = None) -> dict[str, Any]:
+    """Every property of the series' entity (values free of PHI by construction); ``instances`` is
+    how many the bucket holds of the series (more than ``series.images`` after a second drop)."""
     document = {key: value for key, value in (series.metadata or {}).items() if key != "schema"}
     for key in _FREE_TEXT:
         if isinstance(document.get(key), str):
@@ -73,7 +76,7 @@ def entity_fields(series: OutgoingSeries, bucket: str, prefix: str) -> dict[str,
         "pseudonym": series.patient_id,
         "study_uid": series.study_uid,
         "series_uid": series.series_uid,
-        "images": len(series.images),
+        "images": max(instances or 0, len(series.images)),
         **delivered_dates(series),
         "dicom": link(bucket, folder),
         "nifti": [item for item in series.links if item.endswith(".nii.gz")],
@@ -107,7 +110,7 @@ class GoogleDatastoreDestination:
     def deliver_series(self, series: OutgoingSeries) -> SeriesOutcome:
         from google.cloud import datastore
 
-        fields = entity_fields(series, self.settings.bucket, self.settings.prefix)
+        fields = entity_fields(series, self.settings.bucket, self.settings.prefix, self._instances_held(series))
         client = self.client()
         key = client.key(self.settings.kind, series.series_uid)
         entity = datastore.Entity(key, exclude_from_indexes=tuple(name for name in UNINDEXED if name in fields))
@@ -121,6 +124,15 @@ class GoogleDatastoreDestination:
         if stored is None or plain(dict(stored)) != plain(fields):
             raise DestinationError("the series entity read back differs from what was written")
         return SeriesOutcome()
+
+    def _instances_held(self, series: OutgoingSeries) -> int:
+        """How many instances of the series the bucket holds (a listing of its prefix)."""
+        storage = GoogleStorageDestination(self.settings)
+        folder = series_prefix(self.settings.prefix, series.patient_id, series.study_uid, series.series_uid)
+        try:
+            return sum(1 for name in storage.list_objects(folder) if name.endswith(".dcm"))
+        except Exception as exc:
+            raise storage.explain(exc, "counting the series' instances") from None
 
     def check(self) -> str | None:
         """Reachable: read one key (roles/datastore.user may; nothing is written)."""

@@ -1,6 +1,7 @@
 """NIfTI for researchers: dcm2niix on a series' de-identified working copies, gzip, a filtered sidecar.
 
-1. Link the series' working copies (only those: never an original) into a private temp folder.
+1. Link the series' working copies (only those: never an original) into a private temp folder, with
+   the series' instances an earlier delivery put in the bucket (the series arrived in two drops).
 2. Run dcm2niix with the BIDS sidecar anonymised (``-ba y``), no comment, no user defaults file
    (``-g i``), one series folder deep; bounded in time.
 3. Compress as :data:`COMPRESSION` says — measured as the fastest correct way here: dcm2niix's own
@@ -33,7 +34,8 @@ from typing import Any
 
 from sendit.destinations.base import DestinationError, OutgoingImage, OutgoingSeries, SeriesOutcome
 from sendit.destinations.folder import safe_path_part
-from sendit.destinations.google.layout import series_prefix
+from sendit.destinations.google.client import retry_policy
+from sendit.destinations.google.layout import instance_name, series_prefix
 from sendit.destinations.google.settings import GoogleSettings
 from sendit.destinations.google.storage import Conflict, GoogleStorageDestination
 
@@ -225,6 +227,7 @@ class GoogleNiftiDestination:
         images = [image.path for image in sorted(series.images, key=_instance_order)]
         work = Path(tempfile.mkdtemp(prefix=".nifti-", dir=images[0].parent))
         try:
+            images += self._earlier_instances(series, prefix, work)
             made, note = convert(images, work)
             if not made:
                 return SeriesOutcome(notes=(note,))
@@ -241,6 +244,29 @@ class GoogleNiftiDestination:
             return SeriesOutcome(links=tuple(links), notes=tuple(notes))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _earlier_instances(self, series: OutgoingSeries, prefix: str, work: Path) -> list[Path]:
+        """The series' instances already in the bucket from an earlier delivery (the series arrived in
+        two drops; those working copies are gone): downloaded, so the volume holds the whole series.
+        They are the de-identified objects Sendit itself uploaded."""
+        ours = {instance_name(prefix, image.sop_instance_uid) for image in series.images}
+        try:
+            listed = self.storage.list_objects(prefix)
+            others = sorted(name for name in listed if name.endswith(".dcm") and name not in ours)
+            if not others:
+                return []
+            folder = work / "earlier"
+            folder.mkdir()
+            paths = []
+            for index, name in enumerate(others):
+                target = folder / f"{index:06d}.dcm"
+                self.storage.bucket().blob(name).download_to_filename(
+                    str(target), timeout=self.storage.timeouts(), retry=retry_policy(self.settings)
+                )
+                paths.append(target)
+            return paths
+        except Exception as exc:
+            raise self.storage.explain(exc, "reading the series' earlier instances") from None
 
     def _put(self, path: Path, name: str, content_type: str) -> bool:
         """Create-only; an equal object is fine; a different one (the series gained images since) is
