@@ -329,3 +329,63 @@ def test_sendit_check_shows_both_google_destinations(
     line = next(line for line in missing.stdout.splitlines() if "destination google-storage" in line)
     assert line.strip().startswith("[FAIL]") and "GOOGLE_CLOUD_STORAGE" in line
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable", "named"),
+    [
+        ("Unauthorized", False, "GOOGLE_APPLICATION_CREDENTIALS"),
+        ("Forbidden", False, "GOOGLE_APPLICATION_CREDENTIALS"),
+        ("PermissionDenied", False, "GOOGLE_APPLICATION_CREDENTIALS"),
+        ("NotFound", False, "GOOGLE_CLOUD_STORAGE"),
+        ("TooManyRequests", True, "HTTP 429"),
+        ("ServiceUnavailable", True, "HTTP 503"),
+        ("InternalServerError", True, "HTTP 500"),
+        ("BadRequest", False, "HTTP 400"),
+    ],
+)
+def test_google_answers_in_words_and_classes(error: str, retryable: bool, named: str) -> None:
+    """What each answer of Google's becomes (the stand-ins cannot refuse credentials or throttle)."""
+    from google.api_core import exceptions as gexc
+
+    from sendit.destinations.google.client import explain
+
+    secret = "ya29.hunter2-token"  # an error's own text may quote the request: never repeated
+    found = explain(
+        getattr(gexc, error)(f"denied for {secret}"),
+        service="Cloud Storage",
+        setting="GOOGLE_CLOUD_STORAGE",
+        doing="uploading image 3",
+    )
+    assert found.retryable is retryable
+    assert named in str(found) and str(found).startswith("uploading image 3: ")
+    assert secret not in str(found)
+
+
+def test_a_timeout_after_the_retries_is_retryable() -> None:
+    import requests
+    from google.api_core import exceptions as gexc
+
+    from sendit.destinations.google.client import explain
+
+    exhausted = gexc.RetryError("Timeout of 3.0s exceeded", cause=requests.ConnectionError("refused"))
+    found = explain(exhausted, service="Datastore", setting="GOOGLE_PROJECT", doing="writing the series entity")
+    assert found.retryable and "did not answer in time" in str(found)
+
+
+def test_a_large_file_goes_up_resumably_and_arrives_whole(tmp_path: Path, bucket: str, gcs_server: GcsServer) -> None:
+    from sendit.destinations.google import storage
+
+    (path,) = series_files(tmp_path / "s", 1)
+    ds = pydicom.dcmread(path)
+    ds.Rows = ds.Columns = 2100  # 8.8 MB of pixels: above the multipart limit
+    ds.PixelData = bytes(range(256)) * (2100 * 2100 * 2 // 256) + bytes(2100 * 2100 * 2 % 256)
+    ds.save_as(path)
+    assert path.stat().st_size > storage.RESUMABLE_ABOVE
+    image = outgoing(path, 1)
+
+    (result,) = GoogleStorageDestination(settings(bucket)).send([image])
+
+    assert result.delivered
+    name = f"coll/{image.patient_id}/{image.study_uid}/{image.series_uid}/{image.sop_instance_uid}.dcm"
+    assert gcs_server.download(bucket, name) == path.read_bytes()
