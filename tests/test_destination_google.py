@@ -389,3 +389,22 @@ def test_a_large_file_goes_up_resumably_and_arrives_whole(tmp_path: Path, bucket
     assert result.delivered
     name = f"coll/{image.patient_id}/{image.study_uid}/{image.series_uid}/{image.sop_instance_uid}.dcm"
     assert gcs_server.download(bucket, name) == path.read_bytes()
+
+
+def test_an_upload_storage_holds_differently_is_that_images_retryable_failure(
+    tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Damaged on the way: Google refuses it (HTTP 400, the CRC32C sent with it differs); the stand-in
+    stores it and reports its own CRC32C. Either way that image is tried again, its siblings go."""
+    from sendit.destinations.google import storage
+
+    images = [outgoing(path, i + 1) for i, path in enumerate(series_files(tmp_path / "s", 3))]
+    real = storage.crc32c_of
+    monkeypatch.setattr(storage, "crc32c_of", lambda path: "AAAAAA==" if path == images[1].path else real(path))
+
+    results = GoogleStorageDestination(settings(bucket)).send(images)
+
+    assert [r.delivered for r in results] == [True, False, True]
+    assert not results[1].permanent and "image 2: Storage holds other bytes" in results[1].message
+    monkeypatch.setattr(storage, "crc32c_of", real)
+    assert GoogleStorageDestination(settings(bucket)).send([images[1]])[0].delivered  # the next attempt

@@ -1,7 +1,8 @@
 """Google Cloud Storage: each de-identified instance as one object, created once, verified by listing.
 
 1. Name: ``<prefix>/<pseudonym>/<study>/<series>/<SOP>.dcm`` (:mod:`.layout`; no PHI in a name).
-2. Upload create-only (``if_generation_match=0``) with a CRC32C check of what arrived; files above
+2. Upload create-only (``if_generation_match=0``) with the file's CRC32C, which Storage checks (an
+   upload that arrived damaged is refused, HTTP 400: that image is tried again later); files above
    8 MiB go as a resumable upload in 8 MiB chunks. The client retries 429, 5xx and time-outs with
    exponential back-off and jitter for GOOGLE_TIMEOUT seconds in all.
 3. A 412 (an object of that name is there already: an earlier attempt whose answer was lost, or a
@@ -80,25 +81,27 @@ class GoogleStorageDestination:
         """
         from google.api_core import exceptions as gexc
 
+        local = crc32c_of(path)
         blob = self.bucket().blob(name, chunk_size=CHUNK_SIZE if path.stat().st_size > RESUMABLE_ABOVE else None)
+        blob.crc32c = local  # sent with the object: Storage refuses it (400) if what arrived differs
         try:
             blob.upload_from_filename(
                 str(path),
                 content_type=content_type,
                 if_generation_match=0,
-                checksum="crc32c",
                 timeout=self.timeouts(),
                 retry=gclient.retry_policy(self.settings),
             )
         except gexc.PreconditionFailed:
             existing = self.bucket().get_blob(name, timeout=self.timeouts(), retry=gclient.retry_policy(self.settings))
-            local = crc32c_of(path)
             if existing is None:  # removed between the two calls: the next attempt creates it
                 raise Vanished() from None
             if existing.crc32c != local:
                 raise Conflict(existing.generation) from None
             return local, False
-        return str(blob.crc32c), True
+        if blob.crc32c != local:  # what Storage says it holds
+            raise Damaged()
+        return local, True
 
     # -- Destination ---------------------------------------------------------------------------------
 
@@ -131,9 +134,12 @@ class GoogleStorageDestination:
             return SendResult(image.image_id, delivered=False, permanent=True, message=message)
         except Vanished:  # this image only, tried again later
             return SendResult(image.image_id, delivered=False, message=f"image {image.image_id}: its object vanished")
+        except Damaged:
+            message = f"image {image.image_id}: Storage holds other bytes than were sent (CRC32C differs)"
+            return SendResult(image.image_id, delivered=False, message=message)
         except Exception as exc:
-            if _is_corruption(exc):  # the client deleted what arrived damaged: try it again later
-                message = f"image {image.image_id}: upload arrived damaged (CRC32C mismatch)"
+            if _refused_as_damaged(exc):  # Storage checked the CRC32C we sent: this image, later again
+                message = f"image {image.image_id}: Storage refused the upload (HTTP 400, damaged on the way?)"
                 return SendResult(image.image_id, delivered=False, message=message)
             raise self.explain(exc, f"uploading image {image.image_id}") from None
         with self._lock:
@@ -232,9 +238,12 @@ class Vanished(Exception):
     """A 412 said the object was there, and then it was not."""
 
 
-def _is_corruption(exc: BaseException) -> bool:
-    try:
-        from google.resumable_media.common import DataCorruption
-    except ImportError:  # pragma: no cover - older clients
-        return False
-    return isinstance(exc, DataCorruption)
+class Damaged(Exception):
+    """Storage reports another CRC32C than the file's."""
+
+
+def _refused_as_damaged(exc: BaseException) -> bool:
+    """A 400 on an upload: the request was well formed but for its content (the CRC32C sent with it)."""
+    from google.api_core import exceptions as gexc
+
+    return isinstance(exc, gexc.BadRequest)
