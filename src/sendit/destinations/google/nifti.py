@@ -37,7 +37,7 @@ from sendit.destinations.folder import safe_path_part
 from sendit.destinations.google.client import retry_policy
 from sendit.destinations.google.layout import instance_name, series_prefix
 from sendit.destinations.google.settings import GoogleSettings
-from sendit.destinations.google.storage import Conflict, GoogleStorageDestination
+from sendit.destinations.google.storage import Conflict, Damaged, GoogleStorageDestination, Vanished
 
 log = logging.getLogger("sendit.destinations.google")
 
@@ -280,11 +280,14 @@ class GoogleNiftiDestination:
                 blob.upload_from_filename(
                     str(path),
                     content_type=content_type,
-                    if_generation_match=conflict.generation,
+                    if_generation_match=conflict.generation,  # the one we compared, no other
                     checksum="crc32c",
                     timeout=self.storage.timeouts(),
+                    retry=retry_policy(self.settings),
                 )
                 return True
+        except (Vanished, Damaged):
+            raise DestinationError(f"{name.rsplit('/', 1)[-1]}: did not arrive as sent; trying again later") from None
         except DestinationError:
             raise
         except Exception as exc:
