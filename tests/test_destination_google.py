@@ -408,3 +408,65 @@ def test_an_upload_storage_holds_differently_is_that_images_retryable_failure(
     assert not results[1].permanent and "image 2: Storage holds other bytes" in results[1].message
     monkeypatch.setattr(storage, "crc32c_of", real)
     assert GoogleStorageDestination(settings(bucket)).send([images[1]])[0].delivered  # the next attempt
+
+
+def test_a_refused_key_file_is_a_configuration_error_and_its_key_never_shown(
+    tmp_path: Path, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service-account key Google refuses (revoked, wrong project): its token endpoint, a loopback
+    stand-in here, answers every grant with 400 invalid_grant as Google's does."""
+    import logging
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b'{"error": "invalid_grant", "error_description": "Invalid JWT Signature."}'
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = HTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    keyfile = tmp_path / "key.json"
+    keyfile.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": PROJECT,
+                "private_key_id": "k1",
+                "private_key": pem,
+                "client_email": "sendit@sendit-test.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": f"http://127.0.0.1:{server.server_address[1]}/token",
+            }
+        )
+    )
+    images = [outgoing(path, 1) for path in series_files(tmp_path / "s", 2)]
+    caplog.set_level(logging.DEBUG)
+    try:
+        destination = GoogleStorageDestination(settings(bucket, credentials_file=str(keyfile)))
+        with pytest.raises(DestinationError) as info:
+            destination.send(images)
+        problem = destination.check()
+    finally:
+        server.shutdown()
+    assert not info.value.retryable and "GOOGLE_APPLICATION_CREDENTIALS" in str(info.value)
+    assert problem is not None and "GOOGLE_APPLICATION_CREDENTIALS" in problem
+    body = pem.splitlines()[5]
+    for text in (str(info.value), problem, caplog.text):
+        assert "PRIVATE KEY" not in text and body not in text

@@ -154,6 +154,8 @@ def explain(exc: BaseException, *, service: str, setting: str, doing: str) -> De
             f"the account's roles on {setting} (docs/destinations.md)",
             retryable=False,
         )
+    if isinstance(cause, auth_exc.RefreshError) and getattr(cause, "retryable", False):
+        return DestinationError(f"{doing}: the token service did not answer in time or was busy")
     if isinstance(cause, auth_exc.RefreshError):
         return DestinationError(
             f"{doing}: the credentials were refused ({type(cause).__name__}); check GOOGLE_APPLICATION_CREDENTIALS",
