@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Developer set-up (idempotent), used by scripts/test.sh: the Debian packages the tests talk to
-# (Orthanc, DCMTK, dicom3tools, Chromium) when we are root, then .venv with Sendit in editable mode
-# and its development tools. It never stops or reconfigures a service: the tests start their own
+# (Orthanc, DCMTK, dicom3tools, Chromium, tesseract-ocr, faketime) when we are root, then .venv with Sendit
+# in editable mode and its development tools. It never stops or reconfigures a service: the tests start their own
 # Orthanc on free loopback ports, so a system Orthanc (maybe the site's PACS) is left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,13 +11,15 @@ command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v tesseract >/dev/null 2>&1 || need_apt+=(tesseract-ocr)
+command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)  # tests/test_many_hosts.py: a host's skewed clock
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "setup: installing ${need_apt[*]} from Debian" >&2
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
     else
-        echo "setup: not root; install ${need_apt[*]} yourself for the Orthanc and browser tests" >&2
+        echo "setup: not root; install ${need_apt[*]} yourself for the Orthanc, browser and OCR tests" >&2
     fi
 fi
 

@@ -27,6 +27,8 @@ from urllib.parse import quote
 
 import pydicom
 
+from tests.helpers import process_table
+
 # -- configuration of the child processes ------------------------------------------------------
 
 
@@ -202,17 +204,7 @@ def _wait_group_gone(pgid: int, seconds: float) -> None:
 
 def _group_has_live_member(pgid: int) -> bool:
     """True while a member of the group is not a zombie (a zombie cannot write anything)."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+    return any(group == pgid for _, group, _, _ in process_table().values())
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Burned-in text: the default filter quarantines what may carry text; graylist rules blank regions."""
+"""Burned-in text: the default filter flags what may carry text (OCR then decides: tests/test_deid_ocr.py);
+graylist rules blank known layouts; every shipped rule is documented."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, UltrasoundImageStorage
 
 from sendit.deid import BurnedInError, Deidentifier, DeidError, parse_recipe
+from sendit.deid.ocr import OcrSettings, unavailable_reason
+from sendit.deid.pixels import Decision, PixelRules, decide
 from sendit.deid.recipe import default_filter
 from sendit.identifiers import Identifiers
 from tests.test_deid_engine import make_ct, pydicom_file, write
@@ -29,38 +32,54 @@ def secondary_capture_with_text(tmp_path: Path) -> Path:
     return write(ds, tmp_path / "sc.dcm")
 
 
-def test_the_default_filter_quarantines_a_secondary_capture_with_burned_in_text(tmp_path: Path) -> None:
-    src = secondary_capture_with_text(tmp_path)
+needs_tesseract = pytest.mark.skipif(unavailable_reason() != "", reason="needs Debian's tesseract-ocr")
+
+
+@needs_tesseract
+def test_a_secondary_capture_that_says_yes_but_shows_no_readable_text_is_quarantined(tmp_path: Path) -> None:
+    src = secondary_capture_with_text(tmp_path)  # the header says YES; the pixels are a ramp OCR cannot read
     dst = tmp_path / "out" / "sc.dcm"
     with pytest.raises(BurnedInError) as info:
         Deidentifier("k").deidentify_file(src, dst, IDS)
-    assert info.value.reason == "burned-in annotation: Secondary Capture"
+    assert info.value.reason == (
+        "burned-in annotation: Secondary capture: policy (BurnedInAnnotation is YES); OCR found no text to blank"
+    )
     assert isinstance(info.value, DeidError) and not dst.exists()
 
 
-def test_burned_in_annotation_yes_is_quarantined_even_without_a_filter(tmp_path: Path) -> None:
+@needs_tesseract
+def test_burned_in_annotation_yes_is_checked_even_without_a_filter(tmp_path: Path) -> None:
     ds = make_ct()
     ds.BurnedInAnnotation = "YES"
-    with pytest.raises(BurnedInError, match="^burned-in annotation: BurnedInAnnotation is YES$"):
+    with pytest.raises(BurnedInError, match="^burned-in annotation: BurnedInAnnotation is YES; OCR found no text"):
         Deidentifier("k", pixel_filter=None).deidentify_file(write(ds, tmp_path / "a.dcm"), tmp_path / "o.dcm", IDS)
 
 
 @pytest.mark.parametrize(
     ("changes", "label"),
     [
-        ({"Modality": "US", "SOPClassUID": UltrasoundImageStorage}, "Ultrasound without a known layout"),
-        ({"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]}, "Screen save"),
-        ({"ImageType": ["ORIGINAL", "PRIMARY", "REPORTDATA"]}, "Report data"),
-        ({"Modality": "CT", "SeriesDescription": "Dose Report"}, "Dose report or outside document"),
+        ({"SOPClassUID": SecondaryCaptureImageStorage}, "Secondary capture: policy"),
+        ({"Modality": "US", "SOPClassUID": UltrasoundImageStorage}, "Ultrasound without a known layout: policy"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]}, "Screen save: policy"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "REPORTDATA"]}, "Report data: policy"),
+        ({"Modality": "CT", "SeriesDescription": "Dose Report"}, "Dose report or outside document: policy"),
+        ({"Manufacturer": "", "ImageType": ["DERIVED", "SECONDARY"]}, "Reconstruction without a manufacturer: policy"),
     ],
 )
-def test_default_blacklist_rules_on_a_real_header(tmp_path: Path, changes: dict[str, object], label: str) -> None:
+def test_default_policy_rules_flag_a_real_header_for_ocr(changes: dict[str, object], label: str) -> None:
     ds = make_ct()
     for keyword, value in changes.items():
         setattr(ds, keyword, value)
+    assert decide(ds, PixelRules.from_recipes([default_filter()])) == Decision("check", label)
+
+
+def test_with_ocr_off_a_flagged_image_is_quarantined_naming_the_policy(tmp_path: Path) -> None:
+    ds = make_ct()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    engine = Deidentifier("k", ocr=OcrSettings(enabled=False))
     with pytest.raises(BurnedInError) as info:
-        Deidentifier("k").deidentify_file(write(ds, tmp_path / "a.dcm"), tmp_path / "o.dcm", IDS)
-    assert info.value.reason == f"burned-in annotation: {label}"
+        engine.deidentify_file(write(ds, tmp_path / "a.dcm"), tmp_path / "o.dcm", IDS)
+    assert info.value.reason == "may hold burned-in text: Secondary capture: policy; OCR is off"
 
 
 def test_an_ordinary_ct_and_an_ultrasound_that_says_no_pass_the_default_filter(tmp_path: Path) -> None:
@@ -133,14 +152,14 @@ LABEL everything from ACME
 """,
         "semantics",
     )
-    engine = Deidentifier("k", recipe=recipe, pixel_filter=None)
+    engine = Deidentifier("k", recipe=recipe, pixel_filter=None, ocr=OcrSettings(enabled=False))
     engine.deidentify_file(write(make_ct(), tmp_path / "a.dcm"), tmp_path / "o1.dcm", IDS)  # whitelisted
     other = make_ct()
     other.StationName = "CT02"
     with pytest.raises(BurnedInError, match="everything from ACME"):
         engine.deidentify_file(write(other, tmp_path / "b.dcm"), tmp_path / "o2.dcm", IDS)
     del other.OperatorsName
-    with pytest.raises(BurnedInError, match="flag only"):  # a graylist rule without coordinates quarantines
+    with pytest.raises(BurnedInError, match="may hold burned-in text: flag only"):  # no coordinates: a flag
         engine.deidentify_file(write(other, tmp_path / "c.dcm"), tmp_path / "o3.dcm", IDS)
     burned = make_ct()
     burned.BurnedInAnnotation = "YES"  # a whitelist never overrides the image's own YES
@@ -153,3 +172,12 @@ def test_the_shipped_filter_loads_and_has_the_expected_groups() -> None:
     assert not recipe.header and not recipe.filters("whitelist")
     assert len(recipe.filters("graylist")) > 20 and len(recipe.filters("blacklist")) >= 6
     assert all(label.regions for label in recipe.filters("graylist")[1:])
+    # a rule that flags without coordinates says it is policy, not that text was seen
+    flags = [label for label in recipe.labels if not label.regions]
+    assert flags and all(label.name.endswith(": policy") for label in flags)
+
+
+def test_docs_list_every_shipped_rule() -> None:
+    docs = (Path(__file__).parents[1] / "docs" / "deidentification.md").read_text(encoding="utf-8")
+    missing = [label.name for label in default_filter().labels if label.name not in docs]
+    assert not missing, missing

@@ -8,6 +8,7 @@ import pydicom
 import pytest
 
 from sendit.deid import Deidentifier, DeidError, RecipeError, build_deidentifier, load_recipe, parse_recipe
+from sendit.deid.ocr import OcrSettings
 from sendit.identifiers import Identifiers
 from tests.test_deid_engine import make_ct, write
 
@@ -90,9 +91,9 @@ def test_an_undefined_variable_fails_closed(tmp_path: Path) -> None:
 def test_recipe_filters_layer_on_the_default_filter(tmp_path: Path) -> None:
     path = tmp_path / "my.recipe"
     path.write_text("FORMAT dicom\n%filter blacklist\nLABEL my rule\n  equals StationName CT01\n")
-    engine = build_deidentifier("k", "retain_long_modified_dates", str(path), "default")
+    engine = build_deidentifier("k", "retain_long_modified_dates", str(path), "default", ocr=OcrSettings(enabled=False))
     assert len(engine._pixel_rules.blacklist) > 1
-    with pytest.raises(DeidError, match="burned-in annotation: my rule"):
+    with pytest.raises(DeidError, match="may hold burned-in text: my rule; OCR is off"):
         engine.deidentify_file(write(make_ct(), tmp_path / "a.dcm"), tmp_path / "o.dcm", IDS)
 
 

@@ -113,14 +113,22 @@ def test_a_lease_left_by_this_process_after_a_failed_step_is_taken_back(sendit_d
 
 
 def test_same_host_name_in_another_pid_namespace_is_not_judged_dead(sendit_dirs: dict[str, Path]) -> None:
-    """Containers with one host name: a PID of another namespace says nothing about the holder."""
+    """Containers with one host name: a PID of another namespace says nothing about the holder; its
+    heartbeat does (tests/test_liveness.py)."""
+    from django.db.models.functions import Now
+
+    from sendit.relay.models import WorkerHeartbeat
+
     gone = subprocess.Popen(["true"])
     gone.wait()
     here = pipeline.lease_owner_name().split(":")
-    elsewhere = f"{socket.gethostname()}:{gone.pid}:0000ffff:abc"
-    assert not pipeline.holder_is_dead(elsewhere)
+    elsewhere = f"{socket.gethostname()}:{gone.pid}:0000ffff"
+    alive = f"{here[0]}:{os.getppid()}:{here[2]}"
+    for name in (elsewhere, alive):  # both beat
+        WorkerHeartbeat.objects.create(name=name, started=timezone.now(), seen=Now())
+    assert not pipeline.holder_is_dead(f"{elsewhere}:abc")
     assert pipeline.holder_is_dead(f"{here[0]}:{gone.pid}:{here[2]}:abc")  # same namespace, exited: dead
-    assert not pipeline.holder_is_dead(f"{here[0]}:{os.getppid()}:{here[2]}:abc")  # alive
+    assert not pipeline.holder_is_dead(f"{alive}:abc")  # alive
 
 
 def test_a_clean_up_cut_short_is_found_by_the_requeue(sendit_dirs: dict[str, Path], monkeypatch: Any) -> None:

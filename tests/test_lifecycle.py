@@ -24,7 +24,7 @@ import pytest
 
 from sendit.demo import generate_demo
 from sendit.lifecycle import KILL_AFTER_SECONDS, STOP_GRACE_SECONDS
-from tests.helpers import wait_for
+from tests.helpers import process_table, wait_for
 from tests.test_cli import SECRET, cli_env
 
 pytestmark = [
@@ -46,19 +46,7 @@ def configured(tmp_path: Path) -> Path:
 
 def _table() -> dict[int, tuple[int, int, str]]:
     """pid -> (parent pid, session id, state) of every process still running (zombies left out)."""
-    rows = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        state = fields[0].decode()
-        if state not in ("Z", "X"):
-            rows[int(entry.name)] = (int(fields[1]), int(fields[3]), state)
-    return rows
+    return {pid: (parent, session, state) for pid, (parent, _, session, state) in process_table().items()}
 
 
 def session_members(session: int) -> list[int]:

@@ -20,7 +20,7 @@ import pytest
 from sendit.relay import files, pipeline
 from sendit.relay.ingest import ingest_folder
 from sendit.relay.inline import run_inline
-from sendit.relay.models import Event, Image, Series, Status
+from sendit.relay.models import Delivery, Event, Image, Series, Status
 from tests.google import PROJECT, DatastoreEmulator, GcsServer
 from tests.helpers import demo_into, ingest_and_run, statuses
 
@@ -122,6 +122,8 @@ def test_demo_set_ends_done_with_every_instance_a_nifti_per_series_and_an_entity
         folder = folder_of(held, series.deid_series_uid)
         assert entity["nifti"] == [f"gs://{bucket}/{folder}/{series.deid_series_uid}.nii.gz"]
         assert "study_date" in entity and len(entity["study_date"]) == 10
+    for name in ("google-storage", "google-nifti", "google-datastore"):  # the dashboard's last success
+        assert Delivery.objects.filter(destination=name).count() == done, name
 
 
 def folder_of(held: dict[str, Any], series_uid: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from django.contrib.auth.models import Permission, User
+from django.contrib.auth.models import User
 from django.db import connection
 from django.db.models import Model
 from django.test import Client
@@ -48,7 +48,11 @@ def queued(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.fixture
 def alice() -> User:
-    return User.objects.create_user("alice", password=PASSWORD)
+    from sendit.relay.roles import assign
+
+    user = User.objects.create_user("alice", password=PASSWORD)
+    assign(user, "reviewer")  # may act: retry, release, discard
+    return user
 
 
 @pytest.fixture
@@ -95,8 +99,32 @@ def api_operations() -> Iterator[tuple[str, str]]:
             yield method.upper(), re.sub(r"\{[^}]+\}", "1", route)
 
 
-PAGES = ["/", "/series/", "/series/1/", "/api/docs", "/api/openapi.json", "/metrics", "/static/web/live.js"]
-ACTIONS = ["/series/1/retry", "/series/1/release", "/series/1/discard", "/series/1/retry-now"]
+PAGES = [
+    "/",
+    "/series/",
+    "/series/1/",
+    "/images/1/review",
+    "/images/1/preview.png",
+    "/files/",
+    "/files/1/download",
+    "/api/docs",
+    "/api/openapi.json",
+    "/metrics",
+    "/static/web/live.js",
+]
+ACTIONS = [
+    "/series/1/retry",
+    "/series/1/release",
+    "/series/1/discard",
+    "/series/1/retry-now",
+    "/images/1/release",
+    "/images/1/discard",
+    "/images/1/blank",
+    "/series/bulk/retry",
+    "/files/1/retry",
+    "/files/1/discard",
+    "/files/1/resolve",
+]
 
 
 def test_anonymous_requests_are_refused_everywhere_but_health() -> None:
@@ -120,8 +148,15 @@ def test_anonymous_requests_are_refused_everywhere_but_health() -> None:
     assert routes == {
         "",
         "series/",
+        "series/bulk/<str:action>",
         "series/<int:series_id>/",
         "series/<int:series_id>/<str:action>",
+        "images/<int:image_id>/review",
+        "images/<int:image_id>/preview.png",
+        "images/<int:image_id>/<str:action>",
+        "files/",
+        "files/<int:file_id>/download",
+        "files/<int:file_id>/<str:action>",
         "login/",
         "logout/",
         "api/",
@@ -220,9 +255,13 @@ def test_discard_skips_with_the_user_and_deletes_the_quarantined_file(
 # --- the series page and the identifier response --------------------------------------------------
 
 
-def test_identifier_response_is_shown_only_with_its_permission(
-    sendit_dirs: dict[str, Path], browser: Client, alice: User
-) -> None:
+def test_identifier_response_is_shown_only_with_its_permission(sendit_dirs: dict[str, Path]) -> None:
+    from sendit.relay.roles import assign
+
+    operator = User.objects.create_user("olga", password=PASSWORD)
+    assign(operator, "operator")
+    browser = Client()
+    browser.force_login(operator)
     demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=2)
     ingest_and_run(sendit_dirs["INPUT_FOLDER"])
     series = Series.objects.first()
@@ -233,10 +272,11 @@ def test_identifier_response_is_shown_only_with_its_permission(
     assert "DONE" in page and "de-identifying" in page  # states and time per stage
     assert pseudonym not in browser.get(f"/api/series/{series.pk}").content.decode()
 
-    alice.user_permissions.add(Permission.objects.get(codename="view_identifier_response"))
+    assign(operator, "reviewer")  # the reviewer's role holds the permission
     allowed = Client()
-    allowed.force_login(User.objects.get(pk=alice.pk))
+    allowed.force_login(User.objects.get(pk=operator.pk))
     assert pseudonym in allowed.get(f"/series/{series.pk}/").content.decode()
+    assert Event.objects.filter(series=series, reason="identifier response viewed by olga", user=operator).count() == 1
 
 
 # --- API and metrics ------------------------------------------------------------------------------

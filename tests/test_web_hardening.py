@@ -40,7 +40,11 @@ def fresh_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture
 def alice() -> User:
-    return User.objects.create_user("alice", password=PASSWORD)
+    from sendit.relay.roles import assign
+
+    user = User.objects.create_user("alice", password=PASSWORD)
+    assign(user, "reviewer")  # may act: retry, release, discard
+    return user
 
 
 @pytest.fixture

@@ -445,20 +445,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     foreign = _foreign_key_problem(cfg.SECRET_KEY)
     if foreign is not None:
         raise ConfigError([foreign])
-    from sendit.relay.housekeeping import problem_reasons, status_counts
+    from sendit.relay.housekeeping import file_counts, problem_reasons, status_counts
     from sendit.web.overview import free_space, space_lines
 
     counts = status_counts()
+    rejected = file_counts()
     space = free_space()
     problems = problem_reasons()
     destinations = _destination_states(cfg)
     if args.json:
         rows = [list(row) for row in problems]
-        report = {"counts": counts, "problems": rows, "disk": space, "destinations": destinations}
+        report = {
+            "counts": counts,
+            "files": rejected,
+            "problems": rows,
+            "disk": space,
+            "destinations": destinations,
+        }
         print(json.dumps(report, indent=2, default=str))
         return 0
+    print("images:")
     for status, n in counts.items():
-        print(f"{status:15s} {n}")
+        print(f"  {status:15s} {n}")
+    print("rejected files (not images; `sendit files` lists them):")
+    for status, n in rejected.items():
+        print(f"  {status:15s} {n}")
     for line in space_lines(space):
         print(f"disk: {line}")
     for state in destinations:
@@ -473,26 +484,124 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _known_series(asked: set[int], verb: str) -> bool:
+    """An unknown id is refused (a typo must not pass for "nothing to do")."""
+    from sendit.relay.models import Series
+
+    known = set(Series.objects.filter(pk__in=[i for i in asked if 0 < i < 2**63]).values_list("id", flat=True))
+    if asked - known:
+        unknown = ", ".join(str(i) for i in sorted(asked - known))
+        print(f"sendit: no series {unknown}; nothing {verb}", file=sys.stderr)
+        return False
+    return True
+
+
+def _act(action: str, series_ids: list[int], errors_only: bool = False) -> int:
+    """The dashboard's button (sendit.web.actions.perform) on each series, as the host's user."""
+    import getpass
+
+    from sendit.relay.models import Series, Status
+    from sendit.web import actions
+
+    user = actions.CommandLineUser(getpass.getuser())
+    for series in Series.objects.filter(pk__in=series_ids).order_by("id"):
+        only = list(series.images.filter(status=Status.ERROR).values_list("id", flat=True)) if errors_only else None
+        print(actions.perform(action, series, user, only).message())
+    return 0
+
+
+def _file_act(action: str, file_ids: list[int], winner: str = "") -> int:
+    """The files page's buttons (sendit.web.rejected.perform), as the host's user."""
+    import getpass
+
+    from sendit.relay.models import ReceivedFile
+    from sendit.web import actions, rejected
+
+    rows = {row.pk: row for row in ReceivedFile.objects.filter(pk__in=[i for i in file_ids if 0 < i < 2**63])}
+    unknown = [str(i) for i in file_ids if i not in rows]
+    if unknown:
+        print(f"sendit: no received file {', '.join(unknown)}; nothing done", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    user = actions.CommandLineUser(getpass.getuser())
+    failed = False
+    for file_id in file_ids:
+        outcome = rejected.perform(action, rows[file_id], user, winner)
+        failed = failed or not outcome.changed
+        print(outcome.message())
+    return 1 if failed else 0
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    _django(migrate=False)
+    from sendit.relay.models import ReceivedFile
+    from sendit.web.rejected import file_row
+
+    queryset = ReceivedFile.objects.order_by("id")
+    if not args.all:
+        queryset = queryset.filter(resolved="")
+    rows = [file_row(row) for row in queryset[: args.limit]]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        image = f" image #{row['image_id']}" if row["image_id"] else ""
+        done = f" [{row['resolved']}]" if row["resolved"] else ""
+        print(f"#{row['id']:<6} {row['status']:12s}{image} {row['reason']}{done}")
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    _django()
+    return _file_act("resolve", [args.file], args.winner)
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     _django()
-    from sendit.relay.housekeeping import retry_errors, retry_now
-    from sendit.relay.models import Series
-    from sendit.relay.tasks import enqueue
+    from sendit.relay.housekeeping import retry_now
+    from sendit.relay.models import Series, Status
 
-    asked = set(args.series)
-    known = set(Series.objects.filter(pk__in=[i for i in asked if 0 < i < 2**63]).values_list("id", flat=True))
-    if asked - known:  # a typo must not pass for "nothing to retry"
-        unknown = ", ".join(str(i) for i in sorted(asked - known))
-        print(f"sendit: no series {unknown}; nothing retried", file=sys.stderr)
+    if not _known_series(set(args.series), "retried"):
         return EXIT_UNAVAILABLE
-
-    series = retry_errors(args.series or None)
-    enqueue(series)
-    print(f"requeued {len(series)} series")
+    if args.file:
+        code = _file_act("retry", args.file)
+        if not args.series:
+            return code
+    if args.series:  # the dashboard's Retry: ERROR and QUARANTINED images of these series
+        _act("retry", args.series)
+    else:  # every series with images in ERROR; quarantined images need a person to name them
+        errors = list(Series.objects.filter(images__status=Status.ERROR).distinct().values_list("id", flat=True))
+        _act("retry", errors, errors_only=True)
+        print(f"requeued {len(errors)} series")
     if args.now:  # the same as the series page's "Retry now" and POST /api/series/<id>/retry-now
         due = retry_now(args.series or None, who="sendit retry --now")
         print(f"next attempt now for {len(due)} series waiting out a back-off")
     return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    _django()
+    if not _known_series(set(args.series), "released"):
+        return EXIT_UNAVAILABLE
+    return _act("release", args.series)
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    _django()
+    if not args.series and not args.file:
+        print("sendit: name series ids or --file ids", file=sys.stderr)
+        return 2
+    if not _known_series(set(args.series), "discarded"):
+        return EXIT_UNAVAILABLE
+    if not args.yes:
+        print(
+            "sendit: discard deletes the files of the ERROR and QUARANTINED images; confirm with --yes", file=sys.stderr
+        )
+        return 2
+    if args.file:
+        code = _file_act("discard", args.file)
+        if not args.series:
+            return code
+    return _act("discard", args.series)
 
 
 def _days(text: str) -> int:
@@ -546,11 +655,12 @@ def cmd_deid(args: argparse.Namespace) -> int:
         cfg = load_config()
     except ConfigError as error:
         return _fail(error.problems)
-    from sendit.deid import build_deidentifier, deid_folder
+    from sendit.deid import build_deidentifier, deid_folder, ocr_settings
     from sendit.identifiers.local import LocalProvider
 
     provider = LocalProvider(cfg.SECRET_KEY, cfg.DATE_SHIFT_MIN_DAYS, cfg.DATE_SHIFT_MAX_DAYS)
-    engine = build_deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER)
+    ocr = ocr_settings(cfg.values)
+    engine = build_deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER, ocr=ocr)
     summary = deid_folder(Path(args.input), Path(args.output), engine, provider, workers=args.workers or cfg.WORKERS)
     for name, reason in summary.problems:
         print(f"{name}: {reason}", file=sys.stderr)
@@ -581,22 +691,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_createuser(args: argparse.Namespace) -> int:
-    """A dashboard/API account; with --token also a bearer token for scripts (printed once)."""
+    """A dashboard/API account with a role; with --token also a bearer token for scripts (printed once)."""
     _django()
     from getpass import getpass
 
     from django.contrib.auth import get_user_model
-    from django.contrib.auth.models import Permission
+    from django.contrib.auth.password_validation import validate_password
+    from django.core.exceptions import ValidationError
 
+    from sendit.relay.roles import assign
     from sendit.web.tokens import issue
 
+    role = "admin" if args.superuser else args.role
+    if args.identifiers and role in (None, "viewer", "operator"):
+        role = "reviewer"  # the identifier permission is the reviewer's
     users = get_user_model()
     user = users.objects.filter(username=args.username).first()
-    if user is not None and not (args.token or args.identifiers):
-        hint = "--token adds an API token, --identifiers the permission"
+    if user is not None and not (args.token or role):
+        hint = "--token adds an API token, --role changes the role"
         print(f"sendit: user {args.username} exists ({hint})", file=sys.stderr)
         return 1
     if user is None:
+        try:
+            users._meta.get_field("username").run_validators(args.username)  # as the admin's form does
+        except ValidationError as error:
+            print(f"sendit: user name refused: {' '.join(error.messages)}", file=sys.stderr)
+            return 2
         if args.password_stdin:
             password = sys.stdin.readline().rstrip("\n")
         elif args.no_password:
@@ -612,14 +732,21 @@ def cmd_createuser(args: argparse.Namespace) -> int:
         if not password and not args.no_password:
             print("sendit: an empty password is not allowed (--no-password makes a token-only user)", file=sys.stderr)
             return 2
+        if password:
+            try:
+                validate_password(password, users(username=args.username))
+            except ValidationError as error:
+                print(f"sendit: password refused: {' '.join(error.messages)}", file=sys.stderr)
+                return 2
         user = users.objects.create_user(args.username, password=password or None)
-        if args.superuser:
-            user.is_staff = user.is_superuser = True
-            user.save(update_fields=["is_staff", "is_superuser"])
-        print(f"created user {args.username}" + (" (superuser)" if args.superuser else ""))
-    if args.identifiers:
-        user.user_permissions.add(Permission.objects.get(codename="view_identifier_response"))
-        print(f"{args.username} may see identifier responses")
+        role = role or "viewer"
+        assign(user, role)
+        print(f"created user {args.username} ({role})" + (" (superuser)" if role == "admin" else ""))
+    elif role:
+        assign(user, role)
+        print(f"{args.username} is now {role}")
+    if role in ("reviewer", "admin"):
+        print(f"{args.username} may see identifier responses and original data in quarantine")
     if args.token:
         print(f"API token (shown once; send it as 'Authorization: Bearer <token>'): {issue(user, 'createuser')}")
     return 0
@@ -716,13 +843,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
     p = command(
         "retry",
-        "put images in ERROR back into the pipeline",
-        "Images in ERROR go back to NEW and their series are queued again: every such series, or only the"
-        " ones named. An unknown series id is refused and nothing is retried.",
+        "put images in ERROR (and QUARANTINED, for named series) back into the pipeline",
+        "The dashboard's Retry: the ERROR and QUARANTINED images of the named series go back to NEW and"
+        " the series are queued again. Without ids, the images in ERROR of every series. An unknown series"
+        " id is refused and nothing is retried.",
     )
     p.add_argument("series", nargs="*", type=int, metavar="SERIES_ID", help="series ids (default: all in ERROR)")
     p.add_argument("--now", action="store_true", help="also: series waiting out a back-off try again now")
+    p.add_argument(
+        "--file", type=int, action="append", default=[], metavar="FILE_ID", help="a rejected file: back to the input"
+    )
     p.set_defaults(func=cmd_retry)
+    p = command(
+        "release",
+        "de-identify the QUARANTINED images of series again",
+        "The dashboard's Release: QUARANTINED images of the named series are de-identified again (after the"
+        " cause was fixed: a recipe, a blanking rule, a replaced file). Nothing is sent without"
+        " de-identification: an image that still fails is quarantined again.",
+    )
+    p.add_argument("series", nargs="+", type=int, metavar="SERIES_ID", help="series ids")
+    p.set_defaults(func=cmd_release)
+    p = command(
+        "discard",
+        "give up on the ERROR and QUARANTINED images of series (their files are deleted)",
+        "The dashboard's Discard: ERROR and QUARANTINED images of the named series become SKIPPED and"
+        " their files (quarantined original, working copy) are deleted; --file deletes a rejected file."
+        " Needs --yes.",
+    )
+    p.add_argument("series", nargs="*", type=int, metavar="SERIES_ID", help="series ids")
+    p.add_argument(
+        "--file", type=int, action="append", default=[], metavar="FILE_ID", help="a rejected file: delete it"
+    )
+    p.add_argument("--yes", action="store_true", help="confirm: the files are deleted")
+    p.set_defaults(func=cmd_discard)
+    p = command(
+        "files",
+        "list the received files that did not become images",
+        "Files that did not become images (not DICOM, truncated, a conflicting copy, missing UIDs, duplicates),"
+        " open ones by default: id, status, the image a duplicate or conflict names, and the reason. Act on"
+        " them with `sendit retry --file ID`, `sendit discard --file ID --yes` and `sendit resolve`.",
+    )
+    p.add_argument("--all", action="store_true", help="also the resolved ones")
+    p.add_argument("--json", action="store_true", help="as JSON, for scripts")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    p.set_defaults(func=cmd_files)
+    p = command(
+        "resolve",
+        "choose which copy of a conflicting instance wins",
+        "A received file that conflicts with a processed image (same SOPInstanceUID, other content):"
+        " --winner processed keeps the image as processed and deletes this copy; --winner this makes this copy"
+        " the image's original and processes it again.",
+    )
+    p.add_argument("file", type=int, metavar="FILE_ID", help="the conflicting received file (`sendit files`)")
+    p.add_argument("--winner", choices=("processed", "this"), required=True, help="which copy wins")
+    p.set_defaults(func=cmd_resolve)
     p = command(
         "cleanup",
         "prune finished series older than RETENTION_DAYS",
@@ -756,14 +930,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "createuser",
         "an account for the dashboard and the API",
-        "Create an account for the dashboard and the API (the password is asked twice, or read from"
-        " stdin), or give an existing account an API token or the identifier permission.",
+        "Create an account for the dashboard and the API with a role (the password is asked twice, or read"
+        " from stdin, and must pass Django's password validators), or give an existing account an API token"
+        " or another role.",
     )
     p.add_argument("username", help="the account's user name")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     p.add_argument("--no-password", action="store_true", help="no password login (for a token-only script user)")
-    p.add_argument("--superuser", action="store_true", help="may also use /admin/ and see everything")
-    p.add_argument("--identifiers", action="store_true", help="may see identifier responses (people → pseudonyms)")
+    p.add_argument(
+        "--role",
+        choices=("viewer", "operator", "reviewer", "admin"),
+        help="viewer (default: look), operator (retry, release), reviewer (original data, discard), admin",
+    )
+    p.add_argument("--superuser", action="store_true", help="the same as --role admin (also /admin/)")
+    p.add_argument("--identifiers", action="store_true", help="at least --role reviewer (sees identifier responses)")
     p.add_argument("--token", action="store_true", help="print a new API bearer token for this user")
     p.set_defaults(func=cmd_createuser)
     p = command(

@@ -24,6 +24,12 @@ from typing import Any, NamedTuple
 CONFIG_FILE = "sendit.toml"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+#: short names of Django's mail backends for EMAIL_BACKEND
+EMAIL_BACKENDS = {
+    "smtp": "django.core.mail.backends.smtp.EmailBackend",
+    "console": "django.core.mail.backends.console.EmailBackend",
+    "locmem": "django.core.mail.backends.locmem.EmailBackend",
+}
 ENV_PREFIX = "SENDIT_"
 
 
@@ -134,6 +140,42 @@ KEYS: tuple[Key, ...] = (
         "default",
         'Burned-in text filter: "default" (shipped), "none", or a deid recipe file with %filter sections.',
     ),
+    Key(
+        "OCR",
+        bool,
+        True,
+        "Read the images the burned-in text filter flags with OCR (tesseract); off: they are quarantined.",
+    ),
+    Key(
+        "OCR_ON_TEXT",
+        str,
+        "quarantine",
+        'When OCR finds text in a flagged image: "quarantine" it for review, or "blank" its lines and release it.',
+    ),
+    Key(
+        "OCR_EVERY_NTH_FRAME",
+        int,
+        0,
+        "Multi-frame images: OCR the first frame only (0), or frames 0, N, 2N, ...",
+        minimum=0,
+        maximum=100000,
+    ),
+    Key(
+        "OCR_MAX_SIDE",
+        int,
+        1024,
+        "Frames are scaled down to this many pixels on their longer side before OCR (bounds its time).",
+        minimum=64,
+        maximum=16384,
+    ),
+    Key(
+        "OCR_RELEASE_CONFIDENCE",
+        int,
+        35,
+        "Per cent: a flagged image in which OCR finds no text is released only when OCR is at least this sure.",
+        minimum=0,
+        maximum=100,
+    ),
     # -- the identifier service (docs/identifiers.md); checked as a whole when DEIDENTIFY_RESTFUL is on --
     Key("DASHER_URL", str, "", "Identifier service base URL (requests go to {DASHER_URL}/uid/{DASHER_STUDY})."),
     Key("DASHER_STUDY", str, "", "Study name in the identifier service."),
@@ -230,6 +272,14 @@ KEYS: tuple[Key, ...] = (
         maximum=3600,
     ),
     Key("LEASE_SECONDS", int, 600, "A series whose worker is silent this long is requeued.", minimum=10, maximum=86400),
+    Key(
+        "HEARTBEAT_SECONDS",
+        int,
+        5,
+        "How often each worker process writes its heartbeat; a lease holder silent for 3 periods is dead.",
+        minimum=1,
+        maximum=10,  # 3 periods stay within the dashboard's 30 s window of live workers
+    ),
     Key("MAX_ATTEMPTS", int, 8, "Tries of a failing step before the images go to ERROR.", minimum=1, maximum=100),
     Key("RETRY_BASE_SECONDS", int, 5, "First back-off; doubles with each attempt.", minimum=0, maximum=3600),
     Key("RETRY_CAP_SECONDS", int, 600, "Longest back-off.", minimum=0, maximum=86400),
@@ -250,6 +300,41 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("WEB_PORT", int, 8000, "Port of the web server of `sendit run`.", minimum=1, maximum=65535),
     Key("ALLOWED_HOSTS", str, "127.0.0.1,localhost", "Comma-separated host names the web server answers."),
+    # -- alerts (docs/operations.md, Alerts) --
+    Key(
+        "SITE_URL",
+        str,
+        "",
+        "The dashboard's address as people reach it (https://sendit.example.org), for links in alerts.",
+    ),
+    Key(
+        "ALERT_WEBHOOK_URL",
+        str,
+        "",
+        "POST a JSON alert here (series ERROR or QUARANTINED, destination unreachable, low space); empty = off.",
+        secret=True,
+    ),
+    Key("ALERT_EMAIL_TO", str, "", "Comma-separated addresses that get the alerts by e-mail; empty = off."),
+    Key("ALERT_EMAIL_FROM", str, "sendit@localhost", "Sender address of alert e-mails."),
+    Key(
+        "ALERT_UNREACHABLE_MINUTES",
+        int,
+        10,
+        "Alert when a destination has not answered for this long; 0 = never.",
+        minimum=0,
+        maximum=10080,
+    ),
+    Key(
+        "EMAIL_BACKEND",
+        str,
+        "smtp",
+        "Django mail backend for alerts: smtp, console (to the log stream), or a dotted backend class.",
+    ),
+    Key("EMAIL_HOST", str, "localhost", "SMTP server for alert e-mails."),
+    Key("EMAIL_PORT", int, 25, "SMTP port.", minimum=1, maximum=65535),
+    Key("EMAIL_HOST_USER", str, "", "SMTP user name; empty = no login."),
+    Key("EMAIL_HOST_PASSWORD", str, "", "SMTP password.", secret=True),
+    Key("EMAIL_USE_TLS", bool, False, "SMTP with STARTTLS."),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 ALIASES = {alias: key.name for key in KEYS for alias in key.aliases}
@@ -280,7 +365,7 @@ class Original(NamedTuple):
 # The original's settings/config.py and secrets.py over its history; those with our name (SECRET_KEY,
 # DEBUG, DEIDENTIFY_RESTFUL, SEND_TO_ORTHANC, ORTHANC_*, ORTHAC_PORT, SEND_TO_GOOGLE, GOOGLE_CLOUD_STORAGE,
 # GOOGLE_APPLICATION_CREDENTIALS) are keys. docs/configuration.md has the table; a test keeps it in step.
-_PIXELS = "on by default: an image that may show burned-in text is quarantined unless a rule cleans it"
+_PIXELS = "on by default: an image that may show burned-in text is read by OCR, released only if none is found"
 _DASHER_CREDENTIALS = "or DASHER_TOKEN_URL with DASHER_CLIENT_ID and DASHER_CLIENT_SECRET; docs/identifiers.md"
 ORIGINAL_SETTINGS: dict[str, Original] = {
     "ANONYMIZE_RESTFUL": Original("DEIDENTIFY_RESTFUL", ""),
@@ -345,6 +430,11 @@ class Config:
     DEID_OPTIONS: str
     DEID_RECIPE: str
     DEID_FILTER: str
+    OCR: bool
+    OCR_ON_TEXT: str
+    OCR_EVERY_NTH_FRAME: int
+    OCR_MAX_SIDE: int
+    OCR_RELEASE_CONFIDENCE: int
     DASHER_URL: str
     DASHER_STUDY: str
     DASHER_TOKEN: str
@@ -385,6 +475,7 @@ class Config:
     RESCAN_SECONDS: int
     STABLE_SECONDS: int
     LEASE_SECONDS: int
+    HEARTBEAT_SECONDS: int
     MAX_ATTEMPTS: int
     RETRY_BASE_SECONDS: int
     RETRY_CAP_SECONDS: int
@@ -393,6 +484,17 @@ class Config:
     HTTPS: bool
     WEB_PORT: int
     ALLOWED_HOSTS: str
+    SITE_URL: str
+    ALERT_WEBHOOK_URL: str
+    ALERT_EMAIL_TO: str
+    ALERT_EMAIL_FROM: str
+    ALERT_UNREACHABLE_MINUTES: int
+    EMAIL_BACKEND: str
+    EMAIL_HOST: str
+    EMAIL_PORT: int
+    EMAIL_HOST_USER: str
+    EMAIL_HOST_PASSWORD: str
+    EMAIL_USE_TLS: bool
     source: Path | None = field(default=None, kw_only=True)  # the file read, if any
 
     def __post_init__(self) -> None:
@@ -687,8 +789,14 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
         scheme = values[name].split("://", 1)[0] if "://" in values[name] else ""
         if scheme not in schemes:
             problems.append(f"{name}: must start with one of {', '.join(s + '://' for s in schemes)}")
-    if values["ORTHANC_URL"] and not values["ORTHANC_URL"].startswith(("http://", "https://")):
-        problems.append("ORTHANC_URL: must start with http:// or https://")
+    for name in ("ORTHANC_URL", "SITE_URL"):
+        if values[name] and not values[name].startswith(("http://", "https://")):
+            problems.append(f"{name}: must start with http:// or https://")
+    if values["ALERT_WEBHOOK_URL"] and not values["ALERT_WEBHOOK_URL"].startswith(("http://", "https://")):
+        problems.append("ALERT_WEBHOOK_URL: must start with http:// or https://")  # never the URL: it may hold a token
+    backend = values["EMAIL_BACKEND"].strip()
+    if backend not in EMAIL_BACKENDS and not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", backend):
+        problems.append(f"EMAIL_BACKEND: must be smtp, console or a dotted class path, got {backend!r}")
     if values["DEIDENTIFY_RESTFUL"] and not values["IDENTIFIER_PROVIDER"]:
         from sendit.identifiers.dasher.settings import DasherSettings
 
@@ -738,7 +846,8 @@ def _check_google(values: dict[str, Any]) -> list[str]:
 
 
 def _check_deid(values: dict[str, Any]) -> list[str]:
-    """DEID_OPTIONS names known options; DEID_RECIPE and DEID_FILTER load (errors name the line)."""
+    """DEID_OPTIONS names known options; DEID_RECIPE and DEID_FILTER load (errors name the line);
+    OCR_ON_TEXT is one of its choices."""
     from sendit.deid.profile import DeidOptions
     from sendit.deid.recipe import RecipeError, load_recipe
 
@@ -756,6 +865,10 @@ def _check_deid(values: dict[str, Any]) -> list[str]:
                 problems.append(f"{name}: {exc}")
     if str(values["DEID_RECIPE"]).strip().lower() in ("default", "none"):
         problems.append('DEID_RECIPE: give a recipe file, or leave it empty ("default" and "none" are for DEID_FILTER)')
+    from sendit.deid.ocr import ON_TEXT_CHOICES
+
+    if values["OCR_ON_TEXT"] not in ON_TEXT_CHOICES:
+        problems.append(f"OCR_ON_TEXT: must be one of {', '.join(ON_TEXT_CHOICES)}, got {values['OCR_ON_TEXT']!r}")
     return problems
 
 

@@ -49,9 +49,10 @@ from pydicom.valuerep import MAX_VALUE_LEN
 from sendit.deid.clean import identifier_tokens, name_tokens
 from sendit.deid.dates import Carried, Shift, shift_element
 from sendit.deid.elements import BadValue, element, first_text, one_or_many, strings
-from sendit.deid.errors import BurnedInError, DeidError
+from sendit.deid.errors import DeidError
 from sendit.deid.marking import check_identifiers, mark, rebuild_file_meta
-from sendit.deid.pixels import PixelError, PixelRules, blank_regions, decide
+from sendit.deid.ocr import OcrSettings
+from sendit.deid.pixels import PixelOutcome, PixelRules, decide, resolve
 from sendit.deid.profile import (
     Action,
     DeidOptions,
@@ -150,6 +151,9 @@ class DeidResult:
     transfer_syntax_uid: str
     patient_id: str
     path: Path
+    #: What the burned-in text step decided (an OCR reading and its confidence, regions blanked);
+    #: empty when no rule applied. Free of PHI: it never holds what OCR read.
+    pixels: str = ""
 
 
 class _WalkState:
@@ -184,7 +188,8 @@ class Deidentifier:
     ``recipe`` layers its ``%header`` rules on top of the profile (and its ``%filter`` rules join the
     pixel rules); ``pixel_filter`` is the burned-in text filter (default: the shipped one, see
     :func:`sendit.deid.recipe.default_filter`; ``None`` for none — Burned In Annotation YES is
-    still quarantined).
+    still checked); ``ocr`` says how the images it flags are read (:mod:`sendit.deid.ocr`; default:
+    OCR on, text blanked).
     """
 
     def __init__(
@@ -194,6 +199,7 @@ class Deidentifier:
         *,
         recipe: Recipe | None = None,
         pixel_filter: Recipe | None | str = "default",
+        ocr: OcrSettings | None = None,
     ) -> None:
         key = secret_key.encode("utf-8") if isinstance(secret_key, str) else bytes(secret_key)
         if not key:
@@ -206,6 +212,7 @@ class Deidentifier:
                 raise ValueError("pixel_filter is a Recipe, None, or 'default'")
             pixel_filter = default_filter()
         self.pixel_filter = pixel_filter
+        self.ocr = ocr if ocr is not None else OcrSettings()
         self._table = build_action_table(self.options.columns())
         self._profile = self._table.exact
         self._fallback = self._table.fallback
@@ -239,7 +246,7 @@ class Deidentifier:
         return f"Deidentifier(options={self.options!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self._key, self.options, self.recipe, self.pixel_filter))
+        return (_rebuild, (self._key, self.options, self.recipe, self.pixel_filter, self.ocr))
 
     def remap_uid(self, uid: str) -> str:
         """The UID this engine writes for ``uid``: registered DICOM UIDs unchanged, any other UID
@@ -264,7 +271,7 @@ class Deidentifier:
                 raise DeidError(exc.reason) from None
             if not first_text(ds, SOP_INSTANCE_UID):  # ingest refuses it too, in these words
                 raise DeidError(missing_uids(["SOPInstanceUID"]))
-            self.deidentify(ds, ids)
+            outcome = self._deidentify(ds, ids)
             sop_instance = first_text(ds, SOP_INSTANCE_UID)
             if not sop_instance:  # a recipe emptied it: the file could not be stored anywhere
                 raise DeidError(f"{missing_uids(['SOPInstanceUID'])} after de-identification")
@@ -290,6 +297,7 @@ class Deidentifier:
             transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
             patient_id=ids.patient_id,
             path=dst,
+            pixels=outcome.note,
         )
 
     # -- data sets ----------------------------------------------------------------------------
@@ -299,9 +307,14 @@ class Deidentifier:
 
         Raises :class:`BurnedInError` when the pixels may show identifying text that no rule blanks.
         """
+        self._deidentify(ds, ids)
+        return ds
+
+    def _deidentify(self, ds: Dataset, ids: Identifiers) -> PixelOutcome:
+        """:meth:`deidentify`, returning what the burned-in text step did."""
         check_identifiers(ids)
         with quiet():  # pydicom's warnings quote values; none may reach a log
-            cleaned_pixels = self._pixels(ds)
+            outcome = self._pixels(ds)
             shift = Shift(ids.jitter_days, ids.jitter_seconds if ids.jitter_days else 0)
             state = _WalkState(shift, self._variables(ids) if self._plan else {})
             if self._needs_known:
@@ -309,30 +322,22 @@ class Deidentifier:
             self._walk(ds, state)
             try:
                 recipe_source = self.recipe.source if self.recipe is not None else None
-                mark(ds, ids, self.options, recipe_source, retained=state.retained, pixels=cleaned_pixels)
+                mark(ds, ids, self.options, recipe_source, retained=state.retained, pixels=outcome.blanked)
                 self._recipe_rules.add(ds, state)
                 rebuild_file_meta(ds, self.remap_uid)
             except DeidError:
                 raise
             except Exception as exc:
                 raise DeidError(f"could not write de-identification attributes ({type(exc).__name__})") from None
-        return ds
+        return outcome
 
-    def _pixels(self, ds: Dataset) -> bool:
-        """Apply the burned-in text rules; True when regions were blanked."""
+    def _pixels(self, ds: Dataset) -> PixelOutcome:
+        """Apply the burned-in text rules and OCR (:func:`sendit.deid.pixels.resolve`)."""
         try:
             decision = decide(ds, self._pixel_rules)
         except Exception as exc:
             raise DeidError(f"burned-in text rules could not be evaluated ({type(exc).__name__})") from None
-        if decision.action == "pass":
-            return False
-        if decision.action == "quarantine":
-            raise BurnedInError(f"burned-in annotation: {decision.label}")
-        try:
-            blank_regions(ds, decision.regions)
-        except PixelError as exc:
-            raise BurnedInError(f"burned-in annotation: {decision.label}; {exc}") from None
-        return True
+        return resolve(ds, decision, self.ocr)
 
     def _variables(self, ids: Identifiers) -> dict[str, str]:
         """What ``var:NAME`` can name: the identifiers, their aliases in deid's recipes, custom fields."""
@@ -615,5 +620,7 @@ class Deidentifier:
         kept_blocks.add((group, block))
 
 
-def _rebuild(key: bytes, options: DeidOptions, recipe: Recipe | None, pixel_filter: Recipe | None) -> Deidentifier:
-    return Deidentifier(key, options, recipe=recipe, pixel_filter=pixel_filter)
+def _rebuild(
+    key: bytes, options: DeidOptions, recipe: Recipe | None, pixel_filter: Recipe | None, ocr: OcrSettings
+) -> Deidentifier:
+    return Deidentifier(key, options, recipe=recipe, pixel_filter=pixel_filter, ocr=ocr)

@@ -1,15 +1,21 @@
-"""Burned-in text: decide from the header whether an image may carry text in its pixels, and blank
-the regions a filter rule names.
+"""Burned-in text: decide from the header whether an image may carry text in its pixels; read the
+pixels with OCR where it may; blank the regions a rule names or OCR finds.
 
 The decision, for an object with pixel data (:func:`decide`; non-image objects are not filtered):
 
 1. every ``graylist`` label is checked against the *original* header; if any matches, the image has
-   a known layout: a matching label without coordinates quarantines it, otherwise the union of the
-   matching labels' regions is blanked and the image goes on (``clean``);
+   a known layout and the union of the matching labels' regions is blanked (``clean``) — but a
+   matching label without coordinates only flags the image (``check``, below);
 2. otherwise a matching ``whitelist`` label passes the image (it skips the blacklist) — unless its
-   Burned In Annotation is YES, which only a graylist rule can clean;
-3. otherwise the first matching ``blacklist`` label quarantines it;
-4. otherwise Burned In Annotation (0028,0301) = YES quarantines it.
+   Burned In Annotation is YES;
+3. otherwise the first matching ``blacklist`` label flags the image (``check``);
+4. otherwise Burned In Annotation (0028,0301) = YES flags it (``check``, text expected).
+
+A flagged image is read by OCR (:func:`resolve`, :mod:`sendit.deid.ocr`): no text found → released as
+it is, the decision and its confidence recorded; text found → its lines are blanked and the image
+read again until nothing is found (released), or quarantined where the operator chose
+``OCR_ON_TEXT = quarantine``. With OCR off or unavailable a flagged image is quarantined (fail closed),
+and so is an image whose header says YES but in which OCR finds nothing (OCR missed the text).
 
 Blanking (:func:`blank_regions`) decodes the pixel data (native little endian, RLE and deflated
 data decode with pydicom alone; JPEG, JPEG-LS, JPEG 2000 and HTJ2K with the pylibjpeg plugins, colour
@@ -31,6 +37,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from sendit.deid.errors import BurnedInError
+from sendit.deid.ocr import OcrResult, OcrSettings, OcrUnavailable, UnreadableFrame, find_text
 from sendit.deid.recipe import Criterion, Label, Recipe
 
 _BURNED_IN = 0x00280301
@@ -80,14 +88,33 @@ class PixelError(Exception):
 
 @dataclass(frozen=True)
 class Decision:
-    """``action`` is ``pass``, ``clean`` or ``quarantine``; ``label`` names the rule that decided."""
+    """``action`` is ``pass``, ``clean`` (blank ``regions``) or ``check`` (flagged: OCR decides, after
+    blanking ``regions`` if any); ``label`` names the rule that decided; ``text_expected`` when the
+    header says Burned In Annotation YES."""
 
     action: str
     label: str = ""
     regions: tuple[tuple[int, int, int, int], ...] = ()
+    text_expected: bool = False
 
 
 PASS = Decision("pass")
+#: The label of step 4 of :func:`decide`.
+BURNED_IN_YES = "BurnedInAnnotation is YES"
+#: OCR, blank, OCR again: at most this many blankings before an image that still shows text is
+#: quarantined.
+BLANKING_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class PixelOutcome:
+    """What the burned-in text step did to one image: ``blanked`` when pixels changed; ``note`` says
+    what was decided and why (empty when no rule applied), for the image's record; ``ocr`` is the
+    first OCR reading, if there was one."""
+
+    blanked: bool = False
+    note: str = ""
+    ocr: OcrResult | None = None
 
 
 @dataclass
@@ -208,22 +235,98 @@ def decide(ds: Dataset, rules: PixelRules) -> Decision:
     if _PIXEL_DATA not in ds:
         return PASS
     header = _Header(ds)
+    burned_in = header.get(_BURNED_IN) == "yes"
     matched = [label for label in rules.graylist if _matches(label, header)]
     if matched:
-        for label in matched:
-            if not label.regions:
-                return Decision("quarantine", label.name)
         regions = tuple(region for label in matched for region in label.regions)
+        for label in matched:
+            if not label.regions:  # a layout rule without coordinates only says "may hold text"
+                return Decision("check", label.name, regions, text_expected=burned_in)
         return Decision("clean", matched[0].name, regions)
-    burned_in = header.get(_BURNED_IN) == "yes"
     if not burned_in and any(_matches(label, header) for label in rules.whitelist):
         return PASS
     for label in rules.blacklist:
         if _matches(label, header):
-            return Decision("quarantine", label.name)
+            return Decision("check", label.name, text_expected=burned_in)
     if burned_in:
-        return Decision("quarantine", "BurnedInAnnotation is YES")
+        return Decision("check", BURNED_IN_YES, text_expected=True)
     return PASS
+
+
+def resolve(ds: Dataset, decision: Decision, settings: OcrSettings) -> PixelOutcome:
+    """Carry out ``decision`` on ``ds`` (module docstring); raises :class:`BurnedInError`, whose
+    reason names the rule and what was (or could not be) seen, when the image may not be released.
+
+    1. ``pass``: nothing to do. ``clean``: blank the rule's regions.
+    2. ``check``: blank the rule's regions if it has any; with OCR off or unavailable, quarantine.
+    3. OCR the frames the settings select. No text, read with at least the settings'
+       ``release_confidence`` (else read again closer, at twice the size, and still
+       unsure: quarantine): release, unless the header said YES.
+    4. Text and ``OCR_ON_TEXT = quarantine``: quarantine. Otherwise blank the lines found and OCR
+       again, up to :data:`BLANKING_ROUNDS` times, until nothing is read; if text is still read,
+       quarantine.
+    """
+    label = decision.label
+    if decision.action == "pass":
+        return PixelOutcome()
+    if decision.action == "clean":
+        _blank(ds, decision.regions, f"burned-in annotation: {label}")
+        return PixelOutcome(True, f"burned-in text ({label}): layout regions blanked")
+    flagged = f"may hold burned-in text: {label}"
+    if decision.regions:
+        _blank(ds, decision.regions, flagged)
+    if not settings.enabled:
+        raise BurnedInError(f"{flagged}; OCR is off")
+    result = _read(ds, settings, flagged)
+    if not result.found and result.confidence < settings.release_confidence:
+        # in doubt (tesseract half-read something): small text is read at twice the size
+        second = _read(ds, settings, flagged, closer=result.unsure)
+        if second.found or second.confidence >= settings.release_confidence:
+            result = second
+        elif not decision.text_expected:
+            raise BurnedInError(
+                f"{flagged}; OCR found no text but is unsure (confidence "
+                f"{max(result.confidence, second.confidence):.2f} < OCR_RELEASE_CONFIDENCE)"
+            )
+    first = result
+    if not result.found:
+        if decision.text_expected:
+            said = "" if label == BURNED_IN_YES else f" ({BURNED_IN_YES})"
+            raise BurnedInError(f"burned-in annotation: {label}{said}; OCR found no text to blank")
+        note = f"burned-in text check ({label}): {result.summary()}"
+        return PixelOutcome(bool(decision.regions), note, result)
+    detected = f"text detected by OCR: {label}"
+    if settings.on_text == "quarantine":
+        raise BurnedInError(f"{detected}; {len(result.lines)} region(s), OCR_ON_TEXT is quarantine")
+    for reading in range(1, BLANKING_ROUNDS + 1):
+        _blank(ds, result.regions, detected)
+        result = _read(ds, settings, detected, reading)
+        if not result.found:
+            return PixelOutcome(True, f"burned-in text check ({label}): {first.summary()}; blanked", first)
+    raise BurnedInError(f"{detected}; still read after blanking {BLANKING_ROUNDS} times")
+
+
+def _read(
+    ds: Dataset,
+    settings: OcrSettings,
+    context: str,
+    reading: int = 0,
+    closer: Sequence[tuple[int, int, int]] | None = None,
+) -> OcrResult:
+    """OCR, with every failure turned into a quarantine reason that names ``context``."""
+    try:
+        return find_text(ds, settings, reading, closer)
+    except (OcrUnavailable, UnreadableFrame) as exc:  # their text names no value
+        raise BurnedInError(f"{context}; {exc}") from None
+    except Exception as exc:
+        raise BurnedInError(f"{context}; OCR failed ({type(exc).__name__})") from None
+
+
+def _blank(ds: Dataset, regions: Sequence[tuple[int, int, int, int]], context: str) -> None:
+    try:
+        blank_regions(ds, regions)
+    except PixelError as exc:
+        raise BurnedInError(f"{context}; {exc}") from None
 
 
 def blank_regions(ds: Dataset, regions: Sequence[tuple[int, int, int, int]]) -> None:

@@ -9,7 +9,9 @@ from django.http import HttpRequest
 
 from sendit.relay.files import masked
 from sendit.relay.models import (
+    AlertState,
     ApiToken,
+    BlankingRule,
     Delivery,
     Event,
     Image,
@@ -92,6 +94,25 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 @admin.register(WorkerHeartbeat)
 class WorkerHeartbeatAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ("name", "started", "seen")
+
+
+@admin.register(BlankingRule)
+class BlankingRuleAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Site blanking rules drawn on the review page: untick "active" to stop applying one (layout facts
+    only, no patient values)."""
+
+    list_display = ("id", "modality", "manufacturer", "model_name", "rows", "columns", "region", "active", "user")
+    list_filter = ("active", "modality")
+    readonly_fields = ("image_id_was", "user", "created")
+
+    @admin.display(description="region x0,y0,x1,y1")
+    def region(self, obj: BlankingRule) -> str:
+        return f"{obj.x0},{obj.y0},{obj.x1},{obj.y1}"
+
+
+@admin.register(AlertState)
+class AlertStateAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("name", "since", "sent")
 
 
 @admin.register(ScanState)

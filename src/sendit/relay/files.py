@@ -195,6 +195,31 @@ def set_aside_long(source: Path, stored: str) -> str:
     return str(target)
 
 
+MAX_REVIEW_BYTES = 1 << 30  # a person's preview or download: 1 GiB at most in memory
+
+
+def read_original(stored: str, set_aside_at: str = "") -> bytes:
+    """The bytes of an original for a person (review page, download of a rejected file): where it was
+    set aside (quarantine), else in the quarantine folder under its stored name, else in the input
+    folder. The one reader of originals for the web: another storage (object store) changes only this.
+
+    Raises FileNotFoundError when none is there, OSError when it cannot be read or is too large.
+    A symbolic link is not followed.
+    """
+    candidates = [Path(set_aside_at)] if set_aside_at else []
+    if inside_input(stored):
+        candidates.append(Path(config().QUARANTINE_FOLDER) / real_name(stored))
+    candidates.append(original(stored))
+    for path in candidates:
+        if path.is_symlink() or not path.is_file():
+            continue
+        if path.stat().st_size > MAX_REVIEW_BYTES:
+            raise OSError("the file is too large to show")
+        with open(path, "rb") as handle:
+            return handle.read()
+    raise FileNotFoundError("the original is gone")
+
+
 def remove_original(stored: str) -> None:
     """After DONE: delete an original inside the input folder; the user's other folders are left alone."""
     if not inside_input(stored):

@@ -37,19 +37,26 @@ def reasons_per_status(
 
 
 def status_counts() -> dict[str, int]:
-    """Images per status, plus files that never became images (rejected, duplicates)."""
+    """Images per status (files that never became images are counted apart: ``file_counts``)."""
     counts = {status.value: 0 for status in Status}
     for status, n in images_per_status().items():
         counts[status] += n
-    for row in ReceivedFile.objects.values("status").annotate(n=Count("id")).order_by():
-        counts[row["status"]] += row["n"]
+    return counts
+
+
+def file_counts() -> dict[str, int]:
+    """Received files that did not become images and no one has resolved yet, per status:
+    QUARANTINED (not DICOM, truncated, a conflicting copy, missing UIDs) and SKIPPED (duplicates)."""
+    counts = {Status.QUARANTINED.value: 0, Status.SKIPPED.value: 0}
+    for row in ReceivedFile.objects.filter(resolved="").values("status").annotate(n=Count("id")).order_by():
+        counts[row["status"]] = counts.get(row["status"], 0) + row["n"]
     return counts
 
 
 def problem_reasons(limit: int = 20) -> list[tuple[str, str, int]]:
     """(status, reason, count) for everything that did not end DONE, most frequent first."""
     merged = reasons_per_status((Status.ERROR, Status.QUARANTINED, Status.SKIPPED))
-    for row in ReceivedFile.objects.values("status", "reason").annotate(n=Count("id")).order_by():
+    for row in ReceivedFile.objects.filter(resolved="").values("status", "reason").annotate(n=Count("id")).order_by():
         key = (row["status"], row["reason"])
         merged[key] = merged.get(key, 0) + row["n"]
     ordered = sorted(merged.items(), key=lambda item: -item[1])[:limit]

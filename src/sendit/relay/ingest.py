@@ -222,7 +222,8 @@ def known_paths() -> dict[str, tuple[int, str]]:
 def rejected_in_place() -> dict[str, datetime]:
     """Rejected entries that could not be moved away (stored nowhere) → when they were recorded."""
     latest: dict[str, datetime] = {}
-    for path, created in ReceivedFile.objects.filter(stored_at="").values_list("path", "created"):
+    # a person's retry resolves the row: the next scan takes the file again
+    for path, created in ReceivedFile.objects.filter(stored_at="", resolved="").values_list("path", "created"):
         if path not in latest or created > latest[path]:
             latest[path] = created
     return latest

@@ -68,6 +68,10 @@ class Series(models.Model):
     # Fencing token: +1 at every acquisition. A status change names the generation it holds, so a
     # worker that lost its lease (paused, cut off) changes nothing when it wakes.
     lease_generation = models.PositiveBigIntegerField(default=0)
+    # the series description as researchers get it (scrubbed: sendit.deid.metadata), for the dashboard
+    description = models.CharField(max_length=200, blank=True)
+    # the status an alert was last sent for (sendit.relay.alerts): one alert per change, whichever worker
+    alerted_status = models.CharField(max_length=16, blank=True)
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -95,6 +99,11 @@ class Image(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["series", "status"])]
+        # the roles (sendit.web.roles) are groups of these permissions
+        permissions = [
+            ("review_image", "Can see the original data of quarantined images and rejected files"),
+            ("discard_image", "Can discard images and rejected files"),
+        ]
 
     def __str__(self) -> str:
         return f"image #{self.pk}"
@@ -124,6 +133,8 @@ class Delivery(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["image", "destination"], name="one_delivery_per_destination")]
+        # the dashboard's last success and throughput per destination
+        indexes = [models.Index(fields=["destination", "created"], name="delivery_destination_created")]
         verbose_name_plural = "deliveries"
 
 
@@ -136,6 +147,9 @@ class ReceivedFile(models.Model):
     stored_at = models.CharField(max_length=1024, blank=True, help_text="Where the file was moved.")
     image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.SET_NULL)
     created = models.DateTimeField(auto_now_add=True, db_index=True)
+    # what a person did about it (sendit.web.rejected): "retried by …", "discarded by …"; empty = open
+    resolved = models.CharField(max_length=200, blank=True, db_index=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"received file #{self.pk}"  # not the path: folder names may be patient names
@@ -185,9 +199,18 @@ class ApiToken(models.Model):
 
 
 class WorkerHeartbeat(models.Model):
-    """Each queue worker process writes here every few seconds; the dashboard counts the recent ones."""
+    """Each queue worker process, and each process while it holds a lease, writes here every
+    HEARTBEAT_SECONDS (in database time). The dashboard counts the recent worker rows; any host
+    judges a lease holder whose row is missing or silent for 3 periods dead (relay.liveness)."""
 
-    name = models.CharField(max_length=255, unique=True, help_text="host:pid")
+    name = models.CharField(
+        max_length=255, unique=True, help_text="host:pid:namespace — how this process's lease owner names begin"
+    )
+    host = models.CharField(max_length=255, blank=True)
+    boot_id = models.CharField(max_length=64, blank=True, help_text="the kernel's boot id")
+    pid_namespace = models.CharField(max_length=16, blank=True, help_text="digest of boot id and PID namespace")
+    pid = models.IntegerField(null=True, blank=True)
+    worker = models.BooleanField(default=True, help_text="a queue worker (else a process holding a lease)")
     started = models.DateTimeField()
     seen = models.DateTimeField(db_index=True)
 
@@ -235,6 +258,43 @@ class PeriodicRun(models.Model):
     name = models.CharField(max_length=64, unique=True)
     last_run = models.DateTimeField()
     host = models.CharField(max_length=255, blank=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class BlankingRule(models.Model):
+    """A site rule a reviewer drew on a quarantined image: blank this region of every image that
+    matches the criteria (a ``%filter graylist`` label, applied with the DEID_FILTER rules).
+
+    The criteria are layout facts (modality, maker, model, size), never patient values.
+    """
+
+    modality = models.CharField(max_length=16)
+    manufacturer = models.CharField(max_length=64, blank=True)
+    model_name = models.CharField(max_length=64, blank=True)
+    rows = models.PositiveIntegerField()
+    columns = models.PositiveIntegerField()
+    x0 = models.PositiveIntegerField()
+    y0 = models.PositiveIntegerField()
+    x1 = models.PositiveIntegerField()
+    y1 = models.PositiveIntegerField()
+    active = models.BooleanField(default=True)
+    image_id_was = models.BigIntegerField(null=True, blank=True, help_text="The image it was drawn on.")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"blanking rule #{self.pk}"
+
+
+class AlertState(models.Model):
+    """A condition that lasts (a destination silent, a file system low on space): since when, and
+    whether its alert went out, so each episode alerts once whichever process looks."""
+
+    name = models.CharField(max_length=100, unique=True)
+    since = models.DateTimeField()
+    sent = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return self.name

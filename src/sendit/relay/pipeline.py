@@ -10,15 +10,15 @@ its lease and woke up after another took the series over changes nothing and sto
 from __future__ import annotations
 
 import errno
-import hashlib
+import json
 import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from django.utils import timezone
 from sendit.destinations.base import Destination, DestinationError, OutgoingImage, OutgoingSeries, SeriesDestination
 from sendit.dicomio import sop_class_and_syntax
 from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
-from sendit.relay import files, runtime
+from sendit.relay import files, liveness, runtime
 from sendit.relay.models import IN_FLIGHT, Delivery, Event, Image, Series, SeriesIdentifiers, Stage, Status, Study
 from sendit.relay.transitions import Lease, LeaseLost, clip, fenced, move_images, refresh_series_status
 
@@ -62,38 +62,34 @@ class NextStep:
 _HELD: set[str] = set()
 
 
-@cache
-def _process_namespace() -> str:
-    """Tells apart processes with one host name but different kernels or PID namespaces (containers)."""
-    parts = []
-    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
-        try:
-            parts.append(os.readlink(source) if source.endswith("/pid") else Path(source).read_text().strip())
-        except OSError:
-            parts.append("?")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
-
-
 def lease_owner_name() -> str:
-    """host:pid:namespace:random — a lease left by a dead process of this host and namespace is taken at once."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_process_namespace()}:{uuid.uuid4().hex[:12]}"
+    """host:pid:namespace:random — its first three parts name this process's heartbeat row."""
+    return f"{liveness.heartbeat_name()}:{uuid.uuid4().hex[:12]}"
 
 
 def holder_is_dead(owner: str) -> bool:
-    """True only when we can see it: the holder ran in this host's PID namespace and has exited, or it
-    is this process and no longer working on the series. Elsewhere only the lease's expiry tells."""
-    host, pid_text, namespace, *_ = [*owner.split(":"), "", "", ""]
-    if host != socket.gethostname() or not pid_text.isdigit() or namespace != _process_namespace():
+    """Is the holder of a live lease gone, so that its series can be taken over before the lease runs out?
+
+    1. This process: dead when it is no longer working on the series (a step failed before the release).
+    2. Same host, kernel boot and PID namespace, and the PID has exited: dead (no query needed).
+    3. Anywhere: dead when its heartbeat row is missing or silent for 3 periods, in database time —
+       killed, paused, swapped out, or its host is gone.
+    An owner name Sendit does not write is judged by the lease's expiry only.
+    """
+    parts = liveness.owner_parts(owner)
+    if parts is None:
         return False
-    if int(pid_text) == os.getpid():
-        return owner not in _HELD
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    host, pid, namespace = parts
+    if host == socket.gethostname() and namespace == liveness.process_namespace():
+        if pid == os.getpid():
+            return owner not in _HELD
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    return liveness.silent(f"{host}:{pid}:{namespace}")
 
 
 def _expiry() -> Any:
@@ -154,6 +150,7 @@ class LeaseKeeper:
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
         self.every = max(1.0, runtime.config().LEASE_SECONDS / 3)
+        self.beat_every = min(self.every, liveness.period_seconds())
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -173,12 +170,22 @@ class LeaseKeeper:
             raise LeaseLost(f"series #{self.lease.series_id}: lease generation {self.lease.generation} was lost")
 
     def _renew_until_stopped(self) -> None:
+        """Beats every heartbeat period (other hosts judge this process alive by it) and renews the
+        lease every LEASE_SECONDS / 3, both in this thread."""
+        renewed = time.monotonic()
         try:
-            while not self._stop.wait(self.every):
+            while not self._stop.wait(self.beat_every):
                 try:
-                    if not renew_lease(self.lease):
-                        self.lost.set()
-                        return
+                    liveness.beat()
+                except Exception as exc:  # the lease renewal below still runs; so does the next beat
+                    log.warning("series #%s: heartbeat failed (%s)", self.lease.series_id, type(exc).__name__)
+                    close_old_connections()
+                try:
+                    if time.monotonic() - renewed >= self.every - 0.01:
+                        if not renew_lease(self.lease):
+                            self.lost.set()
+                            return
+                        renewed = time.monotonic()
                 except Exception as exc:  # a dropped connection: try again at the next tick
                     log.warning("series #%s: lease renewal failed (%s)", self.lease.series_id, type(exc).__name__)
                     close_old_connections()
@@ -217,6 +224,7 @@ def is_no_space(exc: BaseException) -> bool:
 
 def process_series(series_id: int) -> NextStep:
     owner = lease_owner_name()
+    liveness.beat()  # before the lease: a holder with no heartbeat row is dead to other hosts
     lease = acquire_lease(series_id, owner)
     if lease is None:
         return NextStep(finished=False, busy=True)
@@ -378,6 +386,7 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
             break
         move_images(series, [image.id for image in batch], Status.PROCESSING, expect=(Status.NEW,), lease=lease)
         made: list[Image] = []
+        notes: dict[int, str] = {}
         renames: list[tuple[Path, Path]] = []
         for image in batch:
             keeper.check()  # a worker that lost its lease stops at once, not after the batch
@@ -410,6 +419,7 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
                 continue
             image.deid_sop_instance_uid, image.sha256 = result.sop_instance_uid, digest
             made.append(image)
+            notes[image.pk] = result.pixels
             renames.append((mine, target))
             if not series.deid_series_uid:
                 series.deid_series_uid = result.series_uid
@@ -423,13 +433,22 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
             for mine, target in renames:
                 os.replace(mine, target)
             Image.objects.bulk_update(made, ["deid_sop_instance_uid", "sha256"])
-            move_images(
-                series, [image.pk for image in made], Status.DONEPROCESSING, expect=(Status.PROCESSING,), lease=lease
-            )
+            for note, ids_with_note in _by_pixel_note(made, notes).items():  # OCR's decision on the event
+                move_images(
+                    series, ids_with_note, Status.DONEPROCESSING, note, expect=(Status.PROCESSING,), lease=lease
+                )
     write_series_metadata(series, ids)
     with fenced(lease):
         Series.objects.filter(pk=series.pk).update(stage=Stage.DEIDENTIFIED)
     return written
+
+
+def _by_pixel_note(made: list[Image], notes: dict[int, str]) -> dict[str, list[int]]:
+    """The images written, grouped by what the burned-in text step decided ("" for no rule)."""
+    groups: dict[str, list[int]] = {}
+    for image in made:
+        groups.setdefault(notes.get(image.pk, ""), []).append(image.pk)
+    return groups
 
 
 def write_series_metadata(series: Series, ids: Identifiers) -> None:
@@ -444,7 +463,7 @@ def write_series_metadata(series: Series, ids: Identifiers) -> None:
         return
     try:
         study_uid = Study.objects.filter(pk=series.study_id).values_list("deid_study_uid", flat=True).first()
-        write_series_document(
+        written = write_series_document(
             files.original(first.path),
             runtime.deidentifier().known_identifiers,
             files.series_folder(series.pk) / "metadata.json",
@@ -453,6 +472,8 @@ def write_series_metadata(series: Series, ids: Identifiers) -> None:
             series_uid=series.deid_series_uid,
             images=made.count(),
         )
+        described = json.loads(written.read_text(encoding="utf-8")).get("series_description") or ""
+        Series.objects.filter(pk=series.pk).update(description=str(described)[:200])  # the dashboard's
     except Exception as exc:
         log.warning("series #%s: metadata.json not written (%s)", series.pk, type(exc).__name__)
 
@@ -551,7 +572,8 @@ def deliver_series_level(
 
     1. Read the allow-listed metadata document (writing it again if it is gone).
     2. Each destination delivers and reads back its object(s); links pass on to the next, notes
-       become series events. A failure raises (retried, or ERROR with words), the images stay SENT.
+       become series events, and each image gets a Delivery row for it (the dashboard's last success).
+       A failure raises (retried, or ERROR with words), the images stay SENT.
     3. SENT → DONE, naming the status it expects.
     """
     sent = list(series.images.filter(status=Status.SENT).order_by("id"))
@@ -590,6 +612,11 @@ def deliver_series_level(
                 raise RetryableFailure(_about(destination, exc)) from exc
             raise PermanentFailure(_about(destination, exc)) from exc
         links += outcome.links
+        with fenced(lease):  # its confirmation per image, as the image destinations' (dashboard, alerts)
+            Delivery.objects.bulk_create(
+                [Delivery(image_id=image.image_id, destination=destination.name) for image in images],
+                ignore_conflicts=True,
+            )
         if outcome.notes:
             with fenced(lease):
                 Event.objects.bulk_create(

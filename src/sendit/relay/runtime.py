@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -15,6 +15,7 @@ from sendit.identifiers.local import LocalProvider
 
 if TYPE_CHECKING:  # the engine loads pydicom's tables and the recipes: only when a task needs it
     from sendit.deid import Deidentifier
+    from sendit.deid.ocr import OcrSettings
 
 
 def config() -> Config:
@@ -24,16 +25,24 @@ def config() -> Config:
 
 
 def deidentifier() -> Deidentifier:
-    """The engine for the current configuration (built once per distinct set of DEID_* values)."""
+    """The engine for the current configuration and the site's blanking rules (one query), built once
+    per distinct set of DEID_* and OCR_* values and rules: a rule a reviewer adds applies from the next series."""
+    from sendit.deid import ocr_settings
+    from sendit.relay.blanking import site_filter_text
+
     cfg = config()
-    return _deidentifier(cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER)
+    return _deidentifier(
+        cfg.SECRET_KEY, cfg.DEID_OPTIONS, cfg.DEID_RECIPE, cfg.DEID_FILTER, site_filter_text(), ocr_settings(cfg.values)
+    )
 
 
-@cache
-def _deidentifier(secret_key: str, options: str, recipe: str, pixel_filter: str) -> Deidentifier:
+@lru_cache(maxsize=8)
+def _deidentifier(
+    secret_key: str, options: str, recipe: str, pixel_filter: str, site: str, ocr: OcrSettings
+) -> Deidentifier:
     from sendit.deid import build_deidentifier
 
-    return build_deidentifier(secret_key, options, recipe, pixel_filter)
+    return build_deidentifier(secret_key, options, recipe, pixel_filter, site_filter=site, ocr=ocr)
 
 
 @cache

@@ -14,12 +14,12 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import close_old_connections
-from django.db.models import DateTimeField, ExpressionWrapper, Q
+from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 from huey import crontab
 
-from sendit.relay import runtime
+from sendit.relay import alerts, runtime
 from sendit.relay.models import IN_FLIGHT, PeriodicRun, Series, Stage, Status
 from sendit.relay.pipeline import holder_is_dead, process_series
 from sendit.relay.queue import make_huey
@@ -68,7 +68,16 @@ def run_series(series_id: int) -> None:
         # Huey logs what the task raised: the type only, since a database error's text can quote a value
         raise StepFailed(f"series #{series_id}: {type(exc).__name__}") from None
     finally:
+        _alert_after(series_id)
         close_old_connections()
+
+
+def _alert_after(series_id: int) -> None:
+    """An alert if this step left the series in ERROR or QUARANTINED; never fails the task."""
+    try:
+        alerts.series_alerts([series_id])
+    except Exception as exc:  # the periodic check sends it later
+        log.warning("series #%s: alert check failed (%s)", series_id, type(exc).__name__)
 
 
 def _queued_series() -> set[int] | None:
@@ -93,16 +102,18 @@ def stale_series() -> list[int]:
     lease = timedelta(seconds=runtime.config().LEASE_SECONDS)
     orphan = timedelta(seconds=ORPHAN_AFTER_SECONDS)
     to_do = Q(images__status__in=IN_FLIGHT) | Q(images__status=Status.DONE, images__cleaned_at__isnull=True)
+    # whether a lease still runs is the database's clock's call, never this host's
+    running = ExpressionWrapper(Q(lease_expires__gte=Now()), output_field=BooleanField())
     rows = (
         Series.objects.filter(to_do)
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .values_list("id", "lease_owner", "lease_expires", "enqueued_at")
+        .annotate(leased=running)
+        .values_list("id", "lease_owner", "leased", "enqueued_at")
         .distinct()
     )
     stale: set[int] = set()
     unleased: list[tuple[int, Any]] = []
-    for series_id, owner, expires, enqueued in rows:
-        leased = expires is not None and expires >= now
+    for series_id, owner, leased, enqueued in rows:
         if leased:
             if holder_is_dead(owner):
                 stale.add(series_id)
@@ -171,5 +182,19 @@ def requeue_stale_periodically() -> None:
             requeue_stale()
     except Exception as exc:  # the next minute tries again; the type only (the text can quote a value)
         log.warning("requeue check failed (%s)", type(exc).__name__)
+    finally:
+        close_old_connections()
+
+
+@huey.periodic_task(crontab(minute="*"))
+def alert_periodically() -> None:
+    """Once a minute on one consumer: series alerts a worker missed, destinations and free space."""
+    close_old_connections()
+    try:
+        if alerts.enabled() and my_turn("alerts", REQUEUE_PERIOD_SECONDS):
+            alerts.series_alerts()
+            alerts.condition_alerts()
+    except Exception as exc:
+        log.warning("alert check failed (%s)", type(exc).__name__)
     finally:
         close_old_connections()

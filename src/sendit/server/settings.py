@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
 
-from sendit.config import ConfigError, database_settings, load_config
+from sendit.config import EMAIL_BACKENDS, ConfigError, database_settings, load_config
 
 try:
     SENDIT = load_config()
@@ -82,6 +82,23 @@ CACHES = {
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Django's user/password check, throttled after repeated failures (the login page and the admin's).
 AUTHENTICATION_BACKENDS = ["sendit.web.throttle.ThrottledModelBackend"]
+# alert e-mails (sendit.relay.alerts) through Django's mail backends
+EMAIL_BACKEND = EMAIL_BACKENDS.get(SENDIT.EMAIL_BACKEND.strip(), SENDIT.EMAIL_BACKEND.strip())
+EMAIL_HOST = SENDIT.EMAIL_HOST
+EMAIL_PORT = SENDIT.EMAIL_PORT
+EMAIL_HOST_USER = SENDIT.EMAIL_HOST_USER
+EMAIL_HOST_PASSWORD = SENDIT.EMAIL_HOST_PASSWORD
+EMAIL_USE_TLS = SENDIT.EMAIL_USE_TLS
+EMAIL_TIMEOUT = 10
+DEFAULT_FROM_EMAIL = SENDIT.ALERT_EMAIL_FROM
+
+# `sendit createuser`, `sendit manage changepassword` and the admin's forms check new passwords
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -7,6 +7,12 @@
   delivers an image as it is — fail closed: an image that cannot be de-identified is quarantined again.
 - **discard**: images in ERROR or QUARANTINED become SKIPPED with the reason "discarded by <user>";
   the quarantined file, the working copy and an original left in the input folder are deleted.
+
+The dashboard's buttons, the review page, `sendit retry | release | discard` and the API's
+``POST /api/series/<id>/<action>`` all call :func:`perform`, which checks the role
+(:mod:`sendit.relay.roles`): retry, release and retry now need the operator's permission, discard the
+reviewer's. A release only sends images back to de-identification: its message says so, and an image
+that fails again shows "quarantined again after release" (:func:`requarantined`).
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sendit.relay import files, runtime
-from sendit.relay.models import Image, Series, Stage, Status
+from sendit.relay import files, roles, runtime
+from sendit.relay.models import Event, Image, Series, Stage, Status
 from sendit.relay.transitions import move_images
 
 log = logging.getLogger("sendit.web.actions")
@@ -26,7 +32,54 @@ log = logging.getLogger("sendit.web.actions")
 ACTIONS = ("retry", "release", "discard")
 #: for a series waiting out a back-off after a failed attempt: its next attempt now
 RETRY_NOW = "retry-now"
-RETRY_NOW_PERMISSION = "relay.change_series"
+RETRY_NOW_PERMISSION = roles.CHANGE
+PERMISSIONS = {"retry": roles.CHANGE, "release": roles.CHANGE, "discard": roles.DISCARD, RETRY_NOW: roles.CHANGE}
+ROLE_NEEDED = {"retry": "operator", "release": "operator", "discard": "reviewer", RETRY_NOW: "operator"}
+RELEASE_REASON = "release by "
+
+
+class Forbidden(Exception):
+    """The user's role does not allow this action; the text names the role needed."""
+
+
+def allowed(user: Any) -> list[str]:
+    """The actions of :data:`ACTIONS` this user may take (the buttons the pages show)."""
+    return [action for action in ACTIONS if user.has_perm(PERMISSIONS[action])]
+
+
+def check(user: Any, action: str) -> None:
+    if not user.has_perm(PERMISSIONS[action]):
+        raise Forbidden(f"{action} needs the {ROLE_NEEDED[action]} role")
+
+
+class CommandLineUser:
+    """Who acts for `sendit retry | release | discard`: the host account that runs the command (it can
+    read the database and the files anyway), recorded by name in the event's reason."""
+
+    pk = None
+    is_active = True
+    is_superuser = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def get_username(self) -> str:
+        return f"cli:{self.name}"
+
+    def has_perm(self, perm: str) -> bool:
+        return True
+
+
+def requarantined(image_ids: list[int]) -> set[int]:
+    """Images among ``image_ids`` that are QUARANTINED although a person released them since they
+    were quarantined before: the release did not help, and the pages say so."""
+    ids = list(Image.objects.filter(pk__in=image_ids, status=Status.QUARANTINED).values_list("pk", flat=True))
+    if not ids:
+        return set()
+    released = set(
+        Event.objects.filter(image_id__in=ids, reason__startswith=RELEASE_REASON).values_list("image_id", flat=True)
+    )
+    return {pk for pk in ids if pk in released}
 
 
 @dataclass
@@ -42,6 +95,8 @@ class ActionResult:
         else:
             verb = {"retry": "retried", "release": "released", "discard": "discarded"}[self.action]
             text = f"series #{self.series_id}: {verb} {self.changed} image(s)"
+            if self.action == "release" and self.changed:
+                text += " (de-identified again now; an image that still fails is quarantined again)"
         if self.problems:
             text += "; " + "; ".join(self.problems)
         return text
@@ -145,13 +200,17 @@ def retry_now(series: Series, user: Any) -> ActionResult:
     when it was waiting out a back-off, else 0."""
     from sendit.relay.housekeeping import retry_now as due_now
 
+    check(user, RETRY_NOW)
     outcome = ActionResult(RETRY_NOW, series.pk)
     outcome.changed = len(due_now([series.pk], who=user.get_username(), user_id=user.pk))
     return outcome
 
 
 def perform(action: str, series: Series, user: Any, image_ids: list[int] | None = None) -> ActionResult:
+    """The one entry for retry, release and discard (web, API, CLI); raises Forbidden for a user
+    whose role does not allow it."""
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
+    check(user, action)
     result: ActionResult = {"retry": retry, "release": release, "discard": discard}[action](series, user, image_ids)
     return result

@@ -17,8 +17,8 @@ from ninja import Field, NinjaAPI, Path, Query, Schema
 from ninja.errors import HttpError
 from ninja.security import HttpBearer, django_auth
 
-from sendit.relay.models import Series, Status
-from sendit.web import actions, overview, throttle, tokens
+from sendit.relay.models import ReceivedFile, Series, Status
+from sendit.web import actions, overview, rejected, search, throttle, tokens
 
 # Database ids are 64-bit: a larger number is a client error (422), not an overflow in the database.
 MAX_ID = 2**63 - 1
@@ -88,6 +88,7 @@ class PageMeta(Schema):
 class SeriesOut(Schema):
     id: int
     modality: str
+    description: str
     status: str
     stage: str
     attempts: int
@@ -99,6 +100,8 @@ class SeriesOut(Schema):
     total: int
     finished: int
     done: int
+    study_date: str = ""  # as delivered (shifted); lists only
+    duration: float | None = None  # seconds from arrival to the last change, once finished; lists only
 
 
 class StageOut(Schema):
@@ -125,6 +128,7 @@ class ImageOut(Schema):
     attempts: int
     size: int
     updated: str | None
+    requarantined: bool
 
 
 class ImagePage(PageMeta):
@@ -156,11 +160,96 @@ def _status(value: str) -> str:
     return value if value in Status.values else ""
 
 
-@api.get("/status", response=dict[str, int], summary="Images (and rejected files) per status")
+@api.get("/status", response=dict[str, int], summary="Images per status (rejected files: /api/files/status)")
 def status(request: HttpRequest) -> dict[str, int]:
     from sendit.relay.housekeeping import status_counts
 
     return status_counts()
+
+
+class FileOut(Schema):
+    id: int
+    status: str
+    reason: str
+    image_id: int | None
+    conflict: bool
+    stored: bool
+    resolved: str
+    created: str | None
+
+
+class FilePage(PageMeta):
+    items: list[FileOut]
+
+
+class FileActionOut(Schema):
+    action: str
+    file_id: int
+    changed: int
+    problems: list[str]
+
+
+FILE_ID = Path(..., ge=1, le=MAX_ID, description="Database id of the received file")
+
+
+@api.get("/files/status", response=dict[str, int], summary="Open rejected files (not images) per status")
+def file_status(request: HttpRequest) -> dict[str, int]:
+    from sendit.relay.housekeeping import file_counts
+
+    return file_counts()
+
+
+@api.get("/files", response=FilePage, summary="Received files that did not become images, newest first")
+def list_files(request: HttpRequest, resolved: bool = False, page: int = 1, size: int = 50) -> dict[str, Any]:
+    queryset = ReceivedFile.objects.order_by("-id")
+    if not resolved:
+        queryset = queryset.filter(resolved="")
+    result = overview.paginate(queryset, page, size)
+    return {**result.meta(), "items": [rejected.file_row(r) for r in result.items]}
+
+
+def _file_act(action: str, request: HttpRequest, file_id: int, winner: str = "") -> dict[str, Any]:
+    row = get_object_or_404(ReceivedFile, pk=file_id)
+    try:
+        return rejected.perform(action, row, request.user, winner).as_json()
+    except actions.Forbidden as refused:
+        raise HttpError(403, str(refused)) from None
+    except ValueError as wrong:
+        raise HttpError(422, str(wrong)) from None
+
+
+@api.post("/files/{file_id}/retry", response=FileActionOut, summary="Back into the input folder (operator)")
+def retry_file(request: HttpRequest, file_id: int = FILE_ID) -> dict[str, Any]:
+    return _file_act("retry", request, file_id)
+
+
+@api.post("/files/{file_id}/discard", response=FileActionOut, summary="Delete the set-aside file (reviewer)")
+def discard_file(request: HttpRequest, file_id: int = FILE_ID) -> dict[str, Any]:
+    return _file_act("discard", request, file_id)
+
+
+@api.post(
+    "/files/{file_id}/resolve",
+    response=FileActionOut,
+    summary="A conflicting copy: winner=processed keeps the processed image (reviewer), winner=this makes this"
+    " copy the image's original and processes it again (operator)",
+)
+def resolve_file(request: HttpRequest, winner: str, file_id: int = FILE_ID) -> dict[str, Any]:
+    return _file_act("resolve", request, file_id, winner)
+
+
+@api.get("/files/{file_id}/download", summary="The file's bytes (reviewer); an event with the user")
+def download_file(request: HttpRequest, file_id: int = FILE_ID) -> HttpResponse:
+    row = get_object_or_404(ReceivedFile, pk=file_id)
+    try:
+        data = rejected.download(row, request.user)
+    except actions.Forbidden as refused:
+        raise HttpError(403, str(refused)) from None
+    except OSError:
+        raise HttpError(404, "the file is gone") from None
+    response = HttpResponse(data, content_type="application/octet-stream")
+    response["Content-Disposition"] = f'attachment; filename="received-file-{row.pk}.bin"'
+    return response
 
 
 @api.get("/dashboard", summary="Everything the dashboard shows, for its live updates")
@@ -168,11 +257,29 @@ def dashboard(request: HttpRequest) -> dict[str, Any]:
     return overview.dashboard()
 
 
-@api.get("/series", response=SeriesPage, summary="Series, newest first; filter by status, modality, stage")
+@api.get(
+    "/series",
+    response=SeriesPage,
+    summary="Series, newest first; filter by status, modality, stage, pseudonym or de-identified accession (q),"
+    " image reason (part of it) and arrival dates (since, until: YYYY-MM-DD)",
+)
 def list_series(
-    request: HttpRequest, status: str = "", modality: str = "", stage: str = "", page: int = 1, size: int = 50
+    request: HttpRequest,
+    status: str = "",
+    modality: str = "",
+    stage: str = "",
+    q: str = "",
+    reason: str = "",
+    since: str = "",
+    until: str = "",
+    page: int = 1,
+    size: int = 50,
 ) -> dict[str, Any]:
-    result = overview.paginate(overview.series_queryset(_status(status), modality, stage), page, size)
+    flt = search.Filter(q=q, modality=modality, status=_status(status), reason=reason, since=since, until=until)
+    queryset = search.series_matching(flt)
+    if stage:
+        queryset = queryset.filter(stage=stage)
+    result = overview.paginate(queryset, page, size)
     return {**result.meta(), "items": overview.series_rows(result.items)}
 
 
@@ -197,28 +304,35 @@ def list_images(
     size: int = 50,
 ) -> dict[str, Any]:
     result = overview.paginate(overview.image_queryset(series, _status(status)), page, size)
-    return {**result.meta(), "items": [overview.image_row(i) for i in result.items]}
+    return {**result.meta(), "items": overview.image_rows(result.items)}
 
 
 def _act(action: str, request: HttpRequest, series_id: int, image_ids: list[int] | None) -> dict[str, Any]:
     series = get_object_or_404(Series, pk=series_id)
-    return actions.perform(action, series, request.user, image_ids or None).as_json()
+    try:
+        return actions.perform(action, series, request.user, image_ids or None).as_json()
+    except actions.Forbidden as refused:
+        raise HttpError(403, str(refused)) from None
 
 
 ONLY = Query(None, description="Only these images of the series (repeat the parameter); default all that apply")
 
 
-@api.post("/series/{series_id}/retry", response=ActionOut, summary="ERROR and QUARANTINED images back to NEW")
+@api.post(
+    "/series/{series_id}/retry", response=ActionOut, summary="ERROR and QUARANTINED images back to NEW (operator)"
+)
 def retry(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id] | None = ONLY) -> dict[str, Any]:
     return _act("retry", request, series_id, image_ids)
 
 
-@api.post("/series/{series_id}/release", response=ActionOut, summary="De-identify QUARANTINED images again")
+@api.post("/series/{series_id}/release", response=ActionOut, summary="De-identify QUARANTINED images again (operator)")
 def release(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id] | None = ONLY) -> dict[str, Any]:
     return _act("release", request, series_id, image_ids)
 
 
-@api.post("/series/{series_id}/discard", response=ActionOut, summary="ERROR and QUARANTINED images to SKIPPED")
+@api.post(
+    "/series/{series_id}/discard", response=ActionOut, summary="ERROR and QUARANTINED images to SKIPPED (reviewer)"
+)
 def discard(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id] | None = ONLY) -> dict[str, Any]:
     return _act("discard", request, series_id, image_ids)
 
@@ -226,9 +340,10 @@ def discard(request: HttpRequest, series_id: int = SERIES_ID, image_ids: list[Id
 @api.post(
     "/series/{series_id}/retry-now",
     response=ActionOut,
-    summary="A series waiting out a back-off (stage retrying): its next attempt now (needs relay.change_series)",
+    summary="A series waiting out a back-off (stage retrying): its next attempt now (operator role)",
 )
 def retry_now(request: HttpRequest, series_id: int = SERIES_ID) -> dict[str, Any]:
-    if not request.user.has_perm(actions.RETRY_NOW_PERMISSION):
-        raise HttpError(403, "retry now needs the permission to change series")
-    return actions.retry_now(get_object_or_404(Series, pk=series_id), request.user).as_json()
+    try:
+        return actions.retry_now(get_object_or_404(Series, pk=series_id), request.user).as_json()
+    except actions.Forbidden as refused:
+        raise HttpError(403, str(refused)) from None

@@ -1,44 +1,46 @@
-"""Queue workers say they are alive: each worker process writes a row every few seconds.
+"""Queue workers say they are alive: each worker process writes a row every HEARTBEAT_SECONDS.
 
 `sendit worker` calls :func:`install` before the consumer starts; Huey runs the start-up hook in
 every worker process, which starts a daemon thread. The dashboard and /metrics count the workers
-seen within :data:`ALIVE_SECONDS`. `sendit run` also records whether the consumer it supervises
-is running, for /health.
+seen within :data:`ALIVE_SECONDS`; any host judges a lease holder by the same rows
+(sendit.relay.liveness). `sendit run` also records whether the consumer it supervises is running,
+for /health.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from datetime import timedelta
 from typing import Any
 
 from django.db import close_old_connections
+from django.db.models import DateTimeField, ExpressionWrapper
+from django.db.models.functions import Now
 from django.utils import timezone
 
+from sendit.relay import liveness
 from sendit.relay.models import WorkerHeartbeat
 
 log = logging.getLogger("sendit.heartbeat")
 
-EVERY_SECONDS = 5.0
 ALIVE_SECONDS = 30
 FORGET_AFTER = timedelta(days=1)
-REQUEUE_EVERY_BEATS = 3  # 15 s
+REQUEUE_EVERY_BEATS = 3  # 15 s with the default HEARTBEAT_SECONDS
 
 
 def beat(name: str, started: Any) -> None:
-    now = timezone.now()
-    WorkerHeartbeat.objects.update_or_create(name=name, defaults={"seen": now, "started": started})
+    """One worker heartbeat under ``name`` (the dashboard's tests name a made-up worker)."""
+    liveness.beat(name, worker=True, started=started)
 
 
 def _loop(name: str) -> None:
     started = timezone.now()
+    every = liveness.period_seconds()
     stop = threading.Event()
     first = True
     beats = 0
-    while not stop.wait(0 if first else EVERY_SECONDS):
+    while not stop.wait(0 if first else every):
         try:
             beat(name, started)
             if first:
@@ -60,7 +62,7 @@ def _requeue_if_my_turn() -> None:
     from sendit.relay.tasks import my_turn, requeue_stale, wake_when_destinations_are_back
 
     try:
-        if my_turn("requeue-between-ticks", REQUEUE_EVERY_BEATS * EVERY_SECONDS - 1):
+        if my_turn("requeue-between-ticks", REQUEUE_EVERY_BEATS * liveness.period_seconds() - 1):
             requeue_stale()
             wake_when_destinations_are_back()
     except Exception as exc:
@@ -70,7 +72,7 @@ def _requeue_if_my_turn() -> None:
 
 
 def start_thread() -> threading.Thread:
-    name = f"{socket.gethostname()}:{os.getpid()}"
+    name = liveness.heartbeat_name()
     thread = threading.Thread(target=_loop, args=(name,), name="sendit-heartbeat", daemon=True)
     thread.start()
     return thread
@@ -102,6 +104,7 @@ def consumer_down() -> bool:
 
 def alive() -> list[dict[str, Any]]:
     """Workers seen recently, newest first."""
-    since = timezone.now() - timedelta(seconds=ALIVE_SECONDS)
-    rows = WorkerHeartbeat.objects.filter(seen__gte=since).order_by("name").values("name", "started", "seen")[:200]
+    since = ExpressionWrapper(Now() - timedelta(seconds=ALIVE_SECONDS), output_field=DateTimeField())
+    recent = WorkerHeartbeat.objects.filter(worker=True, seen__gte=since).order_by("name")
+    rows = recent.values("name", "started", "seen")[:200]
     return [dict(row) for row in rows]

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sendit.relay.housekeeping import status_counts
+from sendit.relay.housekeeping import file_counts, status_counts
 from sendit.relay.models import Event, Image, Series, Status
 from sendit.web import heartbeat, overview
 
@@ -58,10 +58,19 @@ class SenditCollector(Collector):
         build.add_metric([settings.SENDIT_VERSION], 1)
         yield build
 
-        images = GaugeMetricFamily("sendit_images", "Images (and rejected files) per status.", labels=["status"])
+        images = GaugeMetricFamily("sendit_images", "Images per status.", labels=["status"])
         for status, n in status_counts().items():
             images.add_metric([status], n)
         yield images
+
+        rejected = GaugeMetricFamily(
+            "sendit_rejected_files",
+            "Received files that did not become images, still open, per status.",
+            labels=["status"],
+        )
+        for status, n in file_counts().items():
+            rejected.add_metric([status], n)
+        yield rejected
 
         series = GaugeMetricFamily("sendit_series", "Series per aggregate status.", labels=["status"])
         found = {r["status"]: r["n"] for r in Series.objects.values("status").annotate(n=Count("id"))}

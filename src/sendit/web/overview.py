@@ -24,8 +24,18 @@ from django.db.models.functions import Cast, Substr, TruncMinute
 from django.utils import timezone
 
 from sendit.relay import runtime
-from sendit.relay.housekeeping import problem_reasons, status_counts
-from sendit.relay.models import IN_FLIGHT, TERMINAL, Event, Image, ScanState, Series, Status
+from sendit.relay.housekeeping import file_counts, problem_reasons, status_counts
+from sendit.relay.models import (
+    IN_FLIGHT,
+    TERMINAL,
+    Delivery,
+    Event,
+    Image,
+    ScanState,
+    Series,
+    SeriesIdentifiers,
+    Status,
+)
 from sendit.web import heartbeat
 
 log = logging.getLogger("sendit.web")
@@ -100,6 +110,7 @@ def series_row(series: Series, counts: dict[str, int]) -> dict[str, Any]:
     return {
         "id": series.pk,
         "modality": series.modality,
+        "description": series.description,  # scrubbed (sendit.deid.metadata), empty until de-identified
         "status": series.status,
         "stage": series.stage,
         "attempts": series.attempts,
@@ -112,12 +123,58 @@ def series_row(series: Series, counts: dict[str, int]) -> dict[str, Any]:
     }
 
 
-SERIES_FIELDS = ("id", "modality", "status", "stage", "attempts", "last_error", "next_attempt_at", "created", "updated")
+SERIES_FIELDS = (
+    "id",
+    "modality",
+    "description",
+    "status",
+    "stage",
+    "attempts",
+    "last_error",
+    "next_attempt_at",
+    "created",
+    "updated",
+)
 
 
 def series_rows(series: list[Series]) -> list[dict[str, Any]]:
-    counts = counts_by_series(s.pk for s in series)
-    return [series_row(s, counts[s.pk]) for s in series]
+    """Rows with counts, plus for each series its study date as delivered (shifted), its duration, and
+    for one that needs a person the reason of one of its images (three more queries per page)."""
+    ids = [s.pk for s in series]
+    counts = counts_by_series(ids)
+    shifts = {
+        series_id: response.get("jitter_days") if isinstance(response, dict) else None
+        for series_id, response in SeriesIdentifiers.objects.filter(series_id__in=ids).values_list(
+            "series_id", "response"
+        )
+    }
+    dates = dict(Series.objects.filter(pk__in=ids).values_list("id", "header__study_date"))
+    reasons = dict(
+        Image.objects.filter(series_id__in=ids, status__in=PROBLEMS)
+        .values("series_id")
+        .annotate(reason=Min("reason"))
+        .values_list("series_id", "reason")
+    )
+    rows = []
+    for s in series:
+        row = series_row(s, counts[s.pk])
+        row["study_date"] = shifted_date(dates.get(s.pk), shifts.get(s.pk))
+        row["duration"] = (s.updated - s.created).total_seconds() if s.status in TERMINAL else None
+        if s.status in PROBLEMS:
+            row["last_error"] = s.last_error or reasons.get(s.pk, "")
+            if s.status == Status.QUARANTINED:
+                row["stage"] = "quarantined"  # not "delivered": the rest may be, this needs a person
+        rows.append(row)
+    return rows
+
+
+def shifted_date(original: Any, jitter_days: Any) -> str:
+    """The study date as the de-identified copies carry it (YYYY-MM-DD), or "" when unknown."""
+    try:
+        day = datetime.strptime(str(original), "%Y%m%d")
+        return (day + timedelta(days=int(jitter_days))).strftime("%Y-%m-%d")
+    except (TypeError, ValueError):
+        return ""
 
 
 def series_queryset(status: str = "", modality: str = "", stage: str = "") -> QuerySet[Series]:
@@ -143,7 +200,7 @@ def image_queryset(series_id: int | None = None, status: str = "") -> QuerySet[I
     return queryset
 
 
-def image_row(image: Image) -> dict[str, Any]:
+def image_row(image: Image, requarantined: bool = False) -> dict[str, Any]:
     return {
         "id": image.pk,
         "series_id": image.series_id,
@@ -152,7 +209,17 @@ def image_row(image: Image) -> dict[str, Any]:
         "attempts": image.attempts,
         "size": image.size,
         "updated": iso(image.updated),
+        # quarantined again although a person released it: the release did not remove the cause
+        "requarantined": requarantined,
     }
+
+
+def image_rows(images: list[Image]) -> list[dict[str, Any]]:
+    """Rows for a page of images (one more query: which were quarantined again after a release)."""
+    from sendit.web.actions import requarantined
+
+    again = requarantined([i.pk for i in images if i.status == Status.QUARANTINED])
+    return [image_row(i, i.pk in again) for i in images]
 
 
 def event_row(event: Event) -> dict[str, Any]:
@@ -305,22 +372,40 @@ DESTINATION_CHECK_SECONDS = 30.0
 
 
 def destination_states(max_age: float = DESTINATION_CHECK_SECONDS) -> list[dict[str, Any]]:
-    """Each destination's ``check()``, at most once per ``max_age`` seconds per process."""
+    """Each destination's ``check()`` (at most once per ``max_age`` seconds per process), with its
+    target and its deliveries (always fresh: two indexed queries per destination)."""
     global _destinations_cache
     with _destinations_lock:
-        if _destinations_cache is not None and time.monotonic() - _destinations_cache[0] < max_age:
-            return _destinations_cache[1]
-        states = []
-        for destination in runtime.all_destinations():
-            try:
-                problem = destination.check()
-            except Exception as exc:  # a check must answer, not raise; the class name says enough
-                problem = f"check failed: {type(exc).__name__}"
-            finally:
-                destination.close()
-            states.append({"name": destination.name, "reachable": problem is None, "problem": problem or ""})
-        _destinations_cache = (time.monotonic(), states)
-        return states
+        if _destinations_cache is None or time.monotonic() - _destinations_cache[0] >= max_age:
+            states = []
+            for destination in runtime.all_destinations():
+                try:
+                    problem = destination.check()
+                except Exception as exc:  # a check must answer, not raise; the class name says enough
+                    problem = f"check failed: {type(exc).__name__}"
+                finally:
+                    destination.close()
+                states.append(
+                    {
+                        "name": destination.name,
+                        # host and port with AE titles, the URL without its password, or the folder
+                        "target": str(getattr(destination, "where", "") or getattr(destination, "root", "")),
+                        "reachable": problem is None,
+                        "problem": problem or "",
+                    }
+                )
+            _destinations_cache = (time.monotonic(), states)
+        checked = _destinations_cache[1]
+    return [{**state, **delivery_stats(str(state["name"]))} for state in checked]
+
+
+def delivery_stats(name: str) -> dict[str, Any]:
+    """When the destination last confirmed an image, and how many it confirmed in the last hour
+    (two queries on the (destination, created) index)."""
+    deliveries = Delivery.objects.filter(destination=name)
+    last = deliveries.order_by("-created").values_list("created", flat=True).first()
+    hour = deliveries.filter(created__gte=timezone.now() - timedelta(hours=1)).count()
+    return {"last_success": iso(last), "last_hour": hour}
 
 
 # --- free space ------------------------------------------------------------------------------------
@@ -580,11 +665,13 @@ def dashboard(check_destinations: bool = True) -> dict[str, Any]:
             return None
 
     counts = panel("counts", status_counts)
+    rejected = panel("files", file_counts)
     scans = panel("scans", scan_states)
     space = panel("disk", free_space)
     return {
         "now": iso(timezone.now()),
-        "counts": counts,
+        "counts": counts,  # images only
+        "files": rejected,  # received files that did not become images, still open
         "total": sum(counts.values()) if counts is not None else None,
         "throughput": panel("throughput", throughput),
         "queue": panel("queue", queue_depth),

@@ -18,8 +18,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from sendit.relay.models import Series, SeriesIdentifiers, Status
-from sendit.web import actions, metrics, overview, throttle
+from sendit.relay import roles
+from sendit.relay.models import Event, ReceivedFile, Series, SeriesIdentifiers, Status
+from sendit.relay.transitions import clip
+from sendit.web import actions, metrics, overview, rejected, search, throttle
 from sendit.web.api import login_or_token_required
 
 IDENTIFIER_PERMISSION = "relay.view_identifier_response"
@@ -39,14 +41,66 @@ def status_page(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def series_list(request: HttpRequest) -> HttpResponse:
-    status = request.GET.get("status", "")
-    status = status if status in Status.values else ""
-    page = overview.paginate(overview.series_queryset(status), request.GET.get("page", 1), 50)
+    """Series, filtered (sendit.web.search); a POST by a reviewer searches by an original identifier."""
+    flt = search.Filter.from_query(request.GET)
+    original = ""
+    if request.method == "POST":
+        if not request.user.has_perm(roles.REVIEW):
+            return HttpResponseForbidden("a search by original identifiers needs the reviewer role")
+        original = str(request.POST.get("original", "")).strip()
+        if not original:
+            return HttpResponseBadRequest("give an accession number or a patient ID")
+        queryset = search.by_original(original, request.user)
+    else:
+        queryset = search.series_matching(flt)
+    page = overview.paginate(queryset, request.GET.get("page", 1), 50)
+    problems = bool(flt) and not original
     return render(
         request,
         "web/series_list.html",
-        {"page": page, "rows": overview.series_rows(page.items), "status": status, "statuses": Status.values},
+        {
+            "page": page,
+            "rows": overview.series_rows(page.items),
+            "filter": flt,
+            "query": flt.query_string(),
+            "status": flt.status,
+            "statuses": Status.values,
+            "by_original": bool(original),
+            "bulk": problems and page.count > 0,
+            "bulk_limit": search.BULK_LIMIT,
+        },
     )
+
+
+@login_required
+@require_POST
+def series_bulk(request: HttpRequest, action: str) -> HttpResponse:
+    """retry / release / discard every image the filter selects (ERROR and QUARANTINED for retry and
+    discard, QUARANTINED for release), after the confirmation the page asks for."""
+    if action not in actions.ACTIONS:
+        return HttpResponseBadRequest("unknown action")
+    try:
+        actions.check(request.user, action)
+    except actions.Forbidden as refused:
+        return HttpResponseForbidden(str(refused))
+    flt = search.Filter.from_query(request.POST)
+    back = "/series/?" + flt.query_string()
+    if not flt:
+        messages.warning(request, "a bulk action needs a filter")
+        return redirect(back)
+    if request.POST.get("confirm") != "yes":
+        messages.warning(request, f"{action} not done: it needs your confirmation")
+        return redirect(back)
+    statuses = (Status.QUARANTINED,) if action == "release" else (Status.ERROR, Status.QUARANTINED)
+    changed, problems, count = 0, 0, 0
+    for series, image_ids in search.bulk_targets(flt, statuses):
+        outcome = actions.perform(action, series, request.user, image_ids)
+        changed += outcome.changed
+        problems += len(outcome.problems)
+        count += 1
+    text = f"{action}: {changed} image(s) in {count} series" + (f"; {problems} problem(s)" if problems else "")
+    (messages.warning if problems or not changed else messages.info)(request, text)
+    return redirect(back)
 
 
 @login_required
@@ -60,6 +114,14 @@ def series_page(request: HttpRequest, series_id: int) -> HttpResponse:
     if may_see:
         stored = SeriesIdentifiers.objects.filter(series=series).only("provider", "response", "created").first()
         if stored is not None:
+            # it may hold the original identifiers the service was asked about: a look is an event
+            Event.objects.create(
+                series=series,
+                from_status=series.status,
+                to_status=series.status,
+                reason=clip(f"identifier response viewed by {request.user.get_username()}"),
+                user_id=request.user.pk,
+            )
             identifiers = {
                 "provider": stored.provider,
                 "created": stored.created,
@@ -72,7 +134,7 @@ def series_page(request: HttpRequest, series_id: int) -> HttpResponse:
             "series": series,
             "detail": detail,
             "images": images,
-            "image_rows": [overview.image_row(i) for i in images.items],
+            "image_rows": overview.image_rows(images.items),
             "events": events,
             "event_rows": [overview.event_row(e) for e in events.items],
             "may_see_identifiers": may_see,
@@ -88,19 +150,78 @@ def series_page(request: HttpRequest, series_id: int) -> HttpResponse:
 def series_action(request: HttpRequest, series_id: int, action: str) -> HttpResponse:
     """retry / release / discard / retry-now from a form (CSRF-checked by the middleware); back to
     where it came from. Retry now needs the permission to change series."""
-    if action == actions.RETRY_NOW:
-        if not request.user.has_perm(actions.RETRY_NOW_PERMISSION):
-            return HttpResponseForbidden("retry now needs the permission to change series")
-        outcome = actions.retry_now(get_object_or_404(Series, pk=series_id), request.user)
-    elif action in actions.ACTIONS:
-        outcome = actions.perform(action, get_object_or_404(Series, pk=series_id), request.user)
-    else:
+    if action != actions.RETRY_NOW and action not in actions.ACTIONS:
         return HttpResponseBadRequest("unknown action")
-    (messages.warning if outcome.problems or not outcome.changed else messages.success)(request, outcome.message())
+    try:
+        if action == actions.RETRY_NOW:
+            outcome = actions.retry_now(get_object_or_404(Series, pk=series_id), request.user)
+        else:
+            outcome = actions.perform(action, get_object_or_404(Series, pk=series_id), request.user)
+    except actions.Forbidden as refused:
+        return HttpResponseForbidden(str(refused))
+    say_result(request, outcome)
     target = request.POST.get("next", "")
     if not url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
         target = f"/series/{outcome.series_id}/"
     return redirect(target)
+
+
+def say_result(request: HttpRequest, outcome: actions.ActionResult) -> None:
+    """A banner: green only when something was done as asked; a release is never green (it only
+    sends images back to de-identification, which may quarantine them again)."""
+    if outcome.problems or not outcome.changed:
+        messages.warning(request, outcome.message())
+    elif outcome.action == "release":
+        messages.info(request, outcome.message())
+    else:
+        messages.success(request, outcome.message())
+
+
+@login_required
+def file_list(request: HttpRequest) -> HttpResponse:
+    """Received files that did not become images; open ones first (``?all=1`` also resolved ones)."""
+    show_all = request.GET.get("all", "") == "1"
+    queryset = ReceivedFile.objects.order_by("-id")
+    if not show_all:
+        queryset = queryset.filter(resolved="")
+    page = overview.paginate(queryset, request.GET.get("page", 1), 50)
+    return render(
+        request,
+        "web/files.html",
+        {"page": page, "rows": [rejected.file_row(r) for r in page.items], "show_all": show_all},
+    )
+
+
+@login_required
+@require_POST
+def file_action(request: HttpRequest, file_id: int, action: str) -> HttpResponse:
+    if action not in rejected.FILE_ACTIONS:
+        return HttpResponseBadRequest("unknown action")
+    row = get_object_or_404(ReceivedFile, pk=file_id)
+    try:
+        outcome = rejected.perform(action, row, request.user, str(request.POST.get("winner", "")))
+    except actions.Forbidden as refused:
+        return HttpResponseForbidden(str(refused))
+    except ValueError as wrong:
+        return HttpResponseBadRequest(str(wrong))
+    (messages.warning if outcome.problems or not outcome.changed else messages.success)(request, outcome.message())
+    return redirect("/files/")
+
+
+@login_required
+def file_download(request: HttpRequest, file_id: int) -> HttpResponse:
+    """The file as an attachment named by its id (its own name may hold a patient's name)."""
+    row = get_object_or_404(ReceivedFile, pk=file_id)
+    try:
+        data = rejected.download(row, request.user)
+    except actions.Forbidden as refused:
+        return HttpResponseForbidden(str(refused))
+    except OSError:
+        return HttpResponse("the file is gone", status=404, content_type="text/plain")
+    response = HttpResponse(data, content_type="application/octet-stream")
+    response["Content-Disposition"] = f'attachment; filename="received-file-{row.pk}.bin"'
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @login_or_token_required

@@ -2,7 +2,8 @@
 "use strict";
 var Sendit = (function () {
   var EVERY_MS = 2000;
-  var ACTIONS = ["retry", "release", "discard"];
+  // only the actions the user's role allows (set on <body> by the server)
+  var ACTIONS = (document.body.getAttribute("data-actions") || "").split(" ").filter(Boolean);
   var CONFIRM = "Discard the ERROR and QUARANTINED images of this series? Their files are deleted.";
 
   function esc(value) {
@@ -12,7 +13,12 @@ var Sendit = (function () {
   }
   function $(id) { return document.getElementById(id); }
   function badge(status) { return '<span class="badge ' + esc(status) + '">' + esc(status) + "</span>"; }
-  function clock(iso) { return iso ? iso.slice(11, 19) : ""; }
+  // one time format everywhere: "YYYY-MM-DD HH:MM:SS" in UTC (the pages say UTC)
+  function clock(iso) { return iso ? new Date(iso).toISOString().slice(0, 19).replace("T", " ") : ""; }
+  function seconds(s) {
+    if (s === null || s === undefined) return "";
+    return s < 120 ? s.toFixed(1) + " s" : s < 7200 ? (s / 60).toFixed(1) + " min" : (s / 3600).toFixed(1) + " h";
+  }
   function cap(word) { return word.charAt(0).toUpperCase() + word.slice(1); }
   function bytes(n) {
     if (n === null || n === undefined) return "unknown";
@@ -42,7 +48,7 @@ var Sendit = (function () {
       busy = true;
       try {
         await step();
-        $("updated").textContent = "live · updated " + new Date().toLocaleTimeString();
+        $("updated").textContent = "live · updated " + clock(new Date().toISOString()) + " UTC";
       } catch (error) {
         $("updated").textContent = "connection lost (" + error.message + "); retrying";
       } finally {
@@ -61,10 +67,10 @@ var Sendit = (function () {
     var c = row.counts || {}, total = row.total || 0;
     function part(n, cls) { return n && total ? '<span class="' + cls + '" style="width:' + (100 * n / total) + '%"></span>' : ""; }
     var problems = (c.ERROR || 0) + (c.QUARANTINED || 0);
-    var flight = total - (c.DONE || 0) - (c.SKIPPED || 0) - problems;
     return '<div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="' + total + '" aria-valuenow="' +
       row.finished + '" title="' + row.finished + " of " + total + ' finished">' +
-      part(c.DONE, "done") + part(c.SKIPPED, "skip") + part(problems, "prob") + part(flight, "flight") + "</div>";
+      // finished parts only: 0 of 10 finished is an empty bar; in-flight images are the grey rest
+      part(c.DONE, "done") + part(c.SKIPPED, "skip") + part(problems, "prob") + "</div>";
   }
 
   function chart(points, tickEvery, label) {
@@ -96,7 +102,7 @@ var Sendit = (function () {
   // Each panel renders on its own: one the server could not compute (d.unavailable) says so, and a
   // panel that fails to render does not take the others with it.
   var PANELS = {
-    counts: ["counts"], throughput: ["chart-hour", "chart-day", "hour-total", "day-total"], queue: ["queue"],
+    counts: ["counts"], files: ["file-counts"], throughput: ["chart-hour", "chart-day", "hour-total", "day-total"], queue: ["queue"],
     workers: ["workers"], destinations: ["destinations"], disk: ["disk"], scans: ["scans"], recent: ["recent"],
     attention: ["attention", "attention-count"], problems: ["problems"],
   };
@@ -154,6 +160,11 @@ var Sendit = (function () {
         return '<div data-status="' + esc(status) + '">' + badge(status) + "<b>" + counts[status] + "</b></div>";
       }).join("");
     });
+    panel(d, "files", function (files) {
+      $("file-counts").innerHTML = Object.keys(files).map(function (status) {
+        return '<div data-status="' + esc(status) + '">' + badge(status) + "<b>" + files[status] + "</b></div>";
+      }).join("");
+    });
     panel(d, "throughput", function (t) {
       $("chart-hour").innerHTML = chart(t.hour, 10, function (x) { return x.slice(11, 16); });
       $("chart-day").innerHTML = chart(t.day, 4, function (x) { return x.slice(11, 16); });
@@ -172,17 +183,23 @@ var Sendit = (function () {
     panel(d, "disk", renderDisk);
     panel(d, "destinations", function (dests) {
       $("destinations").innerHTML = dests.length ? dests.map(function (dest) {
-        return '<div><span class="' + (dest.reachable ? "ok" : "bad") + '">' + (dest.reachable ? "reachable" : "unreachable") +
-          "</span> " + esc(dest.name) + (dest.problem ? ' <span class="muted small">' + esc(dest.problem) + "</span>" : "") + "</div>";
+        return '<div data-destination="' + esc(dest.name) + '"><span class="' + (dest.reachable ? "ok" : "bad") + '">' +
+          (dest.reachable ? "reachable" : "unreachable") + "</span> <b>" + esc(dest.name) + "</b>" +
+          (dest.target ? ' <span class="small">' + esc(dest.target) + "</span>" : "") +
+          (dest.problem ? ' <span class="muted small">' + esc(dest.problem) + "</span>" : "") +
+          '<div class="muted small">last success ' + (dest.last_success ? clock(dest.last_success) + " UTC" : "never") +
+          " · " + (dest.last_hour || 0) + " image(s) in the last hour</div></div>";
       }).join("") : '<span class="muted">none configured</span>';
     });
     panel(d, "scans", renderScans);
     panel(d, "recent", function (recent) {
       $("recent").tBodies[0].innerHTML = recent.length ? recent.map(function (s) {
         return '<tr data-series="' + s.id + '"><td><a href="/series/' + s.id + '/">#' + s.id + "</a></td><td>" + esc(s.modality) +
+          (s.description ? ' <span class="muted small">' + esc(s.description) + "</span>" : "") +
           '</td><td class="status">' + badge(s.status) + "</td><td>" + esc(s.stage) + "</td><td>" + progressBar(s) +
-          '</td><td class="n">' + s.finished + "/" + s.total + '</td><td class="small">' + clock(s.updated) + "</td></tr>";
-      }).join("") : '<tr><td colspan="7" class="muted">No series yet.</td></tr>';
+          '</td><td class="n">' + s.finished + "/" + s.total + '</td><td class="small">' + esc(s.study_date || "") +
+          '</td><td class="small n">' + seconds(s.duration) + '</td><td class="small">' + clock(s.updated) + "</td></tr>";
+      }).join("") : '<tr><td colspan="9" class="muted">No series yet.</td></tr>';
     });
     panel(d, "attention", function (a) {
       $("attention-count").textContent = a.count + " series";
@@ -222,8 +239,10 @@ var Sendit = (function () {
         '</td><td class="n">' + secs(st.mean) + '</td><td class="n">' + secs(st.max) + "</td></tr>";
     }).join("");
     $("images").tBodies[0].innerHTML = images.items.map(function (i) {
+      var review = document.body.getAttribute("data-review") === "1" && (i.status === "QUARANTINED" || i.status === "ERROR");
       return '<tr data-image="' + i.id + '"><td>#' + i.id + "</td><td>" + badge(i.status) + '</td><td class="small">' +
-        esc(i.reason) + '</td><td class="n">' + i.attempts + '</td><td class="small">' + clock(i.updated) + "</td></tr>";
+        esc(i.reason) + (i.requarantined ? ' <b class="bad">quarantined again after release</b>' : "") +
+        (review ? ' <a href="/images/' + i.id + '/review" data-testid="review-link">review</a>' : "") + '</td><td class="n">' + i.attempts + '</td><td class="small">' + clock(i.updated) + "</td></tr>";
     }).join("");
     $("images-count").textContent = images.count;
     if (eventsPage === 1) {
