@@ -114,7 +114,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = 0
     from sendit.relay import runtime
 
-    for destination in runtime.destinations():
+    for destination in runtime.all_destinations():
         # A destination's check tries what a run will do (DICOM: association, C-ECHO, C-FIND; REST:
         # GET /system, POST /tools/lookup) and says what to change; ``where`` names whom it asked.
         try:
@@ -200,7 +200,7 @@ def _say_unreachable_destinations() -> None:
 
     log = logging.getLogger("sendit.run")
     try:
-        for row in check_destinations(runtime.destinations(), seconds=15):
+        for row in check_destinations(runtime.all_destinations(), seconds=15):
             if not row["reachable"]:
                 log.warning("destination %s is unreachable at start: %s", row["name"], row["problem"])
     except Exception as exc:  # a start-up courtesy: never the reason the service stops
@@ -377,9 +377,13 @@ def _destination_states(cfg: Config) -> list[dict[str, Any]]:
     from sendit.relay import runtime
     from sendit.relay.housekeeping import check_destinations
 
-    settings.SENDIT = replace(cfg, ORTHANC_TIMEOUT=min(cfg.ORTHANC_TIMEOUT, int(STATUS_CHECK_SECONDS)))
+    settings.SENDIT = replace(
+        cfg,
+        ORTHANC_TIMEOUT=min(cfg.ORTHANC_TIMEOUT, int(STATUS_CHECK_SECONDS)),
+        GOOGLE_TIMEOUT=min(cfg.GOOGLE_TIMEOUT, int(STATUS_CHECK_SECONDS)),
+    )
     try:
-        destinations = runtime.destinations()
+        destinations = runtime.all_destinations()
     finally:
         settings.SENDIT = cfg
     return check_destinations(destinations, STATUS_CHECK_SECONDS + 2)

@@ -231,9 +231,27 @@ KEYS: tuple[Key, ...] = (
     Key("ORTHANC_URL", str, "", "Orthanc's REST base URL; when set, images go through POST /instances."),
     Key("ORTHANC_USERNAME", str, "", "Basic-auth user for ORTHANC_URL."),
     Key("ORTHANC_PASSWORD", str, "", "Basic-auth password for ORTHANC_URL.", secret=True),
-    Key("SEND_TO_GOOGLE", bool, False, "Deliver to Google Cloud Storage (not yet available)."),
-    Key("GOOGLE_CLOUD_STORAGE", str, "", "Bucket name."),
-    Key("GOOGLE_APPLICATION_CREDENTIALS", str, "", "Service-account JSON path.", secret=True),
+    Key("SEND_TO_GOOGLE", bool, False, "Deliver to Google Cloud Storage, with series metadata in Datastore."),
+    Key("GOOGLE_CLOUD_STORAGE", str, "", "Bucket name (needed with SEND_TO_GOOGLE)."),
+    Key(
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        str,
+        "",
+        "Service-account JSON key file (empty: the environment's default credentials).",
+        secret=True,
+    ),
+    Key("GOOGLE_PROJECT", str, "", "Google Cloud project of Datastore (empty: the credentials' project)."),
+    Key("GOOGLE_STORAGE_PREFIX", str, "", "Object name prefix in the bucket (e.g. a collection name); may be empty."),
+    Key("GOOGLE_DATASTORE_KIND", str, "SenditSeries", "Datastore kind of the per-series metadata entities."),
+    Key("GOOGLE_NIFTI", bool, False, "Also upload each image series as compressed NIfTI (dcm2niix) with its sidecar."),
+    Key(
+        "GOOGLE_TIMEOUT",
+        int,
+        60,
+        "Seconds for each Google request, retries with back-off included (429, 5xx, time-outs).",
+        minimum=1,
+        maximum=3600,
+    ),
     Key("KEEP_ORIGINALS", bool, False, "Keep the original files after DONE (moved to DATA_DIR/kept)."),
     Key("KEEP_WORKING", bool, False, "Keep de-identified working copies after DONE."),
     Key(
@@ -347,7 +365,6 @@ class Original(NamedTuple):
 # The original's settings/config.py and secrets.py over its history; those with our name (SECRET_KEY,
 # DEBUG, DEIDENTIFY_RESTFUL, SEND_TO_ORTHANC, ORTHANC_*, ORTHAC_PORT, SEND_TO_GOOGLE, GOOGLE_CLOUD_STORAGE,
 # GOOGLE_APPLICATION_CREDENTIALS) are keys. docs/configuration.md has the table; a test keeps it in step.
-_GOOGLE = "Google delivery is not available in this version (SEND_TO_GOOGLE must be false)"
 _PIXELS = "on by default: an image that may show burned-in text is read by OCR, released only if none is found"
 _DASHER_CREDENTIALS = "or DASHER_TOKEN_URL with DASHER_CLIENT_ID and DASHER_CLIENT_SECRET; docs/identifiers.md"
 ORIGINAL_SETTINGS: dict[str, Original] = {
@@ -363,9 +380,11 @@ ORIGINAL_SETTINGS: dict[str, Original] = {
     "DATA_BASE": Original("INPUT_FOLDER", "the watched folder; DATA_DIR holds Sendit's own folders"),
     "DATA_SUBFOLDER": Original("INPUT_FOLDER", "the watched folder itself, e.g. /data/1_6"),
     "DATA_INPUT_FOLDERS": Original("INPUT_FOLDER", "one watched folder; `sendit import PATH...` takes others"),
-    "GOOGLE_STORAGE_COLLECTION": Original("", _GOOGLE),
-    "GOOGLE_PROJECT_NAME": Original("", _GOOGLE),
-    "GOOGLE_PROJECT_ID_HEADER": Original("", _GOOGLE),
+    "GOOGLE_STORAGE_COLLECTION": Original("GOOGLE_STORAGE_PREFIX", "the folder of the bucket objects go under"),
+    "GOOGLE_PROJECT_NAME": Original("GOOGLE_PROJECT", "the project of Datastore"),
+    "GOOGLE_PROJECT_ID_HEADER": Original(
+        "", "objects are named by pseudonym and de-identified UIDs (docs/destinations.md)"
+    ),
     "RUN_SERIAL": Original("WORKERS", "WORKERS = 1 works on one series at a time"),
     "LOCKDOWN_PASSWORDS": Original("", "the dashboard has its own accounts (`sendit createuser`)"),
 }
@@ -445,6 +464,11 @@ class Config:
     SEND_TO_GOOGLE: bool
     GOOGLE_CLOUD_STORAGE: str
     GOOGLE_APPLICATION_CREDENTIALS: str
+    GOOGLE_PROJECT: str
+    GOOGLE_STORAGE_PREFIX: str
+    GOOGLE_DATASTORE_KIND: str
+    GOOGLE_NIFTI: bool
+    GOOGLE_TIMEOUT: int
     KEEP_ORIGINALS: bool
     KEEP_WORKING: bool
     RETENTION_DAYS: int
@@ -708,6 +732,10 @@ def _derive(values: dict[str, Any], base: Path) -> None:
         raw = str(values[name]).strip()
         if raw and raw.lower() not in ("default", "none"):
             values[name] = str((base / raw).resolve())
+    if str(values["GOOGLE_APPLICATION_CREDENTIALS"]).strip():  # relative to the config file, like a recipe
+        values["GOOGLE_APPLICATION_CREDENTIALS"] = str(
+            (base / values["GOOGLE_APPLICATION_CREDENTIALS"].strip()).resolve()
+        )
     if not values["DATABASE_URL"]:
         values["DATABASE_URL"] = f"sqlite:///{data_dir / 'sendit.sqlite3'}"
     if not values["QUEUE_URL"]:
@@ -737,9 +765,14 @@ def _check_folders(values: dict[str, Any]) -> list[str]:
 
 def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
     problems: list[str] = _check_folders(values)
-    if values["OUTPUT_FOLDER"] is None and not values["SEND_TO_ORTHANC"] and not values["ORTHANC_URL"]:
+    if (
+        values["OUTPUT_FOLDER"] is None
+        and not values["SEND_TO_ORTHANC"]
+        and not values["ORTHANC_URL"]
+        and not values["SEND_TO_GOOGLE"]
+    ):
         problems.append(
-            "OUTPUT_FOLDER: is off and no other destination is on (SEND_TO_ORTHANC, ORTHANC_URL);"
+            "OUTPUT_FOLDER: is off and no other destination is on (SEND_TO_ORTHANC, ORTHANC_URL, SEND_TO_GOOGLE);"
             " images would be delivered nowhere"
         )
     if require_secret and len(values["SECRET_KEY"]) < 32:
@@ -772,13 +805,43 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
         except ValueError as exc:
             problems.append(str(exc))
     problems.extend(_check_deid(values))
-    if values["SEND_TO_GOOGLE"]:
-        problems.append("SEND_TO_GOOGLE: Google delivery is not available in this version; set it to false")
+    problems.extend(_check_google(values))
     for name, allowed in (("LOG_LEVEL", LOG_LEVELS), ("LOG_FORMAT", LOG_FORMATS)):
         if values[name].strip().lower() not in (choice.lower() for choice in allowed):
             problems.append(f"{name}: must be one of {', '.join(allowed)}, got {values[name]!r}")
     if values["RETRY_BASE_SECONDS"] > values["RETRY_CAP_SECONDS"]:
         problems.append("RETRY_BASE_SECONDS: must not exceed RETRY_CAP_SECONDS")
+    return problems
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")  # Cloud Storage's bucket naming rules, in short
+
+
+def _check_google(values: dict[str, Any]) -> list[str]:
+    """With SEND_TO_GOOGLE: a bucket name Storage would accept, a readable credentials file."""
+    if not values["SEND_TO_GOOGLE"]:
+        return []
+    problems: list[str] = []
+    bucket = values["GOOGLE_CLOUD_STORAGE"]
+    if not bucket:
+        problems.append("GOOGLE_CLOUD_STORAGE: needed with SEND_TO_GOOGLE = true (the bucket name)")
+    elif not _BUCKET.match(bucket):
+        problems.append("GOOGLE_CLOUD_STORAGE: not a bucket name (3-222 of a-z, 0-9, '.', '_', '-'), no gs:// or /")
+    if values["GOOGLE_STORAGE_PREFIX"].startswith("/") or ".." in values["GOOGLE_STORAGE_PREFIX"].split("/"):
+        problems.append("GOOGLE_STORAGE_PREFIX: must not start with / nor hold a '..' part")
+    credentials = values["GOOGLE_APPLICATION_CREDENTIALS"]
+    if credentials:
+        try:
+            json.loads(Path(credentials).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:  # the path only: the file is a secret
+            problems.append(
+                f"GOOGLE_APPLICATION_CREDENTIALS: cannot read {credentials}: "
+                + (getattr(exc, "strerror", None) or "unreadable")
+            )
+        except ValueError:
+            problems.append(f"GOOGLE_APPLICATION_CREDENTIALS: {credentials} is not a JSON key file")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,99}", values["GOOGLE_DATASTORE_KIND"]):
+        problems.append("GOOGLE_DATASTORE_KIND: letters, digits and '_', starting with a letter")
     return problems
 
 

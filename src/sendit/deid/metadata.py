@@ -32,8 +32,8 @@ series_uid
 =========================  ===========================================================================
 
 The relay writes this to ``WORK_FOLDER/series-<id>/metadata.json``; ``sendit deid IN OUT`` writes
-``OUT/<pseudonym>/<study>/<series>/series.json``. The Google metadata store (Datastore/BigQuery) will
-take the same document from there.
+``OUT/<pseudonym>/<study>/<series>/series.json``. The Datastore destination
+(:mod:`sendit.destinations.google.datastore`) takes the same document from there.
 """
 
 from __future__ import annotations

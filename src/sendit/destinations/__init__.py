@@ -1,5 +1,21 @@
 """Destination adapters: where de-identified images go."""
 
-from sendit.destinations.base import Destination, DestinationError, OutgoingImage, SendResult
+from sendit.destinations.base import (
+    Destination,
+    DestinationError,
+    OutgoingImage,
+    OutgoingSeries,
+    SendResult,
+    SeriesDestination,
+    SeriesOutcome,
+)
 
-__all__ = ["Destination", "DestinationError", "OutgoingImage", "SendResult"]
+__all__ = [
+    "Destination",
+    "DestinationError",
+    "OutgoingImage",
+    "OutgoingSeries",
+    "SendResult",
+    "SeriesDestination",
+    "SeriesOutcome",
+]

@@ -172,7 +172,7 @@ def condition_alerts() -> list[str]:
     cfg = runtime.config()
     sent = []
     minutes = int(cfg.ALERT_UNREACHABLE_MINUTES)
-    destinations = runtime.destinations() if minutes > 0 else []
+    destinations = runtime.all_destinations() if minutes > 0 else []
     names = [f"destination:{destination.name}" for destination in destinations]
     # a destination no longer configured ends its episode
     AlertState.objects.filter(name__startswith="destination:").exclude(name__in=names).delete()

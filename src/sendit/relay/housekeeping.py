@@ -13,7 +13,7 @@ from django.db.models import Count, Max, Min, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from sendit.destinations.base import Destination
+from sendit.destinations.base import Destination, SeriesDestination
 from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Stage, Status, Summary
 from sendit.relay.transitions import clip, move_images
 
@@ -110,7 +110,7 @@ def retry_now(series_ids: Collection[int] | None = None, who: str = "", user_id:
     return moved
 
 
-def check_destinations(destinations: Sequence[Destination], seconds: float) -> list[dict[str, Any]]:
+def check_destinations(destinations: Sequence[Destination | SeriesDestination], seconds: float) -> list[dict[str, Any]]:
     """Each destination's ``check()``, all at once, waiting at most ``seconds`` in all; each is closed.
 
     For `sendit status` during an outage: a destination that does not answer in time is reported as
@@ -119,7 +119,7 @@ def check_destinations(destinations: Sequence[Destination], seconds: float) -> l
     """
     answers: dict[int, str | None] = {}
 
-    def ask(index: int, destination: Destination) -> None:
+    def ask(index: int, destination: Destination | SeriesDestination) -> None:
         try:
             answers[index] = destination.check()
         except Exception as exc:  # a check must answer, not raise; the class name says enough

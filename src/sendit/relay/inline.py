@@ -17,6 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from django.db import connections
 
 from sendit.dicomio.quiet import install_log_guard
+from sendit.relay import runtime
 from sendit.relay.pipeline import NextStep, process_series
 
 BUSY_RETRY_SECONDS = 1.0
@@ -90,6 +91,7 @@ def run_inline(
         _run_here(due, on_progress)
         return
     connections.close_all()
+    runtime.preload_destinations()  # imported once here, not once in every forked worker
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(
         max_workers=max(1, workers), mp_context=context, initializer=_forget_inherited_connections

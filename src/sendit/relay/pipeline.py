@@ -26,7 +26,7 @@ from django.db.models import Count, F, Min, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from sendit.destinations.base import Destination, DestinationError, OutgoingImage
+from sendit.destinations.base import Destination, DestinationError, OutgoingImage, OutgoingSeries, SeriesDestination
 from sendit.dicomio import sop_class_and_syntax
 from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
 from sendit.relay import files, liveness, runtime
@@ -528,7 +528,7 @@ def _outgoing(series: Series, images: list[Image], ids: Identifiers, written: Wr
     return outgoing
 
 
-def _about(destination: Destination, exc: DestinationError, doing: str = "") -> str:
+def _about(destination: Destination | SeriesDestination, exc: DestinationError, doing: str = "") -> str:
     """``name: [doing: ]reason``, naming the destination once (adapters already prefix their name)."""
     text = str(exc)
     prefix = f"{destination.name}: "
@@ -539,8 +539,13 @@ def _about(destination: Destination, exc: DestinationError, doing: str = "") -> 
 
 def deliver_and_verify(series: Series, lease: Lease, keeper: LeaseKeeper, written: Written) -> None:
     """Deliver, then verify what was delivered; images that could not be delivered this time keep
-    their siblings from nothing: those are verified and DONE, the rest retried with back-off."""
+    their siblings from nothing: those are verified and DONE, the rest retried with back-off.
+
+    With series destinations (NIfTI, metadata) configured, verified images stay SENT until the whole
+    series is delivered and those destinations answered (:func:`deliver_series_level`): a series is
+    DONE only once everything made of it is where it belongs."""
     destinations = runtime.destinations()
+    series_level = runtime.series_destinations()
     if not destinations:  # configuration forbids it; never call "delivered to nobody" DONE
         raise PermanentFailure("no destination is configured")
     try:
@@ -548,7 +553,7 @@ def deliver_and_verify(series: Series, lease: Lease, keeper: LeaseKeeper, writte
         missing_at: set[str] = set()
         for _ in range(2):  # a second pass re-sends what verification found missing
             retry_reasons = deliver_pending(series, destinations, lease, keeper, written)
-            missing_at = verify_sent(series, destinations, lease)
+            missing_at = verify_sent(series, destinations, lease, finish=not series_level)
             if not missing_at:
                 break
         if retry_reasons:
@@ -556,9 +561,93 @@ def deliver_and_verify(series: Series, lease: Lease, keeper: LeaseKeeper, writte
             raise RetryableFailure(retry_reasons[0] + more)
         if missing_at:
             raise RetryableFailure(f"{', '.join(sorted(missing_at))}: images still missing after a re-send")
+        if series_level:
+            deliver_series_level(series, series_level, lease, keeper)
     finally:
         for destination in destinations:
             destination.close()
+        for other in series_level:
+            other.close()
+
+
+def deliver_series_level(
+    series: Series, destinations: list[SeriesDestination], lease: Lease, keeper: LeaseKeeper
+) -> None:
+    """Every image is delivered and verified (SENT): hand the series to each series destination, in
+    order, then SENT → DONE.
+
+    1. Read the allow-listed metadata document (writing it again if it is gone).
+    2. Each destination delivers and reads back its object(s); links pass on to the next, notes
+       become series events, and each image gets a Delivery row for it (the dashboard's last success).
+       A failure raises (retried, or ERROR with words), the images stay SENT.
+    3. SENT → DONE, naming the status it expects.
+    """
+    sent = list(series.images.filter(status=Status.SENT).order_by("id"))
+    if not sent:
+        return
+    ids = Identifiers.from_json(SeriesIdentifiers.objects.get(series=series).response)
+    series.refresh_from_db(fields=["deid_series_uid"])
+    images = tuple(_outgoing(series, sent, ids, {}))
+    missing_copies = [image.image_id for image in images if not image.path.exists()]
+    if missing_copies:  # the working copies are gone (a wiped work folder): de-identify again
+        move_images(
+            series,
+            missing_copies,
+            Status.NEW,
+            "working copy missing; de-identifying again",
+            expect=(Status.SENT,),
+            lease=lease,
+        )
+        raise RetryableFailure("working copies missing; de-identifying again")
+    metadata = _series_metadata(series, ids)
+    links: tuple[str, ...] = ()
+    for destination in destinations:
+        keeper.check()
+        outgoing = OutgoingSeries(
+            patient_id=ids.patient_id,
+            study_uid=images[0].study_uid,
+            series_uid=series.deid_series_uid,
+            images=images,
+            metadata=metadata,
+            links=links,
+        )
+        try:
+            outcome = destination.deliver_series(outgoing)
+        except DestinationError as exc:
+            if exc.retryable:
+                raise RetryableFailure(_about(destination, exc)) from exc
+            raise PermanentFailure(_about(destination, exc)) from exc
+        links += outcome.links
+        with fenced(lease):  # its confirmation per image, as the image destinations' (dashboard, alerts)
+            Delivery.objects.bulk_create(
+                [Delivery(image_id=image.image_id, destination=destination.name) for image in images],
+                ignore_conflicts=True,
+            )
+        if outcome.notes:
+            with fenced(lease):
+                Event.objects.bulk_create(
+                    [
+                        Event(series=series, from_status="", to_status="", reason=clip(f"{destination.name}: {note}"))
+                        for note in outcome.notes
+                    ]
+                )
+    with fenced(lease):
+        move_images(series, [image.pk for image in sent], Status.DONE, "verified", expect=(Status.SENT,), lease=lease)
+        Series.objects.filter(pk=series.pk).update(stage=Stage.VERIFIED)
+
+
+def _series_metadata(series: Series, ids: Identifiers) -> dict[str, Any] | None:
+    """The series' metadata.json (sendit.deid.metadata), written again when it is missing."""
+    import json
+
+    path = files.series_folder(series.pk) / "metadata.json"
+    if not path.exists():
+        write_series_metadata(series, ids)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def deliver_pending(
@@ -657,8 +746,10 @@ def _record_destination_events(series: Series, destination: Destination) -> None
         )
 
 
-def verify_sent(series: Series, destinations: list[Destination], lease: Lease) -> set[str]:
-    """SENT → DONE when every destination holds every image; returns the destinations missing some."""
+def verify_sent(series: Series, destinations: list[Destination], lease: Lease, finish: bool = True) -> set[str]:
+    """SENT → DONE when every destination holds every image; returns the destinations missing some.
+
+    With ``finish`` false the verified images stay SENT (a series destination comes next)."""
     sent = list(series.images.filter(status=Status.SENT))
     if not sent:
         return set()
@@ -689,9 +780,10 @@ def verify_sent(series: Series, destinations: list[Destination], lease: Lease) -
                 expect=(Status.SENT,),
                 lease=lease,
             )
-        found = [image.pk for image in sent if image.pk not in missing_ids]
-        move_images(series, found, Status.DONE, "verified", expect=(Status.SENT,), lease=lease)
-        Series.objects.filter(pk=series.pk).update(stage=Stage.VERIFIED)
+        if finish:
+            found = [image.pk for image in sent if image.pk not in missing_ids]
+            move_images(series, found, Status.DONE, "verified", expect=(Status.SENT,), lease=lease)
+            Series.objects.filter(pk=series.pk).update(stage=Stage.VERIFIED)
     return missing_at
 
 
@@ -730,7 +822,7 @@ def clean_up_done(series: Series, lease: Lease, keeper: LeaseKeeper) -> None:
                 files.working_copy(series.pk, image_id).unlink(missing_ok=True)
     if not cfg.KEEP_WORKING and not series.images.exclude(status__in=(Status.DONE, Status.SKIPPED)).exists():
         folder = files.series_folder(series.pk)
-        (folder / "metadata.json").unlink(missing_ok=True)  # until a metadata store takes it (docs)
+        (folder / "metadata.json").unlink(missing_ok=True)  # delivered by a metadata store, if any (docs)
         for leftover in folder.glob("*.g*.dcm") if folder.exists() else ():
             leftover.unlink(missing_ok=True)  # a stale worker's file of an older lease generation
         if folder.exists() and not any(folder.iterdir()):

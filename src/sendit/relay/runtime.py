@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 
 from sendit.config import Config
-from sendit.destinations.base import Destination
+from sendit.destinations.base import Destination, SeriesDestination
 from sendit.destinations.folder import FolderDestination
 from sendit.identifiers.base import IdentifierProvider
 from sendit.identifiers.local import LocalProvider
@@ -82,6 +82,11 @@ def destinations() -> list[Destination]:
                 name="orthanc-dicom",
             )
         )
+    if cfg.SEND_TO_GOOGLE:
+        from sendit.destinations.google import GoogleSettings
+        from sendit.destinations.google.storage import GoogleStorageDestination
+
+        chosen.append(GoogleStorageDestination(GoogleSettings.from_config(cfg.values)))
     if cfg.ORTHANC_URL:
         from sendit.destinations.orthanc_rest import OrthancRestDestination
 
@@ -96,3 +101,34 @@ def destinations() -> list[Destination]:
             )
         )
     return chosen
+
+
+def series_destinations() -> list[SeriesDestination]:
+    """Fresh series-level adapters for one task (NIfTI, metadata); the caller closes them."""
+    cfg = config()
+    chosen: list[SeriesDestination] = []
+    if cfg.SEND_TO_GOOGLE:
+        from sendit.destinations.google import GoogleSettings
+        from sendit.destinations.google.datastore import GoogleDatastoreDestination
+        from sendit.destinations.google.nifti import GoogleNiftiDestination
+
+        google = GoogleSettings.from_config(cfg.values)
+        if google.nifti:
+            chosen.append(GoogleNiftiDestination(google))
+        chosen.append(GoogleDatastoreDestination(google))  # last: it links what the others made
+    return chosen
+
+
+def all_destinations() -> list[Destination | SeriesDestination]:
+    """Every adapter, for `sendit check`, `sendit status` and the dashboard (each has name, check, close)."""
+    return [*destinations(), *series_destinations()]
+
+
+def preload_destinations() -> None:
+    """Import the configured destinations' client libraries now, before worker processes are forked:
+    each worker would otherwise import them again (Google's clients: about a second of CPU each).
+    Only modules: no client, connection or thread exists yet, so nothing is shared across the fork."""
+    if config().SEND_TO_GOOGLE:
+        from sendit.destinations.google.client import preload
+
+        preload()

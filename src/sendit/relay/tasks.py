@@ -145,7 +145,7 @@ def wake_when_destinations_are_back() -> list[int]:
     )
     if not waiting:
         return []
-    destinations = runtime.destinations()
+    destinations = runtime.all_destinations()
     try:
         if any(destination.check() is not None for destination in destinations):
             return []

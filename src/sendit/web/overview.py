@@ -378,7 +378,7 @@ def destination_states(max_age: float = DESTINATION_CHECK_SECONDS) -> list[dict[
     with _destinations_lock:
         if _destinations_cache is None or time.monotonic() - _destinations_cache[0] >= max_age:
             states = []
-            for destination in runtime.destinations():
+            for destination in runtime.all_destinations():
                 try:
                     problem = destination.check()
                 except Exception as exc:  # a check must answer, not raise; the class name says enough
