@@ -137,3 +137,9 @@ def test_word_lists_ship_with_the_package() -> None:
     vocab = vocabulary()
     assert {"smith", "garcia", "nguyen", "muller"} <= vocab.surnames and {"alice", "jose"} <= vocab.given
     assert {"head", "chest", "brain", "lung", "white", "post"} <= vocab.clinical
+
+
+def test_long_letter_and_digit_codes_leave_a_description_but_technique_words_stay() -> None:
+    """Found by the canary corpus on its way to Datastore: a 9+ character code of letters and digits
+    is someone's number, while technique words with digits are short."""
+    assert scrub("CANARY59XYZ head ep2d b1000 T2W") == "[ID] head ep2d b1000 T2W"

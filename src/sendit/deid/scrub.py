@@ -254,6 +254,8 @@ def _digit_kind(token: _Token, previous: _Token | None) -> Kind | None:
         return None
     if not _UNIT.fullmatch(text) and (digits >= 5 or max(len(run) for run in _DIGIT_RUN.findall(text)) >= 3):
         return Kind.ID
+    if len(text) >= 9:  # a long code of letters and digits (CANARY59XYZ), not a technique word (ep2d, T2W)
+        return Kind.ID
     return None
 
 

@@ -2,7 +2,8 @@
 
 1. The entity holds the allow-listed document the pipeline writes as ``metadata.json``
    (:mod:`sendit.deid.metadata`: modality, body part, cleaned descriptions, codes, age bucket, sex,
-   manufacturer, numbers; descriptions once more through :func:`stricter`), the instances the
+   manufacturer, numbers; descriptions and code meanings once more
+   through the scrubber, :func:`sendit.deid.scrub.scrub`: a store outside the site), the instances the
    bucket holds of the series (a listing: a series may arrive in two drops), the
    series' dates as delivered (shifted; taken from a de-identified copy, so exactly what the DICOM
    objects say) and links to the objects in the bucket.
@@ -16,18 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import re
 from typing import Any
 
+from sendit.deid.scrub import scrub
 from sendit.destinations.base import DestinationError, OutgoingSeries, SeriesOutcome
 from sendit.destinations.google import client as gclient
 from sendit.destinations.google.layout import link, series_prefix
 from sendit.destinations.google.settings import GoogleSettings
 from sendit.destinations.google.storage import GoogleStorageDestination
 
-#: A word of 9+ characters mixing letters and digits: a code or a subject number rather than a
-#: technique word (``ep2d``, ``b1000``, ``T2W``), which the scrubber keeps. It leaves as ``[ID]``.
-_LONG_CODE = re.compile(r"(?<![^\W_])(?=[^\W_]*\d)(?=[^\W_]*[^\W\d_])[^\W_]{9,}(?![^\W_])")
 _FREE_TEXT = ("study_description", "series_description", "protocol_name")
 
 #: Properties kept out of Datastore's indexes (links are long and nobody filters on them).
@@ -54,22 +52,17 @@ def delivered_dates(series: OutgoingSeries) -> dict[str, str]:
     return dates
 
 
-def stricter(text: str) -> str:
-    """A scrubbed description once more, for a store outside the site: long letter-and-digit codes go."""
-    return _LONG_CODE.sub("[ID]", text)
-
-
 def entity_fields(series: OutgoingSeries, bucket: str, prefix: str, instances: int | None = None) -> dict[str, Any]:
     """Every property of the series' entity (values free of PHI by construction); ``instances`` is
     how many the bucket holds of the series (more than ``series.images`` after a second drop)."""
     document = {key: value for key, value in (series.metadata or {}).items() if key != "schema"}
     for key in _FREE_TEXT:
         if isinstance(document.get(key), str):
-            document[key] = stricter(document[key])
+            document[key] = scrub(document[key])
     for key in ("procedure_codes", "anatomic_region_codes"):
         for code in document.get(key) or ():
             if isinstance(code, dict) and isinstance(code.get("meaning"), str):
-                code["meaning"] = stricter(code["meaning"])
+                code["meaning"] = scrub(code["meaning"])
     folder = series_prefix(prefix, series.patient_id, series.study_uid, series.series_uid)
     fields: dict[str, Any] = {
         **document,
