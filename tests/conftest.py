@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.orthanc", "tests.dasher_server"]
+pytest_plugins = ["tests.orthanc", "tests.dasher_server", "tests.s3"]
 
 
-# Fixtures that start a server process (Orthanc): a test using one, directly or through another
-# fixture, is slow, so `pytest -m "not slow"` stays a fast loop. CI runs everything.
-SLOW_FIXTURES = frozenset({"orthanc_factory", "orthanc_server"})
+# Fixtures that start a server process (Orthanc, the stand-in S3 server): a test using one, directly
+# or through another fixture, is slow, so `pytest -m "not slow"` stays a fast loop. CI runs everything.
+SLOW_FIXTURES = frozenset({"orthanc_factory", "orthanc_server", "s3_server", "s3_bucket"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
