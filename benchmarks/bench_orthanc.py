@@ -9,6 +9,9 @@ series, a private block and nested sequences), then measures:
   d) Orthanc REST POST /instances with 4 connections (OrthancRestDestination)
   e) Sendit end to end, folder -> Orthanc over DICOM, verified: the real CLI
      `sendit import DIR --wait` as a subprocess (default 5 workers), against a fresh Orthanc
+  g) with --s3: e) again with the originals in an S3 bucket (STORAGE_URL; working copies in local
+     scratch), on moto's S3 server on loopback, a stand-in for a real store (tests/s3.py). g/e is
+     issue 13's target (>= 0.8); the bucket must be empty again after each run.
 
 Every Orthanc is started like the tests do (tests/orthanc.py): TCP_NODELAY=1 in its environment,
 MaximumPduLength 131072, its own storage, loopback only. Each shipper gets its own fresh Orthanc.
@@ -17,6 +20,7 @@ Compare ratios taken in one run, never absolutes across runs (DESIGN.md, "Measur
     .venv/bin/python benchmarks/bench_orthanc.py --files 1000
     .venv/bin/python benchmarks/bench_orthanc.py --files 300 --profile /tmp/e2e.prof   # + cProfile, 1 worker
     .venv/bin/python benchmarks/bench_orthanc.py --stall-drops 50   # only the DICOM stall loop (issue 12.4)
+    .venv/bin/python benchmarks/bench_orthanc.py --only-e --s3 --files 600   # local folders vs S3 bucket
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import os
 import platform
 import random
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -44,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for tests.orthanc.OrthancServer: one Orthanc starter, not two
 
 from tests.orthanc import OrthancServer  # noqa: E402
+from tests.s3 import Bucket, MotoServer  # noqa: E402
 
 from sendit.deid import Deidentifier, deid_folder  # noqa: E402
 from sendit.demo import UID_ROOT, Study, make_image, make_patient  # noqa: E402
@@ -150,10 +156,11 @@ def step_rest(paths: list[Path], work: Path) -> float:
     return elapsed
 
 
-def sendit_config(folder: Path, server: OrthancServer, rest: bool) -> Path:
+def sendit_config(folder: Path, server: OrthancServer, rest: bool, storage: dict[str, str] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "sendit.toml"
     lines = [f'SECRET_KEY = "{SECRET}"', f'DATA_DIR = "{folder / "data"}"', 'OUTPUT_FOLDER = "off"']
+    lines += [f'{key} = "{value}"' for key, value in (storage or {}).items()]
     if rest:
         lines += [f'ORTHANC_URL = "{server.url}"']
     else:
@@ -185,10 +192,15 @@ def step_sendit(
     rest: bool = False,
     profile: Path | None = None,
     windows: list[float] | None = None,
+    bucket: Bucket | None = None,
+    cpu: list[float] | None = None,
 ) -> float:
+    """One `sendit import --wait` into a fresh Orthanc; ``cpu`` gets the CPU seconds it took: Sendit's
+    processes and Orthanc's (children, counted once reaped) plus the stand-in S3 server's."""
     name = "sendit" if profile is None else "sendit-profile"
+    name += "-s3" if bucket is not None else ""
     server = fresh_orthanc(work, name)
-    config = sendit_config(work / name, server, rest)
+    config = sendit_config(work / name, server, rest, bucket.settings if bucket is not None else None)
     runner = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else []) + ["-m", "sendit"]
     cmd = [*runner, "--config", str(config), "import", str(src), "--wait"]
     if workers is not None:
@@ -196,16 +208,30 @@ def step_sendit(
     env = {k: v for k, v in os.environ.items() if not k.startswith("SENDIT_")}
     env["DJANGO_SETTINGS_MODULE"] = "sendit.server.settings"
     result: list[subprocess.CompletedProcess[str]] = []
+    moto_pid = bucket.server.process.pid if bucket is not None and bucket.server.process is not None else None
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = children.ru_utime + children.ru_stime + (cpu_seconds(moto_pid) if moto_pid else 0.0)
     elapsed = timed(
         lambda: result.append(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200, cwd=work))
     )
     if result[0].returncode != 0:
         raise SystemExit(f"sendit import failed ({result[0].returncode}):\n{result[0].stderr[-2000:]}")
-    finish_orthanc(server, files, "sendit")
+    finish_orthanc(server, files, name)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append(children.ru_utime + children.ru_stime + (cpu_seconds(moto_pid) if moto_pid else 0.0) - before)
+    if bucket is not None and bucket.keys():
+        raise SystemExit(f"{name}: {len(bucket.keys())} object(s) left in the bucket after clean-up")
     if windows is not None:
         windows.append(pipeline_window(work / name / "data" / "sendit.sqlite3"))
     shutil.rmtree(work / name / "data", ignore_errors=True)
     return elapsed
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process used so far (/proc/PID/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> str:
@@ -268,12 +294,14 @@ def main() -> None:
     parser.add_argument("--only-e", action="store_true", help="skip a-d (to iterate on the pipeline)")
     parser.add_argument("--rest-too", action="store_true", help="also f) sendit end to end over ORTHANC_URL (REST)")
     parser.add_argument("--stall-drops", type=int, help="run only the DICOM stall loop, this many drops")
+    parser.add_argument("--s3", action="store_true", help="also g) e with originals in an S3 bucket (moto stand-in)")
     args = parser.parse_args()
     if args.stall_drops:
         stall_loop(args.stall_drops)
         return
 
     work = Path(tempfile.mkdtemp(prefix="sendit-bench-orthanc-"))
+    moto: MotoServer | None = None
     try:
         src = work / "in"
         paths = generate(src, args.files, args.series_size)
@@ -309,15 +337,34 @@ def main() -> None:
             steps["c"] = lambda: step_storescu(src, work, n)
             steps["d"] = lambda: step_rest(paths, work)
         windows: list[float] = []
-        steps["e"] = lambda: step_sendit(src, work, n, args.workers, windows=windows)
+        e_cpu: list[float] = []
+        steps["e"] = lambda: step_sendit(src, work, n, args.workers, windows=windows, cpu=e_cpu)
         if args.rest_too:
             steps["f"] = lambda: step_sendit(src, work, n, args.workers, rest=True)
+        s3_windows: list[float] = []
+        if args.s3:
+            moto = MotoServer(work / "moto.log").start()
+            moto.client().create_bucket(Bucket="sendit-bench")
+            bucket = Bucket(moto, None, "sendit-bench")  # no gate: straight to moto
+            moto_cpu: list[float] = []
+            g_cpu: list[float] = []
+
+            def with_bucket() -> float:
+                assert moto is not None and moto.process is not None
+                before = cpu_seconds(moto.process.pid)
+                elapsed = step_sendit(src, work, n, args.workers, windows=s3_windows, bucket=bucket, cpu=g_cpu)
+                moto_cpu.append(cpu_seconds(moto.process.pid) - before)
+                return elapsed
+
+            steps["g"] = with_bucket
         best = dict.fromkeys(steps, float("inf"))
         for _ in range(max(1, args.rounds)):  # interleaved: other load on the machine hits every step alike
             for key, step in steps.items():
                 best[key] = min(best[key], step())
         rates = {key: n / seconds for key, seconds in best.items()}
         rates["e0"] = n / min(windows)
+        if s3_windows:
+            rates["g0"] = n / min(s3_windows)
         if args.profile:
             rates["e1"] = n / step_sendit(src, work, n, 1, profile=args.profile)
 
@@ -330,6 +377,8 @@ def main() -> None:
             "e0": "e) pipeline only (first PROCESSING to last DONE)",
             "e1": "e) same, 1 worker, under cProfile",
             "f": f"f) sendit import --wait over REST, {args.workers or 'default'} workers",
+            "g": "g) e with originals in an S3 bucket (moto stand-in)",
+            "g0": "g) pipeline only (first PROCESSING to last DONE)",
         }
         print(
             f"{n} synthetic CT files, {size_kb:.0f} KB each, {-(-n // args.series_size)} series,"
@@ -347,9 +396,24 @@ def main() -> None:
             print(f"pipeline only: e/c = {rates['e0'] / rates['c']:.2f}   e/d = {rates['e0'] / rates['d']:.2f}")
         if "f" in rates and "d" in rates:
             print(f"f/d = {rates['f'] / rates['d']:.2f}   f/c = {rates['f'] / rates['c']:.2f}")
+        if "g" in rates:
+            ratio, window_ratio = rates["g"] / rates["e"], rates["g0"] / rates["e0"]
+            print(f"g/e = {ratio:.2f} (target >= 0.8)   pipeline only: g/e = {window_ratio:.2f}")
+            e_ms, g_ms = min(e_cpu) * 1000 / n, min(g_cpu) * 1000 / n
+            print(
+                f"CPU per image (Sendit + Orthanc [+ S3 stand-in]): e {e_ms:.1f} ms, g {g_ms:.1f} ms;"
+                f" e/g = {e_ms / g_ms:.2f}"
+            )
+            print(
+                f"the stand-in S3 server itself used {min(moto_cpu) * 1000 / n:.1f} ms CPU per image on these"
+                f" same {os.cpu_count()} cores (a real store's CPU is elsewhere); load average at the end: "
+                + " ".join(f"{x:.1f}" for x in os.getloadavg())
+            )
         if args.profile:
             print(f"profile of the 1-worker run: {args.profile} (python -m pstats)")
     finally:
+        if moto is not None:
+            moto.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

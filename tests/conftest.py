@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.orthanc", "tests.dasher_server", "tests.google"]
+pytest_plugins = ["tests.orthanc", "tests.dasher_server", "tests.google", "tests.s3"]
 
 
-# Fixtures that start a server process (Orthanc, the Google stand-ins): a test using one, directly or
-# through another fixture, is slow, so `pytest -m "not slow"` stays a fast loop. CI runs everything.
-SLOW_FIXTURES = frozenset({"orthanc_factory", "orthanc_server", "gcs_server", "datastore_emulator", "google_env"})
+# Fixtures that start a server process (Orthanc, the Google stand-ins, the stand-in S3 server): a test
+# using one, directly or through another fixture, is slow, so `pytest -m "not slow"` stays a fast loop.
+# CI runs everything.
+SLOW_FIXTURES = frozenset(
+    {"orthanc_factory", "orthanc_server", "gcs_server", "datastore_emulator", "google_env", "s3_server", "s3_bucket"}
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -217,6 +217,24 @@ def identifier_findings(cfg: Config) -> list[Finding]:
     return findings
 
 
+def storage_finding(cfg: Config) -> Finding:
+    """Can the store that holds originals (STORAGE_URL) be listed? Its location, never a credential."""
+    from sendit.storage import open_store
+
+    if not cfg.STORAGE_URL:
+        return Finding(True, "STORAGE_URL: originals are read in the input folder (no store)")
+    store = open_store(
+        cfg.STORAGE_URL,
+        endpoint_url=cfg.S3_ENDPOINT_URL,
+        region=cfg.S3_REGION,
+        access_key_id=cfg.S3_ACCESS_KEY_ID,
+        secret_access_key=cfg.S3_SECRET_ACCESS_KEY,
+    )
+    assert store is not None
+    problem = store.check()
+    return Finding(problem is None, f"STORAGE_URL {store.location}" + (f": {problem}" if problem else " answers"))
+
+
 def unavailable(exc: BaseException) -> str | None:
     """One line for a database or queue that failed under a command (exit 1), naming its key and URL
     (password masked); None for anything else, which is a bug to be shown in full."""

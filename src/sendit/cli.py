@@ -18,6 +18,7 @@ from sendit.checks import (
     identifier_findings,
     os_reason,
     queue_finding,
+    storage_finding,
     unavailable,
     web_port_finding,
 )
@@ -107,7 +108,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("  (database, queue, identifier service and destinations: checked once every folder is writable)")
         return EXIT_CONFIGURATION
     _django(migrate=False)
-    findings = [web_port_finding(cfg), database_finding(cfg), queue_finding(cfg), *identifier_findings(cfg)]
+    findings = [web_port_finding(cfg), database_finding(cfg), queue_finding(cfg), storage_finding(cfg)]
+    findings += identifier_findings(cfg)
     for finding in findings:
         print(f"  [{'ok' if finding.ok else 'FAIL'}] {finding.line}")
     codes = {finding.code for finding in findings if not finding.ok}
@@ -154,6 +156,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     requeue_stale()
     connections.close_all()
+    from sendit.relay import runtime
+
+    runtime.store()  # made before the worker processes fork: boto3's service model is loaded once, not per process
     workers = args.workers or cfg.WORKERS
     consumer = Consumer(
         huey,

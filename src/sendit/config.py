@@ -100,8 +100,25 @@ KEYS: tuple[Key, ...] = (
         'Folder destination (default DATA_DIR/output); set to "off" to disable.',
         optional=True,
     ),
-    Key("WORK_FOLDER", Path, "", "Per-series working copies (default DATA_DIR/work)."),
+    Key(
+        "WORK_FOLDER",
+        Path,
+        "",
+        "Per-series working copies (default DATA_DIR/work); with STORAGE_URL, each host's own local scratch.",
+    ),
     Key("QUARANTINE_FOLDER", Path, "", "Rejected and quarantined files (default DATA_DIR/quarantine)."),
+    # -- where originals wait for a worker (docs/operations.md, Scaling out) --
+    Key(
+        "STORAGE_URL",
+        str,
+        "",
+        "Originals: empty = read in the input folder (one host, or a shared folder); s3://bucket/prefix = "
+        "uploaded at ingest, so workers on any host need no shared folder; file:///folder = a folder store.",
+    ),
+    Key("S3_ENDPOINT_URL", str, "", "S3 endpoint for a store other than AWS (MinIO, Ceph): https://host:port."),
+    Key("S3_REGION", str, "", "S3 region (empty: boto3's default)."),
+    Key("S3_ACCESS_KEY_ID", str, "", "S3 access key id (empty: boto3's chain, e.g. AWS_ACCESS_KEY_ID, a role)."),
+    Key("S3_SECRET_ACCESS_KEY", str, "", "S3 secret access key (empty: boto3's chain).", secret=True),
     # The URLs are shown with their password masked (``mask_url``): host and name matter to an operator.
     Key("DATABASE_URL", str, "", "sqlite:///path or postgres://user@host:port/name (default SQLite in DATA_DIR)."),
     Key("QUEUE_URL", str, "", "sqlite:///path, redis://host:port/db or rediss:// (TLS) (default SQLite in DATA_DIR)."),
@@ -419,6 +436,11 @@ class Config:
     OUTPUT_FOLDER: Path | None
     WORK_FOLDER: Path
     QUARANTINE_FOLDER: Path
+    STORAGE_URL: str
+    S3_ENDPOINT_URL: str
+    S3_REGION: str
+    S3_ACCESS_KEY_ID: str
+    S3_SECRET_ACCESS_KEY: str
     DATABASE_URL: str
     QUEUE_URL: str
     WORKERS: int
@@ -789,6 +811,12 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
         scheme = values[name].split("://", 1)[0] if "://" in values[name] else ""
         if scheme not in schemes:
             problems.append(f"{name}: must start with one of {', '.join(s + '://' for s in schemes)}")
+    storage = values["STORAGE_URL"]
+    bucket = re.compile(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/|$)")  # S3 bucket naming rules; no credentials
+    if storage and not (storage.startswith("file:///") or bucket.match(storage)):
+        problems.append("STORAGE_URL: must be empty, s3://bucket/prefix or file:///folder (credentials go in S3_*)")
+    if values["S3_ENDPOINT_URL"] and not values["S3_ENDPOINT_URL"].startswith(("http://", "https://")):
+        problems.append("S3_ENDPOINT_URL: must start with http:// or https://")
     for name in ("ORTHANC_URL", "SITE_URL"):
         if values[name] and not values[name].startswith(("http://", "https://")):
             problems.append(f"{name}: must start with http:// or https://")

@@ -148,6 +148,25 @@ def working_copy(series_id: int, image_id: int) -> Path:
     return series_folder(series_id) / f"{image_id}.dcm"
 
 
+# --- originals in a store (STORAGE_URL): keyed by content, so any host finds them by the image row ---
+
+
+def original_key(digest: str) -> str:
+    """An original's key in the store: its SHA-256, so a second upload of the same bytes is a no-op."""
+    return f"originals/{digest}"
+
+
+def kept_key(stored: str) -> str:
+    """Where KEEP_ORIGINALS keeps an original in the store: under its name in the input folder."""
+    return f"kept/{stored}"
+
+
+def fetched_original(series_id: int, image_id: int, generation: int) -> Path:
+    """A worker's local copy of an original from the store, named by lease generation like its output
+    (a stale worker never writes into the new holder's file; leftovers are removed with the series')."""
+    return series_folder(series_id) / f"{image_id}.g{generation}.orig.dcm"
+
+
 def _unique(target: Path) -> Path:
     candidate, number = target, 1
     while os.path.lexists(candidate):
@@ -198,14 +217,17 @@ def set_aside_long(source: Path, stored: str) -> str:
 MAX_REVIEW_BYTES = 1 << 30  # a person's preview or download: 1 GiB at most in memory
 
 
-def read_original(stored: str, set_aside_at: str = "") -> bytes:
-    """The bytes of an original for a person (review page, download of a rejected file): where it was
-    set aside (quarantine), else in the quarantine folder under its stored name, else in the input
-    folder. The one reader of originals for the web: another storage (object store) changes only this.
+def read_original(stored: str, set_aside_at: str = "", stored_key: str = "") -> bytes:
+    """The bytes of an original for a person (review page, download of a rejected file): in the
+    storage bucket when it has a key there, else where it was set aside (quarantine), else in the
+    quarantine folder under its stored name, else in the input folder. The one reader of originals
+    for the web.
 
     Raises FileNotFoundError when none is there, OSError when it cannot be read or is too large.
     A symbolic link is not followed.
     """
+    if stored_key:
+        return _read_stored(stored_key)
     candidates = [Path(set_aside_at)] if set_aside_at else []
     if inside_input(stored):
         candidates.append(Path(config().QUARANTINE_FOLDER) / real_name(stored))
@@ -218,6 +240,32 @@ def read_original(stored: str, set_aside_at: str = "") -> bytes:
         with open(path, "rb") as handle:
             return handle.read()
     raise FileNotFoundError("the original is gone")
+
+
+def _read_stored(key: str) -> bytes:
+    """An original from the storage bucket, through a scratch file in WORK_FOLDER (removed at once)."""
+    import tempfile
+
+    from sendit.relay.runtime import store
+    from sendit.storage import StoreError
+
+    found = store()
+    if found is None:
+        raise FileNotFoundError("the original is in a storage bucket, but STORAGE_URL is not set")
+    folder = Path(config().WORK_FOLDER)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=folder, prefix=".review-", suffix=".dcm")
+    os.close(handle)
+    scratch = Path(name)
+    try:
+        found.get(key, scratch)
+        if scratch.stat().st_size > MAX_REVIEW_BYTES:
+            raise OSError("the file is too large to show")
+        return scratch.read_bytes()
+    except StoreError as exc:
+        raise OSError(str(exc)) from None
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def remove_original(stored: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Collection, Sequence
@@ -16,6 +17,9 @@ from django.utils import timezone
 from sendit.destinations.base import Destination, SeriesDestination
 from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Stage, Status, Summary
 from sendit.relay.transitions import clip, move_images
+from sendit.storage import StoreError
+
+log = logging.getLogger("sendit.housekeeping")
 
 
 def _images(series_ids: Collection[int] | None) -> QuerySet[Image]:
@@ -143,6 +147,27 @@ def check_destinations(destinations: Sequence[Destination | SeriesDestination], 
     return rows
 
 
+def _drop_stored_originals(series: Series) -> bool:
+    """Delete what the storage bucket still holds for a series about to be pruned (a discarded image's
+    original whose delete failed); False when the bucket cannot be reached."""
+    left = series.images.exclude(stored_key="").filter(cleaned_at__isnull=True)
+    keys = list(left.values_list("stored_key", flat=True))
+    if not keys:
+        return True
+    from sendit.relay import runtime
+
+    store = runtime.store()
+    if store is None:
+        return True  # no bucket configured any more: nothing this host can delete
+    try:
+        for key in keys:
+            store.delete(key)
+    except StoreError as exc:
+        log.warning("series #%s: not pruned yet (%s)", series.pk, exc)
+        return False
+    return True
+
+
 def prune(retention_days: int) -> int:
     """Replace finished series older than the retention period by a Summary (counts and times only).
 
@@ -157,6 +182,8 @@ def prune(retention_days: int) -> int:
     )
     pruned = 0
     for series in old:
+        if not _drop_stored_originals(series):
+            continue  # the bucket is out of reach: this series is pruned next time, with its objects
         counts = images_per_status([series.pk])
         with transaction.atomic():
             Summary.objects.create(

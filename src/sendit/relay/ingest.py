@@ -25,6 +25,7 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,9 +36,10 @@ from django.utils import timezone
 
 from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, Kind, RejectedFile, read_header
 from sendit.dicomio import walk as walk_folder
-from sendit.relay import files
+from sendit.relay import files, runtime
 from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Status, Study
 from sendit.relay.transitions import clip, lock_series, refresh_series_status
+from sendit.storage import TRANSFERS, Store, StoreConflict
 
 log = logging.getLogger("sendit.ingest")
 
@@ -313,6 +315,11 @@ def _ingest_batch(batch: list[Entry], report: IngestReport) -> None:
             again.append((entry, header))
             continue
         headers[header.sop_instance_uid] = (entry, header)
+    store = runtime.store()
+    uploaded: dict[str, tuple[str, str]] = {}  # SOPInstanceUID → (key, SHA-256) of originals now in the store
+    if headers and store is not None:
+        uploaded = _upload_originals(store, headers, report)
+    taken: list[Entry] = []  # files that became images in this batch (committed below)
     if headers:
         with transaction.atomic():
             known_uids = Image.objects.filter(sop_instance_uid__in=list(headers)).values_list(
@@ -334,7 +341,14 @@ def _ingest_batch(batch: list[Entry], report: IngestReport) -> None:
             series_map = {s.series_uid: s for s in Series.objects.filter(series_uid__in=list(series_headers))}
             Image.objects.bulk_create(
                 [
-                    Image(series=series_map[h.series.series_uid], sop_instance_uid=uid, path=entry.name, size=h.size)
+                    Image(
+                        series=series_map[h.series.series_uid],
+                        sop_instance_uid=uid,
+                        path=entry.name,
+                        size=h.size,
+                        stored_key=uploaded.get(uid, ("", ""))[0],
+                        sha256=uploaded.get(uid, ("", ""))[1],
+                    )
                     for uid, (entry, h) in headers.items()
                 ],
                 ignore_conflicts=True,  # another ingestor (watcher and `sendit import`) may have won the race
@@ -346,6 +360,7 @@ def _ingest_batch(batch: list[Entry], report: IngestReport) -> None:
             for image_id, series_id, uid, stored in rows:
                 if stored == headers[uid][0].name:
                     mine.append((image_id, series_id))
+                    taken.append(headers[uid][0])
                 else:
                     again.append(headers.pop(uid))
             Event.objects.bulk_create(
@@ -356,6 +371,9 @@ def _ingest_batch(batch: list[Entry], report: IngestReport) -> None:
                 refresh_series_status(series)
             report.images += len(mine)
             report.series_ids |= touched
+    if store is not None:
+        for entry in taken:  # uploaded and recorded, both committed: the input folder's copy may go
+            files.remove_original(entry.name)
     # Files are moved (duplicates, conflicts) only outside the transaction that records new images,
     # so a rolled-back batch never leaves a moved file without its row. In walk order: of two copies,
     # the one that sorts first is decided first.
@@ -373,9 +391,19 @@ def _arrived_again(entry: Entry, header: FileHeader, image: Image, report: Inges
         # scan never races clean-up.
         return
     if image.status in (*IN_FLIGHT, Status.ERROR):
-        if entry.name == image.path:  # the very file already recorded (seen by a concurrent scan)
+        if entry.name == image.path and not image.stored_key:  # the very file already recorded (a concurrent scan)
             if image.status in IN_FLIGHT:
                 report.resumable.add(image.series_id)
+            return
+        if image.stored_key:  # its original is in the store: the recorded SHA-256 tells
+            try:
+                same = files.sha256_of(entry.path) == image.sha256
+            except FileNotFoundError:
+                return
+            if entry.name == image.path and same:
+                # its upload and row were committed, the removal not yet (a concurrent scan): that one removes it
+                return
+            _record_duplicate(entry, same, image, report)
             return
         # a second copy while the first is in flight, or waits for a retry (its original still in place)
         first = files.original(image.path)
@@ -394,6 +422,17 @@ def _arrived_again(entry: Entry, header: FileHeader, image: Image, report: Inges
         _record_duplicate(entry, False, image, report)
         return
     # Arrived again after it finished: process it again; deterministic UIDs land on the same output.
+    store = runtime.store()
+    key = ""
+    if store is not None:
+        key = files.original_key(digest)
+        try:
+            store.put_new(key, entry.path, digest)
+        except StoreConflict as exc:
+            _reject(entry, f"conflict: {exc}", report)
+            return
+        except FileNotFoundError:
+            return
     old = image.status
     with transaction.atomic():
         lock_series(image.series_id)
@@ -408,6 +447,8 @@ def _arrived_again(entry: Entry, header: FileHeader, image: Image, report: Inges
             attempts=0,
             cleaned_at=None,
             set_aside_at="",
+            stored_key=key,
+            sha256=digest if key else image.sha256,
             updated=timezone.now(),
         )
         if not changed:
@@ -425,6 +466,46 @@ def _arrived_again(entry: Entry, header: FileHeader, image: Image, report: Inges
         refresh_series_status(image.series)
     report.reprocessed += 1
     report.series_ids.add(image.series_id)
+    if key:  # uploaded and recorded, both committed
+        files.remove_original(entry.name)
+
+
+def _upload_originals(
+    store: Store, headers: dict[str, tuple[Entry, FileHeader]], report: IngestReport
+) -> dict[str, tuple[str, str]]:
+    """Upload the originals of a batch to the store before their rows are written; returns
+    SOPInstanceUID → (key, SHA-256).
+
+    1. Leave out instances already recorded (the transaction decides about those, as without a store).
+    2. Hash each file and upload it create-only under its SHA-256, on a few threads.
+    3. A conflict (other bytes under that key) is that file's rejection; a file gone since is dropped.
+    Raises StoreError when the store is out of reach: the scan fails, every file stays where it is,
+    and the next scan tries again.
+    """
+    known = set(Image.objects.filter(sop_instance_uid__in=list(headers)).values_list("sop_instance_uid", flat=True))
+    todo = {uid: entry for uid, (entry, _) in headers.items() if uid not in known}
+    if not todo:
+        return {}
+
+    def upload(entry: Entry) -> str:
+        digest = files.sha256_of(entry.path)
+        store.put_new(files.original_key(digest), entry.path, digest)
+        return digest
+
+    with ThreadPoolExecutor(max_workers=min(TRANSFERS, len(todo)), thread_name_prefix="sendit-upload") as pool:
+        futures = {uid: pool.submit(upload, entry) for uid, entry in todo.items()}
+    uploaded: dict[str, tuple[str, str]] = {}
+    for uid, future in futures.items():
+        try:
+            digest = future.result()
+        except StoreConflict as exc:
+            _reject(headers.pop(uid)[0], f"conflict: {exc}", report)
+            continue
+        except FileNotFoundError:
+            headers.pop(uid)  # vanished since the listing: no one's problem
+            continue
+        uploaded[uid] = (files.original_key(digest), digest)
+    return uploaded
 
 
 def _record_duplicate(entry: Entry, same: bool, image: Image, report: IngestReport) -> None:

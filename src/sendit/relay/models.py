@@ -90,6 +90,9 @@ class Image(models.Model):
     size = models.BigIntegerField(default=0)
     sha256 = models.CharField(max_length=64, blank=True)
     set_aside_at = models.CharField(max_length=1024, blank=True, help_text="Where a quarantined original was moved.")
+    # With STORAGE_URL set: the original's key in the store ("originals/<sha256>"); empty when it is
+    # read in the input folder.
+    stored_key = models.CharField(max_length=255, blank=True, help_text="The original's key in the storage bucket.")
     cleaned_at = models.DateTimeField(null=True, blank=True, help_text="When the original and copy were removed.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW, db_index=True)
     reason = models.CharField(max_length=500, blank=True)

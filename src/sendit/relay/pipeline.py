@@ -17,6 +17,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from sendit.relay.transitions import (
     move_images,
     refresh_series_status,
 )
+from sendit.storage import TRANSFERS, StoreError
 
 log = logging.getLogger("sendit.pipeline")
 
@@ -50,6 +54,12 @@ class RetryableFailure(Exception):
 
 class PermanentFailure(Exception):
     """A step failed for a reason that will not pass by waiting; the in-flight images go to ERROR."""
+
+
+class WorkingCopiesLost(RetryableFailure):
+    """De-identified working copies vanished before delivery (a wiped scratch folder, another host's
+    restart): their images went back to NEW. The output is deterministic, so the same run makes them
+    again; only a second loss in one run costs an attempt."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +260,12 @@ def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> NextStep:
         if in_flight:
             ids = ensure_identifiers(series)
             written = deidentify_pending(series, ids, lease, keeper)
-            deliver_and_verify(series, lease, keeper, written)
+            try:
+                deliver_and_verify(series, lease, keeper, written)
+            except WorkingCopiesLost:
+                log.warning("series #%s: working copies missing; de-identifying them again in this run", series_id)
+                written.update(deidentify_pending(series, ids, lease, keeper))
+                deliver_and_verify(series, lease, keeper, written)
         clean_up_done(series, lease, keeper)
     except LeaseLost as lost:
         log.warning("%s; leaving it to that worker", lost)
@@ -261,6 +276,8 @@ def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> NextStep:
     except PermanentFailure as failure:
         _fail_in_flight(series, lease, str(failure))
         return NextStep(finished=True)
+    except StoreError as exc:  # the storage bucket out of reach: the originals wait there
+        return _schedule_retry(series, lease, str(exc))
     except OSError as exc:
         if is_no_space(exc):
             return _schedule_retry(series, lease, no_space_reason(exc))
@@ -394,17 +411,21 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
         made: list[Image] = []
         notes: dict[int, str] = {}
         renames: list[tuple[Path, Path]] = []
+        sources = fetch_originals(series.pk, batch, lease)
         for image in batch:
             keeper.check()  # a worker that lost its lease stops at once, not after the batch
-            source = files.original(image.path)
+            source = sources[image.pk]
             target = files.working_copy(series.pk, image.pk)
             # a name of this lease generation: a stale worker never writes into the new holder's file
             mine = target.with_name(f"{image.pk}.g{lease.generation}.dcm")
-            if source.is_symlink():  # swapped for a link since ingest: never read what it points to
+            if not image.stored_key and source.is_symlink():  # swapped for a link since ingest: never followed
                 _quarantine(series, image, lease, "original was replaced by a symbolic link; not followed")
                 continue
             try:
                 digest = files.sha256_of(source)
+                if image.stored_key and digest != image.sha256:  # fail closed: not the bytes ingested
+                    _quarantine(series, image, lease, "original in the storage bucket differs from the one ingested")
+                    continue
                 result = engine.deidentify_file(source, mine, ids)
             except FileNotFoundError:
                 mine.unlink(missing_ok=True)
@@ -433,6 +454,9 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
                     Series.objects.filter(pk=series.pk).update(deid_series_uid=result.series_uid)
                     Study.objects.filter(pk=series.study_id).update(deid_study_uid=result.study_uid)
             written[image.pk] = (result.sop_class_uid, result.transfer_syntax_uid)
+        for image in batch:
+            if image.stored_key:  # the worker's local copy of the original; the store keeps its own
+                sources[image.pk].unlink(missing_ok=True)
         with fenced(lease):
             # renamed into place only while the lease holds: a stale worker's files never take the
             # place of the new holder's (and are removed when it finds its lease gone)
@@ -457,6 +481,73 @@ def _by_pixel_note(made: list[Image], notes: dict[int, str]) -> dict[str, list[i
     return groups
 
 
+def fetch_originals(series_id: int, batch: list[Image], lease: Lease) -> dict[int, Path]:
+    """Each image's original as a local path: in the input folder, or fetched from the store.
+
+    1. Images read in the input folder: their path there.
+    2. Images whose original is in the store: downloaded into the series' working folder, a few at a
+       time, under a name of this lease generation. One not in the store comes back as a path that
+       does not exist: de-identification finds it gone and quarantines the image.
+    3. The store out of reach: RetryableFailure, nothing moved; the next attempt fetches again.
+    """
+    sources = {image.pk: files.original(image.path) for image in batch if not image.stored_key}
+    remote = [image for image in batch if image.stored_key]
+    store = runtime.store()
+    if not remote:
+        return sources
+    if store is None:
+        raise PermanentFailure("images have originals in a storage bucket, but STORAGE_URL is not set")
+
+    def fetch(image: Image) -> None:
+        target = files.fetched_original(series_id, image.pk, lease.generation)
+        try:
+            store.get(image.stored_key, target)
+        except FileNotFoundError:
+            target.unlink(missing_ok=True)
+
+    with ThreadPoolExecutor(max_workers=min(TRANSFERS, len(remote)), thread_name_prefix="sendit-fetch") as pool:
+        failures = [exc for exc in pool.map(_failure_of(fetch), remote) if exc is not None]
+    if failures:
+        for image in remote:
+            files.fetched_original(series_id, image.pk, lease.generation).unlink(missing_ok=True)
+        raise RetryableFailure(str(failures[0])) from None
+    for image in remote:
+        sources[image.pk] = files.fetched_original(series_id, image.pk, lease.generation)
+    return sources
+
+
+def _failure_of(step: Any) -> Any:
+    """``step`` for a thread pool's map: returns the StoreError it raised instead of raising it."""
+
+    def run(item: Any) -> StoreError | None:
+        try:
+            step(item)
+        except StoreError as exc:
+            return exc
+        return None
+
+    return run
+
+
+@contextmanager
+def local_original(image: Image) -> Iterator[Path]:
+    """One image's original as a local file for as long as the block runs (fetched from the store when
+    it is there, removed afterwards)."""
+    if not image.stored_key:
+        yield files.original(image.path)
+        return
+    store = runtime.store()
+    if store is None:
+        raise PermanentFailure("images have originals in a storage bucket, but STORAGE_URL is not set")
+    target = files.series_folder(image.series_id) / f"{image.pk}.meta.orig.dcm"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        store.get(image.stored_key, target)
+        yield target
+    finally:
+        target.unlink(missing_ok=True)
+
+
 def write_series_metadata(series: Series, ids: Identifiers) -> None:
     """WORK_FOLDER/series-<id>/metadata.json: the allow-listed, de-identified fields for researchers
     (sendit.deid.metadata), for the Google metadata store to pick up. A failure here is logged and
@@ -469,15 +560,16 @@ def write_series_metadata(series: Series, ids: Identifiers) -> None:
         return
     try:
         study_uid = Study.objects.filter(pk=series.study_id).values_list("deid_study_uid", flat=True).first()
-        written = write_series_document(
-            files.original(first.path),
-            runtime.deidentifier().known_identifiers,
-            files.series_folder(series.pk) / "metadata.json",
-            pseudonym=ids.patient_id,
-            study_uid=study_uid or "",
-            series_uid=series.deid_series_uid,
-            images=made.count(),
-        )
+        with local_original(first) as original:
+            written = write_series_document(
+                original,
+                runtime.deidentifier().known_identifiers,
+                files.series_folder(series.pk) / "metadata.json",
+                pseudonym=ids.patient_id,
+                study_uid=study_uid or "",
+                series_uid=series.deid_series_uid,
+                images=made.count(),
+            )
         described = json.loads(written.read_text(encoding="utf-8")).get("series_description") or ""
         Series.objects.filter(pk=series.pk).update(description=str(described)[:200])  # the dashboard's
     except Exception as exc:
@@ -487,7 +579,9 @@ def write_series_metadata(series: Series, ids: Identifiers) -> None:
 def _quarantine(series: Series, image: Image, lease: Lease, reason: str) -> None:
     hold_lease_now(lease)  # a stale worker must not move an original the new holder is working on
     files.working_copy(series.pk, image.pk).unlink(missing_ok=True)
-    stored = files.set_aside(image.path, "quarantine")
+    # an original in the store stays there under its key until released or discarded; a file now at
+    # its old input path is a new arrival, not this image's
+    stored = "" if image.stored_key else files.set_aside(image.path, "quarantine")
     with fenced(lease):
         Image.objects.filter(pk=image.pk, status=Status.PROCESSING).update(set_aside_at=stored)
         move_images(series, [image.pk], Status.QUARANTINED, reason, expect=(Status.PROCESSING,), lease=lease)
@@ -667,7 +761,7 @@ def deliver_pending(
             expect=(Status.DONEPROCESSING,),
             lease=lease,
         )
-        raise RetryableFailure("working copies missing; de-identifying again")
+        raise WorkingCopiesLost("working copies missing; de-identifying again")
     retry_reasons: list[str] = []
     batch_size = runtime.config().BATCH_SIZE
     for start in range(0, len(pending), batch_size):
@@ -790,6 +884,39 @@ def verify_sent(series: Series, destinations: list[Destination], lease: Lease, f
 # --- clean up -------------------------------------------------------------------------------------
 
 
+def _clean_up_stored(series: Series, lease: Lease, rows: list[tuple[int, str, str, str]]) -> None:
+    """Clean-up of DONE images whose originals are in the store; ``rows`` are (id, path, sha256, key).
+
+    1. In one fenced transaction (a worker that lost its lease removes nothing): mark them cleaned,
+       naming the status expected; keep a copy (KEEP_ORIGINALS: kept/<its name>) and delete their
+       keys, one request per 1,000. If the store fails, the marks roll back: cleaned next time.
+    2. Remove their working copies, and a file that ingest left in the input folder (a crash between
+       commit and removal) when its bytes are this original's.
+    """
+    cfg = runtime.config()
+    store = runtime.store()
+    if store is None:
+        raise PermanentFailure("images have originals in a storage bucket, but STORAGE_URL is not set")
+    now = timezone.now()
+    with fenced(lease):
+        # names the status it expects: an image another writer moved on since is left out
+        Image.objects.filter(pk__in=[row[0] for row in rows], status=Status.DONE, cleaned_at__isnull=True).update(
+            cleaned_at=now
+        )
+        marked = set(Image.objects.filter(pk__in=[row[0] for row in rows], cleaned_at=now).values_list("id", flat=True))
+        mine = [row for row in rows if row[0] in marked]
+        if cfg.KEEP_ORIGINALS:
+            for _, path, _, key in mine:
+                store.copy(key, files.kept_key(path))
+        store.delete_many([key for *_, key in mine])
+    for image_id, path, digest, _ in mine:
+        original = files.original(path)
+        if original.exists() and files.sha256_of(original) == digest:
+            files.remove_original(path)
+        if not cfg.KEEP_WORKING:
+            files.working_copy(series.pk, image_id).unlink(missing_ok=True)
+
+
 def clean_up_done(series: Series, lease: Lease, keeper: LeaseKeeper) -> None:
     """Originals and working copies of DONE images go away (unless configured to keep them), once each.
 
@@ -799,7 +926,11 @@ def clean_up_done(series: Series, lease: Lease, keeper: LeaseKeeper) -> None:
     """
     cfg = runtime.config()
     pending = series.images.filter(status=Status.DONE, cleaned_at__isnull=True)
-    for image_id, path, digest in pending.values_list("id", "path", "sha256"):
+    stored = list(pending.exclude(stored_key="").values_list("id", "path", "sha256", "stored_key"))
+    if stored:
+        keeper.check()
+        _clean_up_stored(series, lease, stored)
+    for image_id, path, digest in pending.filter(stored_key="").values_list("id", "path", "sha256"):
         keeper.check()
         original = files.original(path)
         replaced = original.exists() and bool(digest) and files.sha256_of(original) != digest

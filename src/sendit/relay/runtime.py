@@ -12,6 +12,7 @@ from sendit.destinations.base import Destination, SeriesDestination
 from sendit.destinations.folder import FolderDestination
 from sendit.identifiers.base import IdentifierProvider
 from sendit.identifiers.local import LocalProvider
+from sendit.storage import Store, open_store
 
 if TYPE_CHECKING:  # the engine loads pydicom's tables and the recipes: only when a task needs it
     from sendit.deid import Deidentifier
@@ -43,6 +44,26 @@ def _deidentifier(
     from sendit.deid import build_deidentifier
 
     return build_deidentifier(secret_key, options, recipe, pixel_filter, site_filter=site, ocr=ocr)
+
+
+def store() -> Store | None:
+    """The object store originals are uploaded to (``STORAGE_URL``), or None: read in the input folder.
+    One per process and settings; a forked worker inherits it and makes its own connections."""
+    cfg = config()
+    if not cfg.STORAGE_URL:
+        return None
+    return _store(
+        cfg.STORAGE_URL,
+        cfg.S3_ENDPOINT_URL,
+        cfg.S3_REGION,
+        cfg.S3_ACCESS_KEY_ID,
+        cfg.S3_SECRET_ACCESS_KEY,
+    )
+
+
+@cache
+def _store(url: str, endpoint: str, region: str, key_id: str, secret: str) -> Store | None:
+    return open_store(url, endpoint_url=endpoint, region=region, access_key_id=key_id, secret_access_key=secret)
 
 
 @cache

@@ -8,6 +8,9 @@
 - **discard**: images in ERROR or QUARANTINED become SKIPPED with the reason "discarded by <user>";
   the quarantined file, the working copy and an original left in the input folder are deleted.
 
+With a storage bucket (STORAGE_URL) a quarantined original stays in the bucket under its key, so
+any host can act on it: release and retry check that it is there, discard deletes it.
+
 The dashboard's buttons, the review page, `sendit retry | release | discard` and the API's
 ``POST /api/series/<id>/<action>`` all call :func:`perform`, which checks the role
 (:mod:`sendit.relay.roles`): retry, release and retry now need the operator's permission, discard the
@@ -26,6 +29,7 @@ from typing import Any
 from sendit.relay import files, roles, runtime
 from sendit.relay.models import Event, Image, Series, Stage, Status
 from sendit.relay.transitions import move_images
+from sendit.storage import StoreError
 
 log = logging.getLogger("sendit.web.actions")
 
@@ -114,6 +118,8 @@ def quarantined_copy(image: Image) -> Path:
 
 def _restore(image: Image) -> str | None:
     """Put a quarantined original back for de-identification; returns a problem, or None when it is in place."""
+    if image.stored_key:
+        return _in_store(image)
     target = files.original(image.path)
     if target.exists():
         return None
@@ -128,8 +134,23 @@ def _restore(image: Image) -> str | None:
     return None
 
 
+def _in_store(image: Image) -> str | None:
+    """An original in the storage bucket needs no moving back: only to be there still."""
+    store = runtime.store()
+    if store is None:
+        return f"image #{image.pk}: its original is in a storage bucket, but STORAGE_URL is not set"
+    try:
+        return None if store.exists(image.stored_key) else f"image #{image.pk}: its original is gone from the bucket"
+    except StoreError as exc:
+        return f"image #{image.pk}: {exc}; try again"
+
+
 def _targets(series: Series, statuses: tuple[str, ...], image_ids: list[int] | None) -> list[Image]:
-    queryset = series.images.filter(status__in=statuses).only("id", "path", "status", "set_aside_at").order_by("id")
+    queryset = (
+        series.images.filter(status__in=statuses)
+        .only("id", "path", "status", "set_aside_at", "stored_key", "series_id")
+        .order_by("id")
+    )
     if image_ids is not None:
         queryset = queryset.filter(pk__in=image_ids)
     return list(queryset)
@@ -184,13 +205,22 @@ def discard(series: Series, user: Any, image_ids: list[int] | None = None) -> Ac
     discarded = set(
         series.images.filter(pk__in=[i.pk for i in images], status=Status.SKIPPED).values_list("pk", flat=True)
     )
+    store = runtime.store()
     for image in images:
         if image.pk not in discarded:
+            continue
+        files.working_copy(series.pk, image.pk).unlink(missing_ok=True)
+        if image.stored_key:  # the only copy is in the bucket; a file at its input path is a new arrival
+            try:
+                if store is None:
+                    raise StoreError("STORAGE_URL is not set")
+                store.delete(image.stored_key)
+            except StoreError as exc:  # SKIPPED already; retention deletes the object later
+                outcome.problems.append(f"image #{image.pk}: its original stays in the bucket for now ({exc})")
             continue
         if files.inside_input(image.path):
             quarantined_copy(image).unlink(missing_ok=True)
         files.remove_original(image.path)
-        files.working_copy(series.pk, image.pk).unlink(missing_ok=True)
     log.info("series #%s: %s image(s) discarded by user #%s", series.pk, outcome.changed, user.pk)
     return outcome
 

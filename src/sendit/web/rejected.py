@@ -176,7 +176,15 @@ def resolve(row: ReceivedFile, user: Any, winner: str) -> FileResult:
     if image.status in IN_FLIGHT:
         outcome.problems.append(f"image #{image.pk} is being processed; try again when it has finished")
         return outcome
-    if image.status in (Status.ERROR, Status.QUARANTINED):
+    if image.status in (Status.ERROR, Status.QUARANTINED) and image.stored_key:
+        problem = _into_store(image, source)
+        if problem:
+            outcome.problems.append(problem)
+            return outcome
+        if not _resolve(row, f"conflict resolved: this copy chosen by {user.get_username()}"):
+            return outcome
+        actions.perform("retry", image.series, user, [image.pk])
+    elif image.status in (Status.ERROR, Status.QUARANTINED):
         # this copy becomes the image's original, then the image is retried (the dashboard's Retry)
         target = Path(image.set_aside_at) if image.set_aside_at else files.original(image.path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +212,35 @@ def resolve(row: ReceivedFile, user: Any, winner: str) -> FileResult:
     outcome.changed = 1
     _event(row, user, "conflict resolved, this copy chosen")
     return outcome
+
+
+def _into_store(image: Image, source: Path) -> str | None:
+    """With a storage bucket: this copy becomes the image's original there, under its own SHA-256
+    (create-only), recorded on the image (naming the key it had: a person who acted since wins); the
+    old original's key and the local copy are removed. Returns a problem, or None."""
+    from sendit.relay import runtime
+    from sendit.storage import StoreError
+
+    store = runtime.store()
+    if store is None:
+        return f"image #{image.pk}: its original is in a storage bucket, but STORAGE_URL is not set"
+    digest = files.sha256_of(source)
+    key = files.original_key(digest)
+    try:
+        store.put_new(key, source, digest)
+    except StoreError as exc:
+        return f"image #{image.pk}: {exc}; try again"
+    moved = Image.objects.filter(pk=image.pk, stored_key=image.stored_key, status=image.status).update(
+        stored_key=key, sha256=digest, size=source.stat().st_size, set_aside_at=""
+    )
+    if not moved:
+        return f"image #{image.pk} changed meanwhile; look again"
+    try:
+        store.delete(image.stored_key)
+    except StoreError as exc:  # left behind in the bucket: logged, harmless (nothing refers to it)
+        log.warning("image #%s: its former original stays in the bucket (%s)", image.pk, exc)
+    source.unlink(missing_ok=True)
+    return None
 
 
 def perform(action: str, row: ReceivedFile, user: Any, winner: str = "") -> FileResult:

@@ -51,7 +51,7 @@ def _refuse(request: HttpRequest) -> HttpResponse | None:
 def _original(image: Image) -> tuple[Any, str]:
     """(data set, problem): the original read through files.read_original, or why it cannot be shown."""
     try:
-        return preview.read(files.read_original(image.path, image.set_aside_at)), ""
+        return preview.read(files.read_original(image.path, image.set_aside_at, image.stored_key)), ""
     except FileNotFoundError:
         return None, "the original is gone"
     except OSError as exc:
