@@ -1,17 +1,19 @@
-"""Many hosts (issue 13, item 6): Sendit worker hosts sharing one PostgreSQL, one Redis and one data
-folder, each in its own UTS and PID namespaces on this machine, with faults a fleet meets.
+"""Many hosts (issue 13, item 6): Sendit worker hosts sharing one PostgreSQL, one Redis and one S3
+bucket — no shared folder — each in its own UTS and PID namespaces on this machine, with faults a
+fleet meets.
 
 A "host" is ``unshare --uts --pid --fork --mount-proc`` running ``hostname <name>`` and then
 ``sendit worker`` as its namespace's first process, in a scratch folder of its own (its working
 directory, TMPDIR and log). The hosts share what :func:`hosts_environment` gives them: a fresh
 PostgreSQL database per test (made and dropped here), this run's Redis database, one ``SECRET_KEY``,
-the storage (today one shared ``DATA_DIR`` folder), and a real Orthanc of the test's own (Debian's
-server on loopback ports, tests/orthanc.py) as the destination. Series are put in with
-``sendit import`` as an operator would.
+a bucket on an S3 server on loopback (moto: a stand-in for a real object store, tests/s3.py) that
+holds the originals, and a real Orthanc of the test's own (Debian's server on loopback ports,
+tests/orthanc.py) as the destination; each host keeps its working copies in a DATA_DIR of its own.
+Series are put in with ``sendit import`` as an operator would, from a producer's folder no host sees.
 
 After each scenario the same promises are checked, from the database and from Orthanc itself: every
 image DONE exactly once, one Delivery row per image, Orthanc holds exactly the image count, no event
-moves an image out of DONE, and no original is left in the input folder.
+moves an image out of DONE, and no original is left in the input folder or in the bucket.
 
 Runs in the PostgreSQL + Redis pass (``-m db`` with DATABASE_URL and SENDIT_QUEUE_URL set); skipped
 on SQLite. Under CI=true a service that is not reachable, or ``unshare`` that cannot make namespaces
@@ -38,6 +40,7 @@ import pytest
 
 from tests import chaos
 from tests.orthanc import OrthancServer
+from tests.s3 import Bucket
 
 pytestmark = [pytest.mark.slow, pytest.mark.db]
 
@@ -142,21 +145,21 @@ def query(database: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
 
 
 def hosts_environment(
-    shared: Path, database: str, queue: str, orthanc: OrthancServer, **settings: object
+    data_dir: Path, database: str, queue: str, orthanc: OrthancServer, bucket: Bucket, **settings: object
 ) -> dict[str, str]:
     """What every host shares, as SENDIT_* variables — the one place to change what "shared" means.
 
-    Storage: today one DATA_DIR folder every host sees at the same path (originals in its input
-    folder, working copies in its work folder). When the object storage lands, point the hosts at the
-    bucket here (its storage keys and the S3 stand-in's endpoint) and keep DATA_DIR per host; the
-    scenarios and their checks stay as they are.
+    No shared folder: each host has a DATA_DIR of its own (``data_dir``: its scratch, for working
+    copies), and the originals are in the S3 bucket (the moto stand-in) that `sendit import` uploads
+    them to; the database, the queue, the key and the Orthanc are shared.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDIT_", "DJANGO_")) and k != "DATABASE_URL"}
     values: dict[str, object] = {
         "SECRET_KEY": SECRET_KEY,
         "DATABASE_URL": database,
         "QUEUE_URL": queue,
-        "DATA_DIR": shared,
+        "DATA_DIR": data_dir,
+        **bucket.settings,
         "OUTPUT_FOLDER": "off",
         "SEND_TO_ORTHANC": True,
         "ORTHANC_IPADDRESS": orthanc.host,
@@ -240,18 +243,20 @@ class Fleet:
     database: str
     queue: str
     orthanc: OrthancServer
-    shared: Path
+    shared: Path  # the producer's side: where series arrive and `sendit import` runs (not seen by the hosts)
+    bucket: Bucket
     hosts: list[Host] = field(default_factory=list)
 
-    def env(self, **settings: object) -> dict[str, str]:
-        return hosts_environment(self.shared, self.database, self.queue, self.orthanc, **settings)
+    def env(self, data_dir: Path | None = None, **settings: object) -> dict[str, str]:
+        data = data_dir or self.shared
+        return hosts_environment(data, self.database, self.queue, self.orthanc, self.bucket, **settings)
 
     def host(self, name: str, label: str | None = None, clock: tuple[str, ...] = (), **settings: object) -> Host:
         label = label or name
         host = Host(
             tmp_path=self.tmp_path / "hosts" / label,
             args=("worker",),
-            env=self.env(**settings),
+            env=self.env(self.tmp_path / "hosts" / label / "data", **settings),
             label=label,
             name=name,
             clock=clock,
@@ -291,16 +296,18 @@ def fleet(
     services: dict[str, str],
     tmp_path: Path,
     orthanc_factory: Callable[..., OrthancServer],
+    s3_bucket: Bucket,
     request: pytest.FixtureRequest,
 ) -> Iterator[Fleet]:
-    """A fresh database, this pass's Redis queue (emptied), a shared data folder and an Orthanc of its own."""
+    """A fresh database, this pass's Redis queue (emptied), a bucket on the S3 stand-in and an Orthanc
+    of its own."""
     chaos.clear_redis_queue(services["queue"])
     orthanc = orthanc_factory()
     shared = tmp_path / "shared"
     shared.mkdir()
     tag = request.node.name.removeprefix("test_")[:30].replace("-", "_")
     with fresh_database(services["database"], tag) as database:
-        fleet = Fleet(tmp_path, database, services["queue"], orthanc, shared)
+        fleet = Fleet(tmp_path, database, services["queue"], orthanc, shared, s3_bucket)
         try:
             yield fleet
         finally:
@@ -350,6 +357,9 @@ def promises_kept(fleet: Fleet, expected: int) -> list[str]:
     left = [p for p in (fleet.shared / "input").rglob("*") if p.is_file()]
     if left:
         problems.append(f"{len(left)} originals left in the input folder")
+    in_bucket = fleet.bucket.keys("originals/")
+    if in_bucket:
+        problems.append(f"{len(in_bucket)} originals left in the bucket")
     return problems
 
 
@@ -523,3 +533,24 @@ def test_one_host_with_a_skewed_clock(fleet: Fleet) -> None:
     assert_promises_kept(fleet, expected)
     hosts = [skewed, *others]
     assert not any(TAKEN_OVER in host.log_text() or LOST_LEASE in host.log_text() for host in hosts), fleet.logs()
+
+
+def test_the_bucket_unreachable_mid_run_then_back(fleet: Fleet) -> None:
+    """The S3 store cut off while three hosts work (the stand-in's gate closed), then back: series
+    wait and retry, nothing is lost or sent twice, and no original stays behind."""
+    hosts = [fleet.host(name) for name in ("host-a", "host-b", "host-c")]
+    for host in hosts:
+        host.start()
+    expected = fleet.load()
+    assert fleet.bucket.gate is not None
+    assert chaos.wait_until(lambda: any_done(fleet), 60), fleet.logs()
+    fleet.bucket.gate.close()
+    time.sleep(8)  # long enough for every host to meet the closed store at least once
+    fleet.bucket.gate.open()
+    wait_finished(fleet, expected, seconds=120)
+    assert_promises_kept(fleet, expected)
+
+
+def any_done(fleet: Fleet) -> bool:
+    rows = query(fleet.database, "SELECT count(*) FROM relay_image WHERE status = 'DONE'")
+    return bool(rows) and rows[0][0] > 0
