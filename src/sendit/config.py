@@ -276,6 +276,47 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("WEB_PORT", int, 8000, "Port of the web server of `sendit run`.", minimum=1, maximum=65535),
     Key("ALLOWED_HOSTS", str, "127.0.0.1,localhost", "Comma-separated host names the web server answers."),
+    # -- the C-STORE listener of `sendit run` (README, Receiving over DICOM) --
+    Key(
+        "LISTEN_PORT",
+        int,
+        0,
+        "DICOM port of the C-STORE listener started by `sendit run`; 0 = no listener.",
+        minimum=0,
+        maximum=65535,
+    ),
+    Key("LISTEN_HOST", str, "127.0.0.1", "Address the listener binds (0.0.0.0 = every interface)."),
+    Key("LISTEN_AET", str, "SENDIT", "The listener's AE title (the called AE title senders must use)."),
+    Key(
+        "ALLOWED_CALLERS",
+        str,
+        "",
+        "Comma list of calling AE titles the listener accepts, each optionally AET@host; any other is rejected.",
+    ),
+    Key(
+        "SERIES_IDLE_SECONDS",
+        int,
+        30,
+        "A received series is complete once none of its instances arrived for this long.",
+        minimum=1,
+        maximum=86400,
+    ),
+    Key("LISTEN_TLS_CERT", str, "", "PEM certificate (chain) for DICOM over TLS on the listener; empty = no TLS."),
+    Key("LISTEN_TLS_KEY", str, "", "PEM private key of LISTEN_TLS_CERT (if not in the same file)."),
+    Key("LISTEN_TLS_CA", str, "", "PEM CA bundle: when set, callers must present a certificate it signed."),
+    # -- the DICOMweb destination (docs/destinations.md) --
+    Key("DICOMWEB_URL", str, "", "DICOMweb base URL (STOW-RS to {url}/studies, QIDO-RS to verify); empty = off."),
+    Key("DICOMWEB_USERNAME", str, "", "Basic-auth user for DICOMWEB_URL."),
+    Key("DICOMWEB_PASSWORD", str, "", "Basic-auth password for DICOMWEB_URL.", secret=True),
+    Key("DICOMWEB_TOKEN", str, "", "Bearer token for DICOMWEB_URL (instead of a user and password).", secret=True),
+    Key(
+        "DICOMWEB_BATCH",
+        int,
+        20,
+        "Instances per STOW-RS request (one multipart/related body).",
+        minimum=1,
+        maximum=1000,
+    ),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 ALIASES = {alias: key.name for key in KEYS for alias in key.aliases}
@@ -419,6 +460,19 @@ class Config:
     HTTPS: bool
     WEB_PORT: int
     ALLOWED_HOSTS: str
+    LISTEN_PORT: int
+    LISTEN_HOST: str
+    LISTEN_AET: str
+    ALLOWED_CALLERS: str
+    SERIES_IDLE_SECONDS: int
+    LISTEN_TLS_CERT: str
+    LISTEN_TLS_KEY: str
+    LISTEN_TLS_CA: str
+    DICOMWEB_URL: str
+    DICOMWEB_USERNAME: str
+    DICOMWEB_PASSWORD: str
+    DICOMWEB_TOKEN: str
+    DICOMWEB_BATCH: int
     source: Path | None = field(default=None, kw_only=True)  # the file read, if any
 
     def __post_init__(self) -> None:
@@ -685,9 +739,14 @@ def _check_folders(values: dict[str, Any]) -> list[str]:
 
 def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
     problems: list[str] = _check_folders(values)
-    if values["OUTPUT_FOLDER"] is None and not values["SEND_TO_ORTHANC"] and not values["ORTHANC_URL"]:
+    if (
+        values["OUTPUT_FOLDER"] is None
+        and not values["SEND_TO_ORTHANC"]
+        and not values["ORTHANC_URL"]
+        and not values["DICOMWEB_URL"]
+    ):
         problems.append(
-            "OUTPUT_FOLDER: is off and no other destination is on (SEND_TO_ORTHANC, ORTHANC_URL);"
+            "OUTPUT_FOLDER: is off and no other destination is on (SEND_TO_ORTHANC, ORTHANC_URL, DICOMWEB_URL);"
             " images would be delivered nowhere"
         )
     if require_secret and len(values["SECRET_KEY"]) < 32:
@@ -706,6 +765,11 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
             problems.append(f"{name}: must start with one of {', '.join(s + '://' for s in schemes)}")
     if values["ORTHANC_URL"] and not values["ORTHANC_URL"].startswith(("http://", "https://")):
         problems.append("ORTHANC_URL: must start with http:// or https://")
+    problems.extend(_check_listener(values))
+    if values["DICOMWEB_URL"] and not values["DICOMWEB_URL"].startswith(("http://", "https://")):
+        problems.append("DICOMWEB_URL: must start with http:// or https://")
+    if values["DICOMWEB_TOKEN"] and values["DICOMWEB_USERNAME"]:
+        problems.append("DICOMWEB_TOKEN: set either a token or DICOMWEB_USERNAME/DICOMWEB_PASSWORD, not both")
     if values["DEIDENTIFY_RESTFUL"] and not values["IDENTIFIER_PROVIDER"]:
         from sendit.identifiers.dasher.settings import DasherSettings
 
@@ -721,6 +785,22 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
             problems.append(f"{name}: must be one of {', '.join(allowed)}, got {values[name]!r}")
     if values["RETRY_BASE_SECONDS"] > values["RETRY_CAP_SECONDS"]:
         problems.append("RETRY_BASE_SECONDS: must not exceed RETRY_CAP_SECONDS")
+    return problems
+
+
+def _check_listener(values: dict[str, Any]) -> list[str]:
+    """A listener needs callers to accept (else it would refuse everyone) and a complete TLS setting."""
+    from sendit.relay.callers import parse_callers
+
+    problems: list[str] = []
+    try:
+        callers = parse_callers(values["ALLOWED_CALLERS"])
+    except ValueError as exc:
+        return [f"ALLOWED_CALLERS: {exc}"]
+    if values["LISTEN_PORT"] and not callers:
+        problems.append("ALLOWED_CALLERS: LISTEN_PORT is set but no caller is allowed; name the senders' AE titles")
+    if (values["LISTEN_TLS_KEY"] or values["LISTEN_TLS_CA"]) and not values["LISTEN_TLS_CERT"]:
+        problems.append("LISTEN_TLS_CERT: LISTEN_TLS_KEY or LISTEN_TLS_CA is set but there is no certificate")
     return problems
 
 
