@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +103,8 @@ class Run:
     def kill(self) -> None:
         """SIGKILL to the run and everything it started (its own process group): a crash."""
         if self.process is not None:
-            try:
+            with suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.process.wait(timeout=30)
             self.process = None
 
@@ -114,10 +112,8 @@ class Run:
         if self.process is None:
             return
         self.process.send_signal(signal.SIGTERM)
-        try:
+        with suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            pass
         self.kill()  # whatever is left of its group
 
     def log(self) -> str:
