@@ -39,7 +39,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_orthanc import (  # noqa: E402
     STORESCU,
     finish_orthanc,
-    fresh_orthanc,
     generate,
     machine,
     step_rest,
@@ -47,7 +46,6 @@ from bench_orthanc import (  # noqa: E402
     timed,
 )
 from pydicom import dcmread  # noqa: E402
-
 from tests.orthanc import OrthancServer  # noqa: E402
 
 SECRET = "benchmark-secret-key-0123456789-abcdefghijklmnop"
@@ -155,11 +153,7 @@ def step_fsync_floor(paths: list[Path], work: Path) -> float:
 
 def dicomweb_orthanc(work: Path, name: str) -> OrthancServer:
     """A fresh Orthanc with the DICOMweb plugin (as tests/test_destination_dicomweb.py starts it)."""
-    from tests.orthanc import DICOMWEB_PLUGIN
-
-    return OrthancServer(
-        root=work / f"orthanc-{name}", plugins=[DICOMWEB_PLUGIN], extra_config={"DicomWeb": {"Enable": True}}
-    ).start()
+    return OrthancServer(root=work / f"orthanc-{name}", dicomweb=True).start()
 
 
 def step_stow(paths: list[Path], work: Path) -> float:
@@ -169,7 +163,7 @@ def step_stow(paths: list[Path], work: Path) -> float:
 
     server = dicomweb_orthanc(work, "stow")
     images = [outgoing(path, i) for i, path in enumerate(paths)]
-    destination = DicomWebDestination(f"{server.url}/dicom-web")
+    destination = DicomWebDestination(server.dicomweb_url)
     try:
         elapsed = timed(lambda: _all_delivered(destination.send(images)))
         by_series: dict[str, set[str]] = {}

@@ -317,6 +317,14 @@ KEYS: tuple[Key, ...] = (
         minimum=1,
         maximum=1000,
     ),
+    Key(
+        "DICOMWEB_TIMEOUT",
+        int,
+        60,
+        "Seconds to wait for each DICOMweb answer (the connect: at most 5 s).",
+        minimum=1,
+        maximum=3600,
+    ),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 ALIASES = {alias: key.name for key in KEYS for alias in key.aliases}
@@ -473,6 +481,7 @@ class Config:
     DICOMWEB_PASSWORD: str
     DICOMWEB_TOKEN: str
     DICOMWEB_BATCH: int
+    DICOMWEB_TIMEOUT: int
     source: Path | None = field(default=None, kw_only=True)  # the file read, if any
 
     def __post_init__(self) -> None:

@@ -89,4 +89,19 @@ def destinations() -> list[Destination]:
                 name="orthanc-rest",
             )
         )
+    if cfg.DICOMWEB_URL:
+        from sendit.destinations.dicomweb import DicomWebDestination
+
+        chosen.append(
+            DicomWebDestination(
+                cfg.DICOMWEB_URL,
+                username=cfg.DICOMWEB_USERNAME or None,
+                password=cfg.DICOMWEB_PASSWORD or None,
+                token=cfg.DICOMWEB_TOKEN or None,
+                batch=cfg.DICOMWEB_BATCH,
+                timeout=cfg.DICOMWEB_TIMEOUT,
+                connect_timeout=min(5.0, cfg.DICOMWEB_TIMEOUT),
+                name="dicomweb",
+            )
+        )
     return chosen
