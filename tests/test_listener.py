@@ -56,9 +56,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "c
 class Run:
     """A `sendit run` of one test: its folder, ports and database."""
 
-    def __init__(self, folder: Path, settings: dict[str, str]) -> None:
+    def __init__(self, folder: Path, settings: dict[str, str], port: int = 0) -> None:
         self.folder = folder
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.web_port = _free_port()
         self.settings = settings
         self.process: subprocess.Popen[bytes] | None = None
@@ -139,8 +139,8 @@ class Run:
 def sendit_listener(tmp_path: Path) -> Iterator[Callable[..., Run]]:
     runs: list[Run] = []
 
-    def make(folder: Path | None = None, **settings: Any) -> Run:
-        run = Run(folder or tmp_path, {k: str(v) for k, v in settings.items()})
+    def make(folder: Path | None = None, port: int = 0, **settings: Any) -> Run:
+        run = Run(folder or tmp_path, {k: str(v) for k, v in settings.items()}, port)
         runs.append(run)
         return run.start()
 
@@ -354,3 +354,40 @@ def test_a_listener_killed_mid_association_leaves_nothing_half_written(
     images = run.images()
     assert set(images) == set(by_uid)
     assert {status for status, _ in images.values()} == {"NEW"}
+
+
+# -- storage commitment ----------------------------------------------------------------------------
+
+
+def test_storage_commitment_against_orthanc_confirms_a_series(
+    tmp_path: Path, sendit_listener: Callable[..., Run], orthanc_factory: Callable[..., OrthancServer]
+) -> None:
+    """Orthanc (1.6+) answers N-ACTION and sends its N-EVENT-REPORT to Sendit's listener. This Orthanc
+    refuses C-FIND from Sendit, so the series can only be verified, and go DONE, by the commitment."""
+    _require_storescu()
+    port = _free_port()
+    sendit = {"AET": "SENDIT", "Host": "127.0.0.1", "Port": port, "AllowFind": False, "AllowStorageCommitment": True}
+    modalities = {"sendit": sendit, "storescu": ["STORESCU", "127.0.0.1", 104]}
+    orthanc = orthanc_factory(extra_config={"DicomModalities": modalities})
+    run = sendit_listener(
+        port=port,
+        ALLOWED_CALLERS="STORESCU, ORTHANC@127.0.0.1",
+        SERIES_IDLE_SECONDS=2,
+        SEND_TO_ORTHANC="true",
+        ORTHANC_PORT=orthanc.dicom_port,
+        OUTPUT_FOLDER="off",
+        STORAGE_COMMITMENT="true",
+        STORAGE_COMMITMENT_SECONDS=30,
+    )
+    files = ct_series(tmp_path / "series", 4)
+    out = subprocess.run(
+        [STORESCU, "-aet", "STORESCU", "-aec", "SENDIT", "127.0.0.1", str(run.port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: {s for s, _ in run.images().values()} == {"DONE"}, 120, "the series to go DONE\n" + run.log())
+    assert orthanc.count_instances() == 4
+    assert "storage commitment report: 4 committed, 0 failed" in run.log()
+    assert run.query("select count(*) from relay_commitmentreport") == [(0,)]  # read and dropped

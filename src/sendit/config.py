@@ -304,6 +304,20 @@ KEYS: tuple[Key, ...] = (
     Key("LISTEN_TLS_CERT", str, "", "PEM certificate (chain) for DICOM over TLS on the listener; empty = no TLS."),
     Key("LISTEN_TLS_KEY", str, "", "PEM private key of LISTEN_TLS_CERT (if not in the same file)."),
     Key("LISTEN_TLS_CA", str, "", "PEM CA bundle: when set, callers must present a certificate it signed."),
+    Key(
+        "STORAGE_COMMITMENT",
+        bool,
+        False,
+        "Verify DICOM deliveries by N-ACTION storage commitment (the report comes to the listener) instead of C-FIND.",
+    ),
+    Key(
+        "STORAGE_COMMITMENT_SECONDS",
+        int,
+        60,
+        "How long a worker waits for the peer's storage commitment report.",
+        minimum=1,
+        maximum=3600,
+    ),
     # -- the DICOMweb destination (docs/destinations.md) --
     Key("DICOMWEB_URL", str, "", "DICOMweb base URL (STOW-RS to {url}/studies, QIDO-RS to verify); empty = off."),
     Key("DICOMWEB_USERNAME", str, "", "Basic-auth user for DICOMWEB_URL."),
@@ -476,6 +490,8 @@ class Config:
     LISTEN_TLS_CERT: str
     LISTEN_TLS_KEY: str
     LISTEN_TLS_CA: str
+    STORAGE_COMMITMENT: bool
+    STORAGE_COMMITMENT_SECONDS: int
     DICOMWEB_URL: str
     DICOMWEB_USERNAME: str
     DICOMWEB_PASSWORD: str
@@ -808,6 +824,11 @@ def _check_listener(values: dict[str, Any]) -> list[str]:
         return [f"ALLOWED_CALLERS: {exc}"]
     if values["LISTEN_PORT"] and not callers:
         problems.append("ALLOWED_CALLERS: LISTEN_PORT is set but no caller is allowed; name the senders' AE titles")
+    if values["STORAGE_COMMITMENT"] and not (values["SEND_TO_ORTHANC"] and values["LISTEN_PORT"]):
+        problems.append(
+            "STORAGE_COMMITMENT: needs SEND_TO_ORTHANC (the DICOM destination it verifies) and LISTEN_PORT"
+            " (the peer sends its report to the listener)"
+        )
     if (values["LISTEN_TLS_KEY"] or values["LISTEN_TLS_CA"]) and not values["LISTEN_TLS_CERT"]:
         problems.append("LISTEN_TLS_CERT: LISTEN_TLS_KEY or LISTEN_TLS_CA is set but there is no certificate")
     return problems

@@ -31,7 +31,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from sendit.config import Config
-from sendit.relay import received
+from sendit.destinations.commitment import STORAGE_COMMITMENT_PUSH, parse_report
+from sendit.relay import commitments, received
 from sendit.relay.callers import addresses, parse_callers
 from sendit.relay.pipeline import is_no_space
 
@@ -40,6 +41,7 @@ log = logging.getLogger("sendit.listener")
 # PS3.4 Table B.2-1: 0xA7xx Refused: Out of Resources. Ours: which step failed.
 NOT_KEPT = 0xA700  # the instance could not be written (disk full, folder unwritable)
 NOT_RECORDED = 0xA701  # written, but the database did not record it
+PROCESSING_FAILURE = 0x0110  # PS3.7 C.4: a report we could not keep (the peer may send it again)
 CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3: not a DICOM data set we can read (kept in quarantine)
 SUCCESS = 0x0000
 
@@ -91,6 +93,8 @@ class Listener:
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.cfg.LISTEN_AET)
         ae.add_supported_context(Verification)
+        # the peer of a storage commitment request reports on an association of its own, in the SCP role
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
                 ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -108,6 +112,7 @@ class Listener:
             (evt.EVT_CONN_CLOSE, self._closed),
             (evt.EVT_C_ECHO, self._echo),
             (evt.EVT_C_STORE, self._store),
+            (evt.EVT_N_EVENT_REPORT, self._commitment_report),
         ]
         context = tls_context(self.cfg.LISTEN_TLS_CERT, self.cfg.LISTEN_TLS_KEY, self.cfg.LISTEN_TLS_CA)
         server = self.ae.start_server(
@@ -205,6 +210,18 @@ class Listener:
 
     def _echo(self, event: evt.Event) -> int:
         return SUCCESS
+
+    def _commitment_report(self, event: evt.Event) -> tuple[int, None]:
+        """A storage commitment report (PS3.4 J.3.3): kept for the worker that asked (sendit.relay.commitments)."""
+        try:
+            report = parse_report(event.event_information)
+            commitments.record(report)
+        except Exception as exc:
+            log.error("a storage commitment report could not be kept (%s)", type(exc).__name__)
+            connection.close()
+            return PROCESSING_FAILURE, None
+        log.info("storage commitment report: %s committed, %s failed", len(report.committed), len(report.failed))
+        return SUCCESS, None
 
     def _store(self, event: evt.Event) -> int | Dataset:
         """1. Keep the instance (durable). 2. Record it. 3. Track its series. Then answer."""

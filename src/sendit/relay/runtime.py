@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from sendit.identifiers.local import LocalProvider
 if TYPE_CHECKING:  # the engine loads pydicom's tables and the recipes: only when a task needs it
     from sendit.deid import Deidentifier
     from sendit.deid.ocr import OcrSettings
+    from sendit.destinations.commitment import CommitmentReport
 
 
 def config() -> Config:
@@ -53,6 +55,13 @@ def identifier_provider() -> IdentifierProvider:
     return LocalProvider(cfg.SECRET_KEY, cfg.DATE_SHIFT_MIN_DAYS, cfg.DATE_SHIFT_MAX_DAYS)
 
 
+def _commitment_waiter() -> Callable[[str, float], CommitmentReport | None]:
+    """Storage commitment reports reach the listener; the worker waits for its own in the database."""
+    from sendit.relay.commitments import wait_for
+
+    return wait_for
+
+
 def destinations() -> list[Destination]:
     """Fresh adapters for one task; the caller closes them (they may hold associations)."""
     cfg = config()
@@ -74,6 +83,8 @@ def destinations() -> list[Destination]:
                 dimse_timeout=cfg.ORTHANC_TIMEOUT,
                 network_timeout=cfg.ORTHANC_TIMEOUT,
                 name="orthanc-dicom",
+                commitment=_commitment_waiter() if cfg.STORAGE_COMMITMENT else None,
+                commitment_seconds=cfg.STORAGE_COMMITMENT_SECONDS,
             )
         )
     if cfg.ORTHANC_URL:
