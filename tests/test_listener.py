@@ -56,8 +56,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "c
 class Run:
     """A `sendit run` of one test: its folder, ports and database."""
 
-    def __init__(self, folder: Path, settings: dict[str, str], port: int = 0) -> None:
+    def __init__(self, folder: Path, settings: dict[str, str], port: int = 0, check_echo: bool = True) -> None:
         self.folder = folder
+        self.check_echo = check_echo
         self.port = port or _free_port()
         self.web_port = _free_port()
         self.settings = settings
@@ -73,6 +74,7 @@ class Run:
 
     def start(self) -> Run:
         self.write_config()
+        ready = self.echo if self.check_echo else self.listening
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SENDIT_", "DJANGO_")) and k != "DATABASE_URL"}
         env["SENDIT_CONFIG"] = str(self.folder / "sendit.toml")
         with (self.folder / "run.log").open("ab") as log:
@@ -85,9 +87,16 @@ class Run:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for(lambda: self.echo() or self.process is None or self.process.poll() is not None, 60, "the listener")
+        wait_for(lambda: ready() or self.process is None or self.process.poll() is not None, 60, "the listener")
         assert self.process.poll() is None, self.log()
         return self
+
+    def listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
 
     def echo(self) -> bool:
         caller = self.settings.get("ALLOWED_CALLERS", "PYSENDER").split(",")[0].split("@")[0].strip()
@@ -139,8 +148,8 @@ class Run:
 def sendit_listener(tmp_path: Path) -> Iterator[Callable[..., Run]]:
     runs: list[Run] = []
 
-    def make(folder: Path | None = None, port: int = 0, **settings: Any) -> Run:
-        run = Run(folder or tmp_path, {k: str(v) for k, v in settings.items()}, port)
+    def make(folder: Path | None = None, port: int = 0, check_echo: bool = True, **settings: Any) -> Run:
+        run = Run(folder or tmp_path, {k: str(v) for k, v in settings.items()}, port, check_echo)
         runs.append(run)
         return run.start()
 
@@ -391,3 +400,98 @@ def test_storage_commitment_against_orthanc_confirms_a_series(
     assert orthanc.count_instances() == 4
     assert "storage commitment report: 4 committed, 0 failed" in run.log()
     assert run.query("select count(*) from relay_commitmentreport") == [(0,)]  # read and dropped
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    if not shutil.which("openssl"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("openssl is not installed")
+        pytest.skip("openssl is not installed")
+    folder.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+    )
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        (folder / f"{name}.ext").write_text(extra + "\n")
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return {name: folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_tls_with_client_certificates(tmp_path: Path, sendit_listener: Callable[..., Run]) -> None:
+    """LISTEN_TLS_*: a caller with a certificate from LISTEN_TLS_CA stores over TLS; one without
+    cannot even associate."""
+    import ssl
+
+    certs = _certificates(tmp_path / "certs")
+    run = sendit_listener(
+        ALLOWED_CALLERS="PYSENDER",
+        SERIES_IDLE_SECONDS=3600,
+        LISTEN_TLS_CERT=certs["server.pem"],
+        LISTEN_TLS_KEY=certs["server.key"],
+        LISTEN_TLS_CA=certs["ca.pem"],
+        check_echo=False,
+    )
+
+    def sender(with_certificate: bool) -> Any:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certs["ca.pem"]))
+        if with_certificate:
+            context.load_cert_chain(str(certs["client.pem"]), str(certs["client.key"]))
+        ae = AE(ae_title="PYSENDER")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        return ae.associate("127.0.0.1", run.port, ae_title="SENDIT", tls_args=(context, "127.0.0.1"))
+
+    files = ct_series(tmp_path / "series", 2)
+    assoc = sender(with_certificate=True)
+    assert assoc.is_established
+    assert [int(assoc.send_c_store(path).Status) for path in files] == [0, 0]
+    assoc.release()
+    assert set(run.images()) == {sop_uid(f) for f in files}
+    assert not sender(with_certificate=False).is_established
