@@ -78,3 +78,21 @@ def test_allowed_callers_are_parsed_and_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ALLOWED_CALLERS: LISTEN_PORT is set but no caller is allowed"):
         load_config(None, env=env)
     assert load_config(None, env={**env, "SENDIT_ALLOWED_CALLERS": "CT1"}).LISTEN_PORT == 11112
+
+
+def test_check_says_when_the_listener_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    from sendit.checks import listen_port_finding
+
+    env = {"SENDIT_SECRET_KEY": "k" * 40, "SENDIT_DATA_DIR": str(tmp_path), "SENDIT_ALLOWED_CALLERS": "CT1"}
+    assert listen_port_finding(load_config(None, env=env)) is None  # no listener configured
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        finding = listen_port_finding(load_config(None, env={**env, "SENDIT_LISTEN_PORT": str(port)}))
+        assert finding is not None and not finding.ok
+        assert finding.line.startswith(f"LISTEN_PORT: cannot listen on 127.0.0.1:{port}")
+    finding = listen_port_finding(load_config(None, env={**env, "SENDIT_LISTEN_PORT": str(port)}))
+    assert finding is not None and finding.ok

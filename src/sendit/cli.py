@@ -16,6 +16,7 @@ from sendit.checks import (
     database_finding,
     folder_findings,
     identifier_findings,
+    listen_port_finding,
     os_reason,
     queue_finding,
     unavailable,
@@ -107,7 +108,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("  (database, queue, identifier service and destinations: checked once every folder is writable)")
         return EXIT_CONFIGURATION
     _django(migrate=False)
-    findings = [web_port_finding(cfg), database_finding(cfg), queue_finding(cfg), *identifier_findings(cfg)]
+    listening = listen_port_finding(cfg)
+    findings = [web_port_finding(cfg), *([listening] if listening else [])]
+    findings += [database_finding(cfg), queue_finding(cfg), *identifier_findings(cfg)]
     for finding in findings:
         print(f"  [{'ok' if finding.ok else 'FAIL'}] {finding.line}")
     codes = {finding.code for finding in findings if not finding.ok}

@@ -1,10 +1,12 @@
-"""ALLOWED_CALLERS: who may call the listener. No Django here: the configuration checks it at load."""
+"""Who may call the listener (ALLOWED_CALLERS) and over what (TLS). No Django here: the configuration
+and `sendit check` use it before Django is set up."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 
 log = logging.getLogger("sendit.listener")
@@ -49,3 +51,15 @@ def addresses(host: str) -> frozenset[str]:
     except OSError:
         log.warning("ALLOWED_CALLERS: host %s cannot be resolved; its caller is refused until it can", host)
         return frozenset()
+
+
+def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext | None:
+    """Server TLS from LISTEN_TLS_CERT/KEY; with LISTEN_TLS_CA every caller must show a certificate it signed."""
+    if not cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key or None)
+    if ca:
+        context.load_verify_locations(cafile=ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

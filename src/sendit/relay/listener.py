@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,7 +32,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sendit.config import Config
 from sendit.destinations.commitment import STORAGE_COMMITMENT_PUSH, parse_report
 from sendit.relay import commitments, received
-from sendit.relay.callers import addresses, parse_callers
+from sendit.relay.callers import addresses, parse_callers, tls_context
 from sendit.relay.pipeline import is_no_space
 
 log = logging.getLogger("sendit.listener")
@@ -50,18 +49,6 @@ _REJECT_CALLER = (0x01, 0x01, 0x03)
 
 #: a series' hold in the database is refreshed at most this often per series (seconds)
 HOLD_REFRESH_SECONDS = 1.0
-
-
-def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext | None:
-    """Server TLS from LISTEN_TLS_CERT/KEY; with LISTEN_TLS_CA every caller must show a certificate it signed."""
-    if not cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key or None)
-    if ca:
-        context.load_verify_locations(cafile=ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def _status(code: int, comment: str = "") -> Dataset:
