@@ -200,3 +200,100 @@ def test_a_stow_rs_failure_ends_in_error_with_words(
     assert failed.reason.startswith("dicomweb: ")
     assert "did not report this instance as stored" in failed.reason
     assert statuses() == {Status.DONE: 1, Status.ERROR: 1}
+
+
+# -- Google's Cloud Healthcare API: a service account's tokens ----------------------------------
+
+
+class _GoogleStandIn:
+    """A stand-in on loopback for Google's OAuth token endpoint and a DICOMweb store that wants a
+    bearer token (no Google service can be reached from tests): it hands out tokens for a signed JWT
+    assertion and records the Authorization header of each search; ``refuse`` makes it answer 401
+    to the token it names."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        self.tokens: list[str] = []
+        self.seen: list[str] = []
+        self.refuse = ""
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                return None
+
+            def _answer(self, code: int, body: bytes, kind: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                form = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                assert "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer" in form
+                stand_in.tokens.append(f"test-token-{len(stand_in.tokens) + 1}")
+                token = {"access_token": stand_in.tokens[-1], "expires_in": 3600, "token_type": "Bearer"}
+                self._answer(200, json.dumps(token).encode(), "application/json")
+
+            def do_GET(self) -> None:  # noqa: N802
+                header = self.headers.get("Authorization", "")
+                stand_in.seen.append(header)
+                if not header.startswith("Bearer ") or header == f"Bearer {stand_in.refuse}":
+                    self._answer(401, b"", "text/plain")
+                    return
+                self._answer(200, b"[]", "application/dicom+json")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_google_service_account_gets_a_token_and_a_new_one_after_a_401(tmp_path: Path) -> None:
+    import json
+
+    pytest.importorskip("google.oauth2.service_account")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    stand_in = _GoogleStandIn()
+    try:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        account = tmp_path / "service-account.json"
+        account.write_text(
+            json.dumps(
+                {
+                    "type": "service_account",
+                    "project_id": "test",
+                    "private_key_id": "k1",
+                    "private_key": pem,
+                    "client_email": "sendit@test.iam.gserviceaccount.com",
+                    "client_id": "1",
+                    "token_uri": f"{stand_in.url}/token",
+                }
+            )
+        )
+        dest = DicomWebDestination(f"{stand_in.url}/dicomWeb", google_credentials=str(account), timeout=10)
+        try:
+            assert dest.check() is None
+            assert dest.check() is None  # the token is kept while valid
+            assert stand_in.tokens == ["test-token-1"]
+            stand_in.refuse = "test-token-1"  # revoked: the server answers 401
+            assert dest.check() is None
+        finally:
+            dest.close()
+        assert stand_in.tokens == ["test-token-1", "test-token-2"]
+        assert stand_in.seen == ["Bearer test-token-1"] * 3 + ["Bearer test-token-2"]
+    finally:
+        stand_in.stop()

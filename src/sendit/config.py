@@ -324,6 +324,12 @@ KEYS: tuple[Key, ...] = (
     Key("DICOMWEB_PASSWORD", str, "", "Basic-auth password for DICOMWEB_URL.", secret=True),
     Key("DICOMWEB_TOKEN", str, "", "Bearer token for DICOMWEB_URL (instead of a user and password).", secret=True),
     Key(
+        "DICOMWEB_GOOGLE_CREDENTIALS",
+        str,
+        "",
+        "Service-account JSON for Google's Cloud Healthcare API: tokens from google-auth (sendit[google]).",
+    ),
+    Key(
         "DICOMWEB_BATCH",
         int,
         20,
@@ -496,6 +502,7 @@ class Config:
     DICOMWEB_USERNAME: str
     DICOMWEB_PASSWORD: str
     DICOMWEB_TOKEN: str
+    DICOMWEB_GOOGLE_CREDENTIALS: str
     DICOMWEB_BATCH: int
     DICOMWEB_TIMEOUT: int
     source: Path | None = field(default=None, kw_only=True)  # the file read, if any
@@ -793,8 +800,9 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
     problems.extend(_check_listener(values))
     if values["DICOMWEB_URL"] and not values["DICOMWEB_URL"].startswith(("http://", "https://")):
         problems.append("DICOMWEB_URL: must start with http:// or https://")
-    if values["DICOMWEB_TOKEN"] and values["DICOMWEB_USERNAME"]:
-        problems.append("DICOMWEB_TOKEN: set either a token or DICOMWEB_USERNAME/DICOMWEB_PASSWORD, not both")
+    chosen = [name for name in ("DICOMWEB_TOKEN", "DICOMWEB_USERNAME", "DICOMWEB_GOOGLE_CREDENTIALS") if values[name]]
+    if len(chosen) > 1:
+        problems.append(f"{chosen[0]}: set one way to log in to DICOMWEB_URL, not {' and '.join(chosen)}")
     if values["DEIDENTIFY_RESTFUL"] and not values["IDENTIFIER_PROVIDER"]:
         from sendit.identifiers.dasher.settings import DasherSettings
 

@@ -23,6 +23,7 @@ Raises ``DestinationError`` only when the destination as a whole fails, as the o
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,71 @@ class BearerToken(httpx.Auth):
         yield request
 
 
+class GoogleServiceAccount(httpx.Auth):
+    """Bearer tokens of a Google service account (the Cloud Healthcare API's DICOMweb), from
+    google-auth (``pip install 'sendit[google]'``): fetched when first needed, renewed before they
+    expire, and once more when the server answers 401."""
+
+    SCOPES = ("https://www.googleapis.com/auth/cloud-healthcare",)
+
+    def __init__(self, credentials_file: str, timeout: float = 30.0) -> None:
+        try:
+            from google.oauth2 import service_account
+        except ImportError as exc:  # an optional dependency
+            raise DestinationError(
+                "DICOMWEB_GOOGLE_CREDENTIALS needs google-auth: pip install 'sendit[google]'", retryable=False
+            ) from exc
+        self._credentials = service_account.Credentials.from_service_account_file(credentials_file, scopes=self.SCOPES)
+        self._timeout = timeout
+        self._lock = threading.Lock()
+
+    def _token(self, renew: bool = False) -> str:
+        with self._lock:
+            if renew or not self._credentials.valid:
+                self._credentials.refresh(_GoogleTransport(self._timeout))
+            return str(self._credentials.token)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._token()}"
+        response = yield request
+        if response.status_code == 401:  # revoked or expired early: one new token, one more try
+            request.headers["Authorization"] = f"Bearer {self._token(renew=True)}"
+            yield request
+
+
+class _GoogleResponse:
+    """google.auth.transport.Response over an httpx answer."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status = response.status_code
+        self.headers = dict(response.headers)
+        self.data = response.content
+
+
+class _GoogleTransport:
+    """google.auth.transport.Request with httpx (no second HTTP library for one token request)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> _GoogleResponse:
+        from google.auth.exceptions import TransportError
+
+        try:
+            with httpx.Client(timeout=timeout or self.timeout) as client:
+                return _GoogleResponse(client.request(method, url, content=body, headers=headers))
+        except httpx.HTTPError as exc:
+            raise TransportError(f"token request failed ({type(exc).__name__})") from None
+
+
 class DicomWebDestination:
     """STOW-RS batches over ``concurrency`` connections; QIDO-RS per series to verify."""
 
@@ -78,6 +144,7 @@ class DicomWebDestination:
         username: str | None = None,
         password: str | None = None,
         token: str | None = None,
+        google_credentials: str | None = None,
         batch: int = 20,
         concurrency: int = 4,
         timeout: float = 60.0,
@@ -94,7 +161,9 @@ class DicomWebDestination:
         self.name = name or f"dicomweb:{self.where}"
         self._timeout = timeout
         auth: httpx.Auth | None = None
-        if token:
+        if google_credentials:
+            auth = GoogleServiceAccount(google_credentials, timeout=timeout)
+        elif token:
             auth = BearerToken(token)
         elif username:
             auth = httpx.BasicAuth(username, password or "")
@@ -161,6 +230,8 @@ class DicomWebDestination:
             return f"{where}: no answer to a QIDO-RS search within {self._timeout:g} s"
         except httpx.TransportError as exc:
             return f"cannot reach {where}: {str(exc)[:200] or type(exc).__name__}"
+        except Exception as exc:  # the credentials' own token request (google-auth's RefreshError)
+            return f"{where}: no token for the service account ({type(exc).__name__})"
         if response.status_code in (401, 403):
             return (
                 f"{where} refused our credentials (HTTP {response.status_code}):"

@@ -109,6 +109,7 @@ def destinations() -> list[Destination]:
                 username=cfg.DICOMWEB_USERNAME or None,
                 password=cfg.DICOMWEB_PASSWORD or None,
                 token=cfg.DICOMWEB_TOKEN or None,
+                google_credentials=cfg.DICOMWEB_GOOGLE_CREDENTIALS or None,
                 batch=cfg.DICOMWEB_BATCH,
                 timeout=cfg.DICOMWEB_TIMEOUT,
                 connect_timeout=min(5.0, cfg.DICOMWEB_TIMEOUT),
