@@ -2,8 +2,8 @@
 # Developer set-up (idempotent), used by scripts/test.sh: the Debian packages the tests talk to
 # (Orthanc and its DICOMweb plugin, DCMTK, dicom3tools, Chromium, tesseract-ocr, faketime) when we are root,
 # then .venv with Sendit in editable mode and its development tools. It never stops or reconfigures a service:
-# the tests start their own
-# Orthanc on free loopback ports, so a system Orthanc (maybe the site's PACS) is left as it is.
+# the tests start their own Orthanc on free loopback ports, so a system Orthanc (maybe the site's PACS) is
+# left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
