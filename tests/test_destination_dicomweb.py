@@ -129,6 +129,22 @@ def test_a_file_the_server_cannot_parse_fails_alone_and_for_good(
     assert results[1].permanent and "HTTP 400" in results[1].message
 
 
+def test_a_wrong_url_fails_the_destination_not_the_images(dicomweb_orthanc: OrthancServer, tmp_path: Path) -> None:
+    """Orthanc's REST root instead of its DICOMweb root: HTTP 405 for every request. That is the
+    configuration's fault: retryable for the batch, never a permanent failure of the images."""
+    from sendit.destinations.base import DestinationError
+
+    images = make_series(tmp_path, 3)
+    dest = DicomWebDestination(dicomweb_orthanc.url, timeout=15)
+    try:
+        with pytest.raises(DestinationError) as failure:
+            dest.send(images)
+    finally:
+        dest.close()
+    assert failure.value.retryable
+    assert "HTTP 405 Method Not Allowed (is DICOMWEB_URL the DICOMweb root?)" in str(failure.value)
+
+
 def test_failure_reasons_map_like_dimse_statuses() -> None:
     """The Failure Reason is a DIMSE status: the same table says retryable or permanent, in the same words."""
     image = OutgoingImage(

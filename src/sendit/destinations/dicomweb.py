@@ -14,9 +14,10 @@ as for C-STORE. An instance the server mentions in neither was not stored (Ortha
 out an instance its Lua filter refused): a retryable failure that says so.
 
 Whole-request answers: 5xx, 408, 429, time-outs and dropped connections are retryable failures of
-the request's images; 401/403 fail the destination (the credentials). Another 4xx (Orthanc: 400 for
-a file it cannot parse) gives the instances it names their result; one it does not name is sent
-again alone, so one bad file never fails its siblings, and refused alone it fails for good.
+the request's images; 401/403 (the credentials) and 404/405/406/415 (not a STOW-RS endpoint) fail
+the destination, not the images. Another 4xx (Orthanc: 400 for a file it cannot parse) gives the
+instances it names their result; one it does not name is sent again alone, so one bad file never
+fails its siblings, and refused alone it fails for good.
 Raises ``DestinationError`` only when the destination as a whole fails, as the other adapters do.
 """
 
@@ -290,8 +291,15 @@ class DicomWebDestination:
             attempts.update({i.image_id: _Attempt(_failed(i, False, reason), batch_reason=reason) for i in sent})
             return attempts
         code = response.status_code
-        if code in (401, 403):
-            reason = _http_reason(response)
+        if code in (
+            401,
+            403,
+            404,
+            405,
+            406,
+            415,
+        ):  # the credentials, or not a STOW-RS endpoint: the destination's fault
+            reason = _http_reason(response) + ("" if code in (401, 403) else " (is DICOMWEB_URL the DICOMweb root?)")
             attempts.update({i.image_id: _Attempt(_failed(i, False, reason, code), batch_reason=reason) for i in sent})
             return attempts
         answer = _json(response)
