@@ -140,7 +140,7 @@ class Run:
         }
 
     def received_files(self) -> list[str]:
-        folder = self.input / ".sendit-received"
+        folder = self.input / ".sendit-received" / socket.gethostname()
         return sorted(os.listdir(folder)) if folder.is_dir() else []
 
 
@@ -357,7 +357,7 @@ def test_a_listener_killed_mid_association_leaves_nothing_half_written(
     run.start()
     assert not any(name.endswith(".part") for name in run.received_files())
     assert sorted(p for _, (_, p) in run.images().items()) == sorted(
-        f".sendit-received/{name}" for name in run.received_files()
+        f".sendit-received/{socket.gethostname()}/{name}" for name in run.received_files()
     )
     assert send(run.port, failed) == [0] * len(failed)
     images = run.images()

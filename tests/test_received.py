@@ -7,6 +7,7 @@ same through a real `sendit run` and real senders.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,13 @@ def arrive(folder: Path, series_uid: str) -> Path:
 def test_a_kept_instance_is_recorded_like_a_file_of_the_folder(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
     series_uid = generate_uid()
     path = arrive(tmp_path, series_uid)
-    assert path.parent == sendit_dirs["INPUT_FOLDER"] / ".sendit-received"
+    assert path.parent == sendit_dirs["INPUT_FOLDER"] / ".sendit-received" / socket.gethostname()
     assert not any(name.endswith(".part") for name in os.listdir(path.parent))
     report = received.record(path)
     image = Image.objects.get()
     assert report.images == 1 and image.status == Status.NEW
-    assert image.path == f".sendit-received/{path.name}"  # relative to the input folder, a random name
+    # relative to the input folder, a random name in this host's folder
+    assert image.path == f".sendit-received/{socket.gethostname()}/{path.name}"
     assert image.series.series_uid == series_uid
 
 
@@ -57,8 +59,20 @@ def test_recover_removes_partial_files_and_records_complete_ones(sendit_dirs: di
     report = received.recover()
     assert not partial.exists()
     assert report.images == 1
-    assert Image.objects.get().path == f".sendit-received/{complete.name}"
+    assert Image.objects.get().path == f".sendit-received/{socket.gethostname()}/{complete.name}"
     assert received.recover().images == 0  # recorded once
+
+
+def test_recover_leaves_another_hosts_files_alone(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A shared input folder (many hosts): what another host's listener is writing is its own."""
+    other = sendit_dirs["INPUT_FOLDER"] / ".sendit-received" / "another-host"
+    other.mkdir(parents=True)
+    partial = other / ".0123456789abcdef.part"
+    partial.write_bytes(b"half an instance")
+    complete = other / "fedcba9876543210.dcm"
+    complete.write_bytes(write_ct(tmp_path / "c.dcm", series_uid=generate_uid()).read_bytes())
+    assert received.recover().images == 0
+    assert partial.exists() and complete.exists() and not Image.objects.exists()
 
 
 def test_a_duplicate_arrival_is_skipped_and_moved_out(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:

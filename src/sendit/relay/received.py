@@ -1,8 +1,9 @@
 """Instances that arrive over the network (the C-STORE listener): made durable, recorded, held until
 their series is idle.
 
-An instance is written under a hidden folder of the input folder (``.sendit-received``, which the
-watcher never reads: hidden names are skipped), first to a hidden temporary name, fsynced, then
+An instance is written under a hidden folder of the input folder (``.sendit-received/<host>``,
+which the watcher never reads: hidden names are skipped; one folder per host, so that with a shared
+input folder each listener recovers only what it wrote itself), first to a hidden temporary name, fsynced, then
 renamed to its final name and the folder fsynced (:func:`make_durable`, the one place that decides
 where and how an arriving instance is kept). It is then recorded as an Image exactly as a file of
 the input folder is (:func:`sendit.relay.ingest.ingest_new_files`): duplicates and conflicts behave
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import uuid
 from collections import Counter
 from datetime import timedelta
@@ -42,7 +45,9 @@ PART_SUFFIX = ".part"
 
 
 def received_folder() -> Path:
-    return Path(config().INPUT_FOLDER) / RECEIVED_FOLDER
+    """This host's folder: with a shared input folder (many hosts), each listener recovers only its own."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+    return Path(config().INPUT_FOLDER) / RECEIVED_FOLDER / host
 
 
 def make_durable(data: bytes) -> Path:
@@ -56,7 +61,9 @@ def make_durable(data: bytes) -> Path:
     behind. This is the one function to change to keep instances elsewhere (a storage bucket).
     """
     folder = received_folder()
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        _fsync_folder(folder.parent)
     name = uuid.uuid4().hex
     temporary = folder / f".{name}{PART_SUFFIX}"
     final = folder / f"{name}.dcm"
