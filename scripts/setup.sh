@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Developer set-up (idempotent), used by scripts/test.sh: the Debian packages the tests talk to
-# (Orthanc, DCMTK, dicom3tools, Chromium, tesseract-ocr, faketime) when we are root, then .venv with Sendit
-# in editable mode and its development tools. It never stops or reconfigures a service: the tests start their own
-# Orthanc on free loopback ports, so a system Orthanc (maybe the site's PACS) is left as it is.
+# (Orthanc and its DICOMweb plugin, DCMTK, dicom3tools, Chromium, tesseract-ocr, faketime) when we are root,
+# then .venv with Sendit in editable mode and its development tools. It never stops or reconfigures a service:
+# the tests start their own Orthanc on free loopback ports, so a system Orthanc (maybe the site's PACS) is
+# left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ need_apt=()
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v tesseract >/dev/null 2>&1 || need_apt+=(tesseract-ocr)
 command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)  # tests/test_many_hosts.py: a host's skewed clock

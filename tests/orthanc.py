@@ -5,7 +5,8 @@ Fixtures (register with ``pytest_plugins = ["tests.orthanc"]`` in tests/conftest
 * ``orthanc_server`` — one shared, session-wide Orthanc with the default settings below. Tests that
   share it must use fresh UIDs and count per series, never globally.
 * ``orthanc_factory`` — ``orthanc_factory(**options)`` starts another Orthanc with its own storage,
-  e.g. ``check_called_aet=True, aet="OTHER"``, ``accepted_transfer_syntaxes=[...]``,
+  e.g. ``check_called_aet=True, aet="OTHER"``, ``dicomweb=True`` (the DICOMweb plugin at
+  ``server.dicomweb_url``), ``accepted_transfer_syntaxes=[...]``,
   ``lua=lua_error_on_modality("XX")`` (a C-STORE of such an image answers 0xA700, a REST upload
   HTTP 500), ``users={"u": "p"}``. Every server it made is stopped at the end of the session.
 
@@ -49,6 +50,8 @@ from sendit.destinations.base import OutgoingImage
 
 ORTHANC_BIN = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DEFAULT_KNOWN_AETS: tuple[str, ...] = ("SENDIT", "FINDSCU", "STORESCU", "ECHOSCU", "GETSCU")
+#: Debian's orthanc-dicomweb (`dpkg -L orthanc-dicomweb`); load it with ``dicomweb=True``
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
@@ -89,6 +92,7 @@ class OrthancServer:
     accepted_transfer_syntaxes: list[str] | None = None
     unknown_sop_class_accepted: bool = False
     lua: str | None = None
+    dicomweb: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
     http_port: int = 0
     dicom_port: int = 0
@@ -106,6 +110,10 @@ class OrthancServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     @property
     def auth(self) -> tuple[str, str] | None:
@@ -160,6 +168,9 @@ class OrthancServer:
             cfg |= {"DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True}
         if self.accepted_transfer_syntaxes is not None:
             cfg["AcceptedTransferSyntaxes"] = list(self.accepted_transfer_syntaxes)
+        if self.dicomweb:
+            cfg["Plugins"] = [DICOMWEB_PLUGIN]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         if self.lua:
             script = self.root / "filter.lua"
             script.write_text(self.lua)
@@ -370,6 +381,15 @@ def dataset_part(data: bytes) -> bytes:
 def _require_orthanc() -> None:
     if not os.access(ORTHANC_BIN, os.X_OK):
         message = f"Orthanc is not installed ({ORTHANC_BIN}); apt-get install orthanc"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def require_dicomweb_plugin() -> None:
+    """Orthanc's DICOMweb plugin (Debian orthanc-dicomweb, installed by scripts/setup.sh)."""
+    if not os.path.exists(DICOMWEB_PLUGIN):
+        message = f"Orthanc's DICOMweb plugin is not installed ({DICOMWEB_PLUGIN}); apt-get install orthanc-dicomweb"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)

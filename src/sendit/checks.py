@@ -125,6 +125,33 @@ def web_port_finding(cfg: Config) -> Finding:
     return Finding(True, f"WEB_PORT {where} is free")
 
 
+def listen_port_finding(cfg: Config) -> Finding | None:
+    """Could `sendit run` start its DICOM listener (LISTEN_PORT free, the TLS files loadable)? None
+    when no listener is configured. Taken while this installation's web server answers: fine."""
+    import errno
+    import socket
+    import ssl
+
+    from sendit.relay.callers import tls_context
+
+    if not cfg.LISTEN_PORT:
+        return None
+    where = f"{cfg.LISTEN_HOST}:{cfg.LISTEN_PORT}"
+    try:
+        tls_context(cfg.LISTEN_TLS_CERT, cfg.LISTEN_TLS_KEY, cfg.LISTEN_TLS_CA)
+    except (OSError, ssl.SSLError) as exc:
+        return Finding(False, f"LISTEN_TLS_CERT/KEY/CA: cannot load: {os_reason(exc)}", EXIT_CONFIGURATION)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pynetdicom's server does
+        try:
+            sock.bind((cfg.LISTEN_HOST, cfg.LISTEN_PORT))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and sendit_answers(cfg.WEB_HOST, cfg.WEB_PORT):
+                return Finding(True, f"LISTEN_PORT {where}: in use, and this Sendit's web server answers")
+            return Finding(False, f"LISTEN_PORT: cannot listen on {where}: {os_reason(exc)}", EXIT_CONFIGURATION)
+    return Finding(True, f"LISTEN_PORT {where} is free (DICOM listener {cfg.LISTEN_AET})")
+
+
 def sendit_answers(host: str, port: int) -> bool:
     import httpx
 

@@ -16,6 +16,7 @@ from sendit.checks import (
     database_finding,
     folder_findings,
     identifier_findings,
+    listen_port_finding,
     os_reason,
     queue_finding,
     storage_finding,
@@ -108,8 +109,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("  (database, queue, identifier service and destinations: checked once every folder is writable)")
         return EXIT_CONFIGURATION
     _django(migrate=False)
-    findings = [web_port_finding(cfg), database_finding(cfg), queue_finding(cfg), storage_finding(cfg)]
-    findings += identifier_findings(cfg)
+    listening = listen_port_finding(cfg)
+    findings = [web_port_finding(cfg), *([listening] if listening else [])]
+    findings += [database_finding(cfg), queue_finding(cfg), storage_finding(cfg), *identifier_findings(cfg)]
     for finding in findings:
         print(f"  [{'ok' if finding.ok else 'FAIL'}] {finding.line}")
     codes = {finding.code for finding in findings if not finding.ok}
@@ -248,15 +250,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         enqueue(report.series_ids)
 
     watcher = Watcher(Path(cfg.INPUT_FOLDER), cfg.RESCAN_SECONDS, enqueue_ingested)
+    listener = None
+    if cfg.LISTEN_PORT:  # the second way in: C-STORE (sendit.relay.listener)
+        from sendit.relay.listener import Listener
+
+        listener = Listener(cfg, enqueue)
+        try:  # before anything starts: a port in use starts nothing
+            listener.bind()
+        except OSError as exc:
+            server.server_close()
+            return _fail(
+                [f"LISTEN_HOST:LISTEN_PORT: cannot listen on {cfg.LISTEN_HOST}:{cfg.LISTEN_PORT}: {os_reason(exc)}"],
+                EXIT_CONFIGURATION,
+            )
     web = threading.Thread(target=server.serve_forever, name="sendit-web", daemon=True)
     watching = False
     consumer.start()
     try:  # whatever ends the loop (a signal, the web server, an exception), every process is stopped
         watcher.start()
         watching = True
+        if listener is not None:
+            listener.start()
         web.start()
+        listening = f"; DICOM listener {cfg.LISTEN_AET} on {cfg.LISTEN_HOST}:{cfg.LISTEN_PORT}" if listener else ""
         print(
-            f"sendit {_version()}: watching {cfg.INPUT_FOLDER}; status page on http://{host}:{port}/ ; Ctrl-C stops",
+            f"sendit {_version()}: watching {cfg.INPUT_FOLDER}{listening}; status page on http://{host}:{port}/ ;"
+            " Ctrl-C stops",
             flush=True,
         )
         threading.Thread(target=_say_unreachable_destinations, name="sendit-start-check", daemon=True).start()
@@ -276,6 +295,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if web.is_alive():
             server.shutdown()
         server.server_close()
+        if listener is not None:
+            listener.stop()
         if watching:
             watcher.stop()
         consumer.finish_stop(lambda: signals.hurry)

@@ -352,6 +352,75 @@ KEYS: tuple[Key, ...] = (
     Key("EMAIL_HOST_USER", str, "", "SMTP user name; empty = no login."),
     Key("EMAIL_HOST_PASSWORD", str, "", "SMTP password.", secret=True),
     Key("EMAIL_USE_TLS", bool, False, "SMTP with STARTTLS."),
+    # -- the C-STORE listener of `sendit run` (README, Receiving over DICOM) --
+    Key(
+        "LISTEN_PORT",
+        int,
+        0,
+        "DICOM port of the C-STORE listener started by `sendit run`; 0 = no listener.",
+        minimum=0,
+        maximum=65535,
+    ),
+    Key("LISTEN_HOST", str, "127.0.0.1", "Address the listener binds (0.0.0.0 = every interface)."),
+    Key("LISTEN_AET", str, "SENDIT", "The listener's AE title (the called AE title senders must use)."),
+    Key(
+        "ALLOWED_CALLERS",
+        str,
+        "",
+        "Comma list of calling AE titles the listener accepts, each optionally AET@host; any other is rejected.",
+    ),
+    Key(
+        "SERIES_IDLE_SECONDS",
+        int,
+        30,
+        "A received series is complete once none of its instances arrived for this long.",
+        minimum=1,
+        maximum=86400,
+    ),
+    Key("LISTEN_TLS_CERT", str, "", "PEM certificate (chain) for DICOM over TLS on the listener; empty = no TLS."),
+    Key("LISTEN_TLS_KEY", str, "", "PEM private key of LISTEN_TLS_CERT (if not in the same file)."),
+    Key("LISTEN_TLS_CA", str, "", "PEM CA bundle: when set, callers must present a certificate it signed."),
+    Key(
+        "STORAGE_COMMITMENT",
+        bool,
+        False,
+        "Verify DICOM deliveries by N-ACTION storage commitment (the report comes to the listener) instead of C-FIND.",
+    ),
+    Key(
+        "STORAGE_COMMITMENT_SECONDS",
+        int,
+        60,
+        "How long a worker waits for the peer's storage commitment report.",
+        minimum=1,
+        maximum=3600,
+    ),
+    # -- the DICOMweb destination (docs/destinations.md) --
+    Key("DICOMWEB_URL", str, "", "DICOMweb base URL (STOW-RS to {url}/studies, QIDO-RS to verify); empty = off."),
+    Key("DICOMWEB_USERNAME", str, "", "Basic-auth user for DICOMWEB_URL."),
+    Key("DICOMWEB_PASSWORD", str, "", "Basic-auth password for DICOMWEB_URL.", secret=True),
+    Key("DICOMWEB_TOKEN", str, "", "Bearer token for DICOMWEB_URL (instead of a user and password).", secret=True),
+    Key(
+        "DICOMWEB_GOOGLE_CREDENTIALS",
+        str,
+        "",
+        "Service-account JSON for Google's Cloud Healthcare API: tokens from google-auth (sendit[google]).",
+    ),
+    Key(
+        "DICOMWEB_BATCH",
+        int,
+        20,
+        "Instances per STOW-RS request (one multipart/related body).",
+        minimum=1,
+        maximum=1000,
+    ),
+    Key(
+        "DICOMWEB_TIMEOUT",
+        int,
+        60,
+        "Seconds to wait for each DICOMweb answer (the connect: at most 5 s).",
+        minimum=1,
+        maximum=3600,
+    ),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 ALIASES = {alias: key.name for key in KEYS for alias in key.aliases}
@@ -517,6 +586,23 @@ class Config:
     EMAIL_HOST_USER: str
     EMAIL_HOST_PASSWORD: str
     EMAIL_USE_TLS: bool
+    LISTEN_PORT: int
+    LISTEN_HOST: str
+    LISTEN_AET: str
+    ALLOWED_CALLERS: str
+    SERIES_IDLE_SECONDS: int
+    LISTEN_TLS_CERT: str
+    LISTEN_TLS_KEY: str
+    LISTEN_TLS_CA: str
+    STORAGE_COMMITMENT: bool
+    STORAGE_COMMITMENT_SECONDS: int
+    DICOMWEB_URL: str
+    DICOMWEB_USERNAME: str
+    DICOMWEB_PASSWORD: str
+    DICOMWEB_TOKEN: str
+    DICOMWEB_GOOGLE_CREDENTIALS: str
+    DICOMWEB_BATCH: int
+    DICOMWEB_TIMEOUT: int
     source: Path | None = field(default=None, kw_only=True)  # the file read, if any
 
     def __post_init__(self) -> None:
@@ -792,9 +878,11 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
         and not values["SEND_TO_ORTHANC"]
         and not values["ORTHANC_URL"]
         and not values["SEND_TO_GOOGLE"]
+        and not values["DICOMWEB_URL"]
     ):
         problems.append(
-            "OUTPUT_FOLDER: is off and no other destination is on (SEND_TO_ORTHANC, ORTHANC_URL, SEND_TO_GOOGLE);"
+            "OUTPUT_FOLDER: is off and no other destination is on (SEND_TO_ORTHANC, ORTHANC_URL, SEND_TO_GOOGLE,"
+            " DICOMWEB_URL);"
             " images would be delivered nowhere"
         )
     if require_secret and len(values["SECRET_KEY"]) < 32:
@@ -825,6 +913,12 @@ def _check(values: dict[str, Any], require_secret: bool) -> list[str]:
     backend = values["EMAIL_BACKEND"].strip()
     if backend not in EMAIL_BACKENDS and not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", backend):
         problems.append(f"EMAIL_BACKEND: must be smtp, console or a dotted class path, got {backend!r}")
+    problems.extend(_check_listener(values))
+    if values["DICOMWEB_URL"] and not values["DICOMWEB_URL"].startswith(("http://", "https://")):
+        problems.append("DICOMWEB_URL: must start with http:// or https://")
+    chosen = [name for name in ("DICOMWEB_TOKEN", "DICOMWEB_USERNAME", "DICOMWEB_GOOGLE_CREDENTIALS") if values[name]]
+    if len(chosen) > 1:
+        problems.append(f"{chosen[0]}: set one way to log in to DICOMWEB_URL, not {' and '.join(chosen)}")
     if values["DEIDENTIFY_RESTFUL"] and not values["IDENTIFIER_PROVIDER"]:
         from sendit.identifiers.dasher.settings import DasherSettings
 
@@ -870,6 +964,27 @@ def _check_google(values: dict[str, Any]) -> list[str]:
             problems.append(f"GOOGLE_APPLICATION_CREDENTIALS: {credentials} is not a JSON key file")
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,99}", values["GOOGLE_DATASTORE_KIND"]):
         problems.append("GOOGLE_DATASTORE_KIND: letters, digits and '_', starting with a letter")
+    return problems
+
+
+def _check_listener(values: dict[str, Any]) -> list[str]:
+    """A listener needs callers to accept (else it would refuse everyone) and a complete TLS setting."""
+    from sendit.relay.callers import parse_callers
+
+    problems: list[str] = []
+    try:
+        callers = parse_callers(values["ALLOWED_CALLERS"])
+    except ValueError as exc:
+        return [f"ALLOWED_CALLERS: {exc}"]
+    if values["LISTEN_PORT"] and not callers:
+        problems.append("ALLOWED_CALLERS: LISTEN_PORT is set but no caller is allowed; name the senders' AE titles")
+    if values["STORAGE_COMMITMENT"] and not (values["SEND_TO_ORTHANC"] and values["LISTEN_PORT"]):
+        problems.append(
+            "STORAGE_COMMITMENT: needs SEND_TO_ORTHANC (the DICOM destination it verifies) and LISTEN_PORT"
+            " (the peer sends its report to the listener)"
+        )
+    if (values["LISTEN_TLS_KEY"] or values["LISTEN_TLS_CA"]) and not values["LISTEN_TLS_CERT"]:
+        problems.append("LISTEN_TLS_CERT: LISTEN_TLS_KEY or LISTEN_TLS_CA is set but there is no certificate")
     return problems
 
 

@@ -41,7 +41,7 @@ import logging
 import queue
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,13 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from sendit.destinations.base import DestinationError, OutgoingImage, SendResult
+from sendit.destinations.commitment import (
+    REQUEST_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+    CommitmentReport,
+    commitment_request,
+)
 from sendit.destinations.dimse_status import classify, describe
 
 log = logging.getLogger(__name__)
@@ -159,6 +166,8 @@ class DicomDestination:
         max_consecutive_failures: int = 3,
         max_lost_images: int = 10,
         name: str | None = None,
+        commitment: Callable[[str, float], CommitmentReport | None] | None = None,
+        commitment_seconds: float = 60.0,
     ) -> None:
         self.host = host
         self.port = int(port)
@@ -175,6 +184,13 @@ class DicomDestination:
         # says why, for the last send() only (image ids and causes, nothing from the images).
         self.reconnects = 0
         self.events: list[str] = []
+        # Storage commitment (optional): ``commitment(transaction_uid, seconds)`` waits for the peer's
+        # report, which reaches the listener, not this object; the SOP class of each instance sent
+        # through this object is kept for the request (an instance sent by an earlier object is
+        # verified by C-FIND).
+        self.commitment = commitment
+        self.commitment_seconds = commitment_seconds
+        self._sop_classes: dict[str, str] = {}
         self._ae = AE(ae_title=self.calling_aet)
         self._ae.connection_timeout = connect_timeout
         self._ae.acse_timeout = acse_timeout
@@ -199,12 +215,83 @@ class DicomDestination:
             if batch.stop_reason is None:
                 self._send_group(images, group, results, batch)
         reason = batch.stop_reason or "not attempted"
-        return [r or _not_tried(images[i], reason) for i, r in enumerate(results)]
+        final = [r or _not_tried(images[i], reason) for i, r in enumerate(results)]
+        for image, result in zip(images, final, strict=True):
+            if result.delivered:  # what a storage commitment request names it by
+                self._sop_classes[image.sop_instance_uid] = image.sop_class_uid
+        return final
 
     def missing(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
-        """C-FIND (Study Root, IMAGE level) by SeriesInstanceUID: what the peer does not hold."""
+        """What the peer does not hold: by storage commitment where configured (for the instances
+        this object sent), otherwise by C-FIND (Study Root, IMAGE level) by SeriesInstanceUID."""
         if not sop_instance_uids:
             return set()
+        if self.commitment is None:
+            return self._missing_by_find(series_uid, sop_instance_uids)
+        known = {uid: self._sop_classes[uid] for uid in sop_instance_uids if uid in self._sop_classes}
+        rest = set(sop_instance_uids) - set(known)
+        missing = self._missing_by_commitment(known) if known else set()
+        if rest:
+            missing |= self._missing_by_find(series_uid, rest)
+        return missing
+
+    def _commitment_offered(self) -> str | None:
+        """None when the peer accepts the Storage Commitment Push Model on an association."""
+        try:
+            assoc = self._open([build_context(STORAGE_COMMITMENT_PUSH)])
+        except DestinationError as exc:
+            return str(exc).removeprefix(f"{self.name}: ")
+        try:
+            if not assoc.accepted_contexts:
+                return f"{self.where} does not offer Storage Commitment Push Model (STORAGE_COMMITMENT is on)"
+            return None
+        finally:
+            _close(assoc)
+
+    def _missing_by_commitment(self, instances: dict[str, str]) -> set[str]:
+        """1. N-ACTION "Request Storage Commitment" for these instances under a fresh Transaction UID.
+        2. Wait (``commitment_seconds``) for the peer's N-EVENT-REPORT, which the listener records.
+        3. Missing: every instance the report does not list as committed."""
+        assert self.commitment is not None
+        transaction_uid = generate_uid()
+        assoc = self._open([build_context(STORAGE_COMMITMENT_PUSH)])
+        try:
+            if not assoc.accepted_contexts:
+                raise DestinationError(
+                    f"{self.name}: {self.where} does not support Storage Commitment Push Model"
+                    " (set STORAGE_COMMITMENT = false)",
+                    retryable=False,
+                )
+            started = time.monotonic()
+            status, _ = assoc.send_n_action(
+                commitment_request(transaction_uid, instances),
+                REQUEST_COMMITMENT,
+                STORAGE_COMMITMENT_PUSH,
+                STORAGE_COMMITMENT_INSTANCE,
+            )
+        finally:
+            _close(assoc)
+        if not status:
+            raise DestinationError(f"{self.name}: {self.where}: N-ACTION got no answer ({self._lost(started).cause})")
+        code = int(status.Status)
+        if code != 0x0000:
+            info = classify(code)
+            raise DestinationError(
+                f"{self.name}: {self.where}: storage commitment refused: {info.describe()}",
+                retryable=not info.permanent,
+            )
+        report = self.commitment(transaction_uid, self.commitment_seconds)
+        if report is None:
+            raise DestinationError(
+                f"{self.name}: {self.where}: no storage commitment report within {self.commitment_seconds:g} s"
+                " (the peer sends it to Sendit's listener: LISTEN_PORT, with the peer's AE title in"
+                " ALLOWED_CALLERS and Sendit's AE, host and port in the peer's modalities)"
+            )
+        if report.failed:
+            log.info("%s: storage commitment failed for %s instance(s)", self.name, len(report.failed))
+        return set(instances) - set(report.committed)
+
+    def _missing_by_find(self, series_uid: str, sop_instance_uids: set[str]) -> set[str]:
         try:
             return set(sop_instance_uids) - self._find_series(series_uid)
         except _PeerClosed:
@@ -230,6 +317,8 @@ class DicomDestination:
             _close(assoc)
         if problem is not None:
             return problem
+        if self.commitment is not None:  # verification asks by storage commitment: is it offered?
+            return self._commitment_offered()
         try:  # exactly what verification asks, for a series that does not exist
             self.missing(generate_uid(), {generate_uid()})
         except DestinationError as exc:

@@ -276,6 +276,22 @@ def ingest_paths(paths: Iterable[Path | Entry], chunk: int = 500, settle: Settle
     return report
 
 
+def ingest_new_files(paths: Iterable[Path]) -> IngestReport:
+    """Ingest files at fresh names that nothing recorded yet (the listener's,
+    :mod:`sendit.relay.received`): what ``ingest_paths`` does, without the scan's bookkeeping
+    (paths recorded earlier, rejections left in place), which costs a query over every file in
+    flight. Raises when the database fails."""
+    report = IngestReport()
+    entries = [entry_for(path) for path in paths]
+    for entry in entries:
+        if entry.problem:
+            _reject(entry, entry.problem, report)
+    batch = [entry for entry in entries if not entry.problem]
+    if batch:
+        _ingest_chunk(batch, report)
+    return report
+
+
 def _connection_trouble(exc: Exception) -> bool:
     """The database itself is unwell (down, locked, deadlock): the scan fails and the next one retries."""
     return isinstance(exc, (OperationalError, InterfaceError))

@@ -301,3 +301,16 @@ class AlertState(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class CommitmentReport(models.Model):
+    """A storage commitment report (N-EVENT-REPORT) the listener received, until the worker that
+    asked reads it. The worker waiting for it may be in another process or on another host."""
+
+    transaction_uid = models.CharField(max_length=64, unique=True)
+    committed = models.JSONField(default=list, help_text="de-identified SOPInstanceUIDs the peer holds")
+    failed = models.JSONField(default=dict, help_text="de-identified SOPInstanceUID → Failure Reason")
+    received = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    def __str__(self) -> str:
+        return f"commitment report #{self.pk}"

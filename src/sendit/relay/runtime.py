@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from sendit.storage import Store, open_store
 if TYPE_CHECKING:  # the engine loads pydicom's tables and the recipes: only when a task needs it
     from sendit.deid import Deidentifier
     from sendit.deid.ocr import OcrSettings
+    from sendit.destinations.commitment import CommitmentReport
 
 
 def config() -> Config:
@@ -80,6 +82,13 @@ def identifier_provider() -> IdentifierProvider:
     return LocalProvider(cfg.SECRET_KEY, cfg.DATE_SHIFT_MIN_DAYS, cfg.DATE_SHIFT_MAX_DAYS)
 
 
+def _commitment_waiter() -> Callable[[str, float], CommitmentReport | None]:
+    """Storage commitment reports reach the listener; the worker waits for its own in the database."""
+    from sendit.relay.commitments import wait_for
+
+    return wait_for
+
+
 def destinations() -> list[Destination]:
     """Fresh adapters for one task; the caller closes them (they may hold associations)."""
     cfg = config()
@@ -101,6 +110,8 @@ def destinations() -> list[Destination]:
                 dimse_timeout=cfg.ORTHANC_TIMEOUT,
                 network_timeout=cfg.ORTHANC_TIMEOUT,
                 name="orthanc-dicom",
+                commitment=_commitment_waiter() if cfg.STORAGE_COMMITMENT else None,
+                commitment_seconds=cfg.STORAGE_COMMITMENT_SECONDS,
             )
         )
     if cfg.SEND_TO_GOOGLE:
@@ -119,6 +130,22 @@ def destinations() -> list[Destination]:
                 timeout=cfg.ORTHANC_TIMEOUT,
                 connect_timeout=min(5.0, cfg.ORTHANC_TIMEOUT),
                 name="orthanc-rest",
+            )
+        )
+    if cfg.DICOMWEB_URL:
+        from sendit.destinations.dicomweb import DicomWebDestination
+
+        chosen.append(
+            DicomWebDestination(
+                cfg.DICOMWEB_URL,
+                username=cfg.DICOMWEB_USERNAME or None,
+                password=cfg.DICOMWEB_PASSWORD or None,
+                token=cfg.DICOMWEB_TOKEN or None,
+                google_credentials=cfg.DICOMWEB_GOOGLE_CREDENTIALS or None,
+                batch=cfg.DICOMWEB_BATCH,
+                timeout=cfg.DICOMWEB_TIMEOUT,
+                connect_timeout=min(5.0, cfg.DICOMWEB_TIMEOUT),
+                name="dicomweb",
             )
         )
     return chosen

@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sendit.relay.housekeeping import file_counts, status_counts
-from sendit.relay.models import Event, Image, Series, Status
+from sendit.relay.models import Event, Image, Series, Stage, Status
 from sendit.web import heartbeat, overview
 
 MAX_REASONS = 20
@@ -96,7 +96,8 @@ class SenditCollector(Collector):
         yield retries
 
         retrying = GaugeMetricFamily("sendit_series_retrying", "Series waiting for an automatic retry (back-off).")
-        retrying.add_metric([], Series.objects.filter(next_attempt_at__isnull=False).count())
+        # the stage too: a series the DICOM listener holds until it is idle has a due time, not a failure
+        retrying.add_metric([], Series.objects.filter(next_attempt_at__isnull=False, stage=Stage.RETRYING).count())
         yield retrying
 
         problems = GaugeMetricFamily(

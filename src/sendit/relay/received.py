@@ -1,0 +1,137 @@
+"""Instances that arrive over the network (the C-STORE listener): made durable, recorded, held until
+their series is idle.
+
+An instance is written under a hidden folder of the input folder (``.sendit-received/<host>``,
+which the watcher never reads: hidden names are skipped; one folder per host, so that with a shared
+input folder each listener recovers only what it wrote itself), first to a hidden temporary name, fsynced, then
+renamed to its final name and the folder fsynced (:func:`make_durable`, the one place that decides
+where and how an arriving instance is kept). It is then recorded as an Image exactly as a file of
+the input folder is (:func:`sendit.relay.ingest.ingest_new_files`): duplicates and conflicts behave
+as for the folder. Only then does the listener answer Success.
+
+A series is complete when none of its instances arrived for SERIES_IDLE_SECONDS: each arrival puts
+the series' ``next_attempt_at`` that far ahead (:func:`hold_series`), which keeps the periodic
+requeue away from it; the listener enqueues it once the time has passed, and if the listener is gone
+by then, the requeue finds it (a series with work to do, due, and no task).
+
+After a crash (:func:`recover`): a temporary file was never answered Success and is removed; a
+complete file that was not recorded (killed between the rename and the commit) is recorded now, as
+the next scan of a folder would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import uuid
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+from django.utils import timezone
+
+from sendit.relay.ingest import IngestReport, ingest_new_files, ingest_paths, walk
+from sendit.relay.models import Series
+from sendit.relay.runtime import config
+
+log = logging.getLogger("sendit.received")
+
+#: below the input folder; hidden, so the watcher leaves it to the listener
+RECEIVED_FOLDER = ".sendit-received"
+#: a file being written; hidden (and so never ingested), removed by ``recover`` after a crash
+PART_SUFFIX = ".part"
+
+
+def received_folder() -> Path:
+    """This host's folder: with a shared input folder (many hosts), each listener recovers only its own."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+    return Path(config().INPUT_FOLDER) / RECEIVED_FOLDER / host
+
+
+def make_durable(data: bytes) -> Path:
+    """Keep one arriving instance (DICOM file bytes, as received) so that a crash cannot lose it.
+
+    1. Write it to a hidden temporary name in the received folder.
+    2. fsync the file, rename it to its final name (a random name: nothing from the data set).
+    3. fsync the folder, so that the rename itself survives a power cut.
+
+    Returns the final path. Raises OSError (disk full, folder unwritable); then nothing is left
+    behind. This is the one function to change to keep instances elsewhere (a storage bucket).
+    """
+    folder = received_folder()
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        _fsync_folder(folder.parent)
+    name = uuid.uuid4().hex
+    temporary = folder / f".{name}{PART_SUFFIX}"
+    final = folder / f"{name}.dcm"
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(descriptor, view)
+                view = view[written:]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.rename(temporary, final)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(folder)
+    return final
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def record(path: Path) -> IngestReport:
+    """Record one kept instance as the folder's files are.
+
+    Raises when the database fails; the file is then left where it is (whether the commit went
+    through is unknown when the connection broke in it) and the caller answers a failure, so the
+    sender sends it again: :func:`recover` records the file at the next start if nothing did, and
+    the sender's copy then lands as a duplicate (SKIPPED), or the other way round. Nothing is lost
+    and nothing reaches the destination twice.
+    """
+    return ingest_new_files([path])
+
+
+def hold_series(series_ids: set[int], seconds: float) -> None:
+    """Keep these series out of the pipeline until ``seconds`` after now (see the module's docstring).
+
+    A plain UPDATE: every writer moves the time forward to its own arrival, so the last one wins,
+    which is the point; a worker that finishes the series meanwhile clears it, and the listener's
+    enqueue after the idle time (or the requeue) picks up what arrived since.
+    """
+    if series_ids:
+        due = timezone.now() + timedelta(seconds=seconds)
+        Series.objects.filter(pk__in=series_ids).update(next_attempt_at=due)
+
+
+def recover() -> IngestReport:
+    """After a crash: remove temporary files (never answered Success); record complete files that
+    were not recorded. Returns what was recorded, so that the caller can enqueue it."""
+    folder = received_folder()
+    if not folder.is_dir():
+        return IngestReport()
+    removed = 0
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") and entry.name.endswith(PART_SUFFIX):
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.warning("removed %s partly received instance(s) left by a stop (never acknowledged)", removed)
+    ignored: Counter[str] = Counter()
+    report = ingest_paths(walk(folder, ignored))
+    if report.images:
+        log.info("recorded %s received instance(s) a stop left unrecorded", report.images)
+    return report

@@ -1,0 +1,112 @@
+"""Instances received over DICOM (sendit.relay.received): kept, recorded, held until idle, recovered.
+
+These call the steps the listener runs, with the test database; tests/test_listener.py drives the
+same through a real `sendit run` and real senders.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from sendit.config import ConfigError, load_config
+from sendit.relay import received
+from sendit.relay.callers import Caller, parse_callers
+from sendit.relay.models import Image, Series, Status
+from sendit.relay.tasks import stale_series
+from tests.orthanc import write_ct
+
+pytestmark = pytest.mark.django_db
+
+
+def arrive(folder: Path, series_uid: str) -> Path:
+    """An instance as the listener keeps it: through make_durable, from the bytes a sender sent."""
+    source = write_ct(folder / f"{generate_uid()}.dcm", series_uid=series_uid)
+    return received.make_durable(source.read_bytes())
+
+
+def test_a_kept_instance_is_recorded_like_a_file_of_the_folder(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
+    series_uid = generate_uid()
+    path = arrive(tmp_path, series_uid)
+    assert path.parent == sendit_dirs["INPUT_FOLDER"] / ".sendit-received" / socket.gethostname()
+    assert not any(name.endswith(".part") for name in os.listdir(path.parent))
+    report = received.record(path)
+    image = Image.objects.get()
+    assert report.images == 1 and image.status == Status.NEW
+    # relative to the input folder, a random name in this host's folder
+    assert image.path == f".sendit-received/{socket.gethostname()}/{path.name}"
+    assert image.series.series_uid == series_uid
+
+
+def test_a_held_series_is_not_requeued_before_it_is_idle(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
+    report = received.record(arrive(tmp_path, generate_uid()))
+    series_id = next(iter(report.series_ids))
+    assert series_id in stale_series()  # recorded, no task: the requeue would take it at once
+    received.hold_series({series_id}, 60)
+    assert series_id not in stale_series()  # held: more may arrive
+    received.hold_series({series_id}, -1)  # the idle time has passed (the listener is gone)
+    assert series_id in stale_series()
+
+
+def test_recover_removes_partial_files_and_records_complete_ones(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
+    complete = arrive(tmp_path, generate_uid())  # kept, then the process died before recording it
+    partial = complete.parent / ".0123456789abcdef.part"
+    partial.write_bytes(complete.read_bytes()[:1000])
+    report = received.recover()
+    assert not partial.exists()
+    assert report.images == 1
+    assert Image.objects.get().path == f".sendit-received/{socket.gethostname()}/{complete.name}"
+    assert received.recover().images == 0  # recorded once
+
+
+def test_recover_leaves_another_hosts_files_alone(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A shared input folder (many hosts): what another host's listener is writing is its own."""
+    other = sendit_dirs["INPUT_FOLDER"] / ".sendit-received" / "another-host"
+    other.mkdir(parents=True)
+    partial = other / ".0123456789abcdef.part"
+    partial.write_bytes(b"half an instance")
+    complete = other / "fedcba9876543210.dcm"
+    complete.write_bytes(write_ct(tmp_path / "c.dcm", series_uid=generate_uid()).read_bytes())
+    assert received.recover().images == 0
+    assert partial.exists() and complete.exists() and not Image.objects.exists()
+
+
+def test_a_duplicate_arrival_is_skipped_and_moved_out(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
+    source = write_ct(tmp_path / "a.dcm", series_uid=generate_uid())
+    received.record(received.make_durable(source.read_bytes()))
+    again = received.make_durable(source.read_bytes())
+    report = received.record(again)
+    assert report.skipped == 1 and not again.exists()
+    assert Series.objects.count() == 1 and Image.objects.count() == 1
+
+
+def test_allowed_callers_are_parsed_and_checked(tmp_path: Path) -> None:
+    assert parse_callers(" CT1, PACS@10.0.0.5 ,,") == [Caller("CT1"), Caller("PACS", "10.0.0.5")]
+    with pytest.raises(ValueError, match="not an AE title"):
+        parse_callers("THIS-AE-TITLE-IS-TOO-LONG")
+    env = {"SENDIT_SECRET_KEY": "k" * 40, "SENDIT_DATA_DIR": str(tmp_path), "SENDIT_LISTEN_PORT": "11112"}
+    with pytest.raises(ConfigError, match="ALLOWED_CALLERS: LISTEN_PORT is set but no caller is allowed"):
+        load_config(None, env=env)
+    assert load_config(None, env={**env, "SENDIT_ALLOWED_CALLERS": "CT1"}).LISTEN_PORT == 11112
+
+
+def test_check_says_when_the_listener_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    from sendit.checks import listen_port_finding
+
+    env = {"SENDIT_SECRET_KEY": "k" * 40, "SENDIT_DATA_DIR": str(tmp_path), "SENDIT_ALLOWED_CALLERS": "CT1"}
+    assert listen_port_finding(load_config(None, env=env)) is None  # no listener configured
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        finding = listen_port_finding(load_config(None, env={**env, "SENDIT_LISTEN_PORT": str(port)}))
+        assert finding is not None and not finding.ok
+        assert finding.line.startswith(f"LISTEN_PORT: cannot listen on 127.0.0.1:{port}")
+    finding = listen_port_finding(load_config(None, env={**env, "SENDIT_LISTEN_PORT": str(port)}))
+    assert finding is not None and finding.ok
