@@ -75,6 +75,12 @@ def _database_url() -> str:
     return url
 
 
+def _maintenance(url: str) -> str:
+    """The same server's ``postgres`` database: the pass's own database need not exist (Django's test
+    runner makes ``test_<name>`` beside it), and new databases are made from there."""
+    return urlunsplit(urlsplit(url)._replace(path="/postgres"))
+
+
 def _queue_url() -> str:
     url = os.environ.get("SENDIT_QUEUE_URL", "")
     if not url.startswith("redis://"):
@@ -90,7 +96,7 @@ def services() -> dict[str, str]:
 
     database, queue = _database_url(), _queue_url()
     try:
-        psycopg.connect(database, connect_timeout=3, autocommit=True).close()
+        psycopg.connect(_maintenance(database), connect_timeout=3, autocommit=True).close()
     except psycopg.Error as exc:
         _unavailable(f"PostgreSQL is not reachable ({type(exc).__name__})")
     client = redis.Redis.from_url(queue, socket_connect_timeout=3)
@@ -120,13 +126,13 @@ def fresh_database(server_url: str, tag: str) -> Iterator[str]:
 
     parts = urlsplit(server_url)
     name = f"{parts.path.lstrip('/') or 'sendit'}_hosts_{tag}"
-    with psycopg.connect(server_url, connect_timeout=5, autocommit=True) as admin:
+    with psycopg.connect(_maintenance(server_url), connect_timeout=5, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
         yield urlunsplit(parts._replace(path=f"/{name}"))
     finally:
-        with psycopg.connect(server_url, connect_timeout=5, autocommit=True) as admin:
+        with psycopg.connect(_maintenance(server_url), connect_timeout=5, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
