@@ -27,7 +27,6 @@ import logging
 import threading
 import uuid
 from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -37,6 +36,7 @@ import httpx
 
 from sendit.destinations.base import DestinationError, OutgoingImage, SendResult
 from sendit.destinations.dimse_status import classify, describe
+from sendit.destinations.http import HttpPool
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +153,8 @@ class DicomWebDestination:
         verify: bool = True,
         name: str | None = None,
     ) -> None:
-        if batch < 1 or concurrency < 1:
-            raise ValueError("batch and concurrency must be at least 1")
-        self.url = url.rstrip("/")
-        self.batch = batch
-        self.concurrency = concurrency
-        self.where = str(httpx.URL(self.url).copy_with(username=None, password=None))
-        self.name = name or f"dicomweb:{self.where}"
-        self._timeout = timeout
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
         auth: httpx.Auth | None = None
         if google_credentials:
             auth = GoogleServiceAccount(google_credentials, timeout=timeout)
@@ -168,14 +162,20 @@ class DicomWebDestination:
             auth = BearerToken(token)
         elif username:
             auth = httpx.BasicAuth(username, password or "")
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        self._client = httpx.Client(
-            base_url=self.url,
+        self._http = HttpPool(
+            url,
             auth=auth,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            transport=httpx.HTTPTransport(retries=1, limits=limits, verify=verify),
+            concurrency=concurrency,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            verify=verify,
+            thread_name="sendit-stow",
         )
-        self._pool: ThreadPoolExecutor | None = None
+        self.url, self.where, self.concurrency = self._http.url, self._http.where, concurrency
+        self.batch = batch
+        self.name = name or f"dicomweb:{self.where}"
+        self._timeout = timeout
+        self._client = self._http.client
 
     def __repr__(self) -> str:
         return f"DicomWebDestination({self.name!r})"
@@ -186,11 +186,8 @@ class DicomWebDestination:
         """One result per image, in order; raises DestinationError if none could reach the server."""
         if not images:
             return []
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sendit-stow")
-        batches = list(_batches(images, self.batch))
         attempts: dict[int, _Attempt] = {}
-        for done in self._pool.map(self._guarded_store, batches):
+        for done in self._http.map(self._guarded_store, list(_batches(images, self.batch))):
             attempts.update(done)
         ordered = [attempts[image.image_id] for image in images]
         reasons = {a.batch_reason for a in ordered}
@@ -243,10 +240,7 @@ class DicomWebDestination:
         return None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._client.close()
+        self._http.close()
 
     # -- STOW-RS -------------------------------------------------------------------------------
 

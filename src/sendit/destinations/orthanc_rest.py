@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +25,7 @@ import httpx
 from pydicom.uid import generate_uid
 
 from sendit.destinations.base import DestinationError, OutgoingImage, SendResult
+from sendit.destinations.http import HttpPool
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +55,20 @@ class OrthancRestDestination:
         verify: bool = True,
         name: str | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        self.url = url.rstrip("/")
-        self.concurrency = concurrency
-        # The name and ``where`` show up in messages and logs: never with credentials embedded in the URL.
-        self.where = str(httpx.URL(self.url).copy_with(username=None, password=None))
-        self.name = name or f"orthanc-rest:{self.where}"
-        self._timeout = timeout
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        auth = httpx.BasicAuth(username, password or "") if username else None
-        self._client = httpx.Client(
-            base_url=self.url,
-            auth=auth,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            # retries=1 re-dials a failed connect once (e.g. a pooled connection to a restarted Orthanc).
-            transport=httpx.HTTPTransport(retries=1, limits=limits, verify=verify),
+        self._http = HttpPool(
+            url,
+            auth=httpx.BasicAuth(username, password or "") if username else None,
+            concurrency=concurrency,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            verify=verify,
+            thread_name="sendit-orthanc-rest",
             headers={"Accept": "application/json"},
         )
-        self._pool: ThreadPoolExecutor | None = None
+        self.url, self.where, self.concurrency = self._http.url, self._http.where, concurrency
+        self.name = name or f"orthanc-rest:{self.where}"
+        self._timeout = timeout
+        self._client = self._http.client
 
     def __repr__(self) -> str:
         return f"OrthancRestDestination({self.name!r})"
@@ -84,9 +79,7 @@ class OrthancRestDestination:
         """One result per image, in order; raises DestinationError if none could reach Orthanc."""
         if not images:
             return []
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sendit-orthanc-rest")
-        attempts = list(self._pool.map(self._guarded_post, images))
+        attempts = self._http.map(self._guarded_post, images)
         reasons = {a.batch_reason for a in attempts}
         if None not in reasons:
             raise DestinationError(f"{self.name}: {sorted(r for r in reasons if r)[0]}", retryable=True)
@@ -159,10 +152,7 @@ class OrthancRestDestination:
         return None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._client.close()
+        self._http.close()
 
     # -- internals ---------------------------------------------------------------------------
 
