@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from django.db import DatabaseError, InterfaceError, OperationalError, transaction
+from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -290,6 +290,71 @@ def ingest_new_files(paths: Iterable[Path]) -> IngestReport:
     if batch:
         _ingest_chunk(batch, report)
     return report
+
+
+class _NotPlain(Exception):
+    """This instance needs the general path (a duplicate, a conflict, a rejection): decided there."""
+
+
+def ingest_new_file(path: Path, read_from: Path, before_commit: Callable[[], None]) -> IngestReport:
+    """Record one instance that arrives at a fresh name (the listener's), while it is made durable.
+
+    ``read_from`` holds its bytes already (the temporary name, not yet fsynced); ``before_commit``
+    makes it durable at ``path`` (fsync, rename, fsync of the folder) and raises OSError when it
+    cannot. Its rows are written in one transaction whose commit waits for ``before_commit``: the
+    database's work overlaps the fsync, and no row is ever committed for a file that is not
+    durable (it raises, the transaction rolls back, and nothing is recorded).
+
+    The plain case only (a new instance, no object store, a readable header): its series' status is
+    recomputed only when it is not NEW (a NEW image added to a NEW series leaves it NEW). Anything
+    else (a duplicate, a conflict, a rejection, originals uploaded to a store) goes through
+    :func:`ingest_new_files` once the file is durable, exactly as before. Raises when the database fails.
+    """
+    entry = entry_for(path)
+    header = read_header(read_from)
+    if entry.problem or isinstance(header, RejectedFile) or runtime.store() is not None:
+        before_commit()
+        return ingest_new_files([path])
+    report = IngestReport()
+    try:
+        with transaction.atomic():
+            _record_plain(entry, header, report)
+            before_commit()
+    except (_NotPlain, IntegrityError):  # rolled back: the general path decides, with the file durable
+        before_commit()  # raises again if it failed; a no-op once it succeeded
+        return ingest_new_files([path])
+    return report
+
+
+def _record_plain(entry: Entry, header: FileHeader, report: IngestReport) -> None:
+    """The rows of one new instance (as ``_ingest_batch`` writes them), in the caller's transaction."""
+    if Image.objects.filter(sop_instance_uid=header.sop_instance_uid).exists():
+        raise _NotPlain  # arrived again: a duplicate, a re-send, or a conflict
+    found = Series.objects.filter(series_uid=header.series.series_uid).values_list("id", "status").first()
+    if found is None:
+        Study.objects.bulk_create([Study(study_uid=header.series.study_uid)], ignore_conflicts=True)
+        study = Study.objects.get(study_uid=header.series.study_uid)
+        Series.objects.bulk_create(
+            [
+                Series(
+                    study=study,
+                    series_uid=header.series.series_uid,
+                    modality=header.series.modality[:16],
+                    header=asdict(header.series),
+                )
+            ],
+            ignore_conflicts=True,
+        )
+        found = Series.objects.filter(series_uid=header.series.series_uid).values_list("id", "status").get()
+    series_id, series_status = found
+    image = Image.objects.create(
+        series_id=series_id, sop_instance_uid=header.sop_instance_uid, path=entry.name, size=header.size
+    )
+    Event.objects.create(series_id=series_id, image=image, to_status=Status.NEW, reason="ingested")
+    if series_status != Status.NEW:  # a NEW image in a NEW series leaves it NEW (aggregate_status)
+        refresh_series_status(Series.objects.get(pk=series_id))
+    report.images += 1
+    report.series_ids.add(series_id)
 
 
 def _connection_trouble(exc: Exception) -> bool:

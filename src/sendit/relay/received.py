@@ -21,18 +21,20 @@ the next scan of a folder would.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
 from django.utils import timezone
 
-from sendit.relay.ingest import IngestReport, ingest_new_files, ingest_paths, walk
+from sendit.relay.ingest import IngestReport, ingest_new_file, ingest_new_files, ingest_paths, walk
 from sendit.relay.models import Series
 from sendit.relay.runtime import config
 
@@ -58,31 +60,81 @@ def make_durable(data: bytes) -> Path:
     3. fsync the folder, so that the rename itself survives a power cut.
 
     Returns the final path. Raises OSError (disk full, folder unwritable); then nothing is left
-    behind. This is the one function to change to keep instances elsewhere (a storage bucket).
+    behind. :func:`keep` does the same while the database records it.
     """
-    folder = received_folder()
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        _fsync_folder(folder.parent)
-    name = uuid.uuid4().hex
-    temporary = folder / f".{name}{PART_SUFFIX}"
-    final = folder / f"{name}.dcm"
+    arriving = _Arriving(data)
+    arriving.durable()
+    return arriving.final
+
+
+def keep(data: bytes) -> IngestReport:
+    """Keep one arriving instance and record it: what the listener does before it answers Success.
+
+    The bytes are written to a temporary name (:class:`_Arriving`); the fsync, the rename and the
+    folder's fsync then run on a thread of their own while this one reads the header and writes the
+    rows (:func:`sendit.relay.ingest.ingest_new_file`), whose commit waits for the file to be durable.
+    So on return the instance is both durable and recorded, in about the time of the slower of the
+    two rather than their sum. Raises OSError when it could not be made durable (nothing is recorded
+    and nothing left behind), anything else when the database failed (the file is then durable and
+    unrecorded, as after a crash between the two: :func:`record` explains, :func:`recover` records it).
+    """
+    arriving = _Arriving(data)
+    syncing = _SYNC.submit(arriving.durable)
     try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return ingest_new_file(arriving.final, arriving.temporary, syncing.result)
+    finally:
+        with contextlib.suppress(BaseException):
+            syncing.result()  # never return with the fsync still running on this file
+
+
+#: threads that make arriving instances durable while their association's thread records them
+_SYNC = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sendit-fsync")
+
+
+class _Arriving:
+    """One arriving instance: written to its temporary name at once; :meth:`durable` does the rest."""
+
+    def __init__(self, data: bytes) -> None:
+        folder = received_folder()
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            _fsync_folder(folder.parent)
+        self.folder = folder
+        name = uuid.uuid4().hex
+        self.temporary = folder / f".{name}{PART_SUFFIX}"
+        self.final = folder / f"{name}.dcm"
+        self._descriptor = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
             while view:
-                written = os.write(descriptor, view)
+                written = os.write(self._descriptor, view)
                 view = view[written:]
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.rename(temporary, final)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_folder(folder)
-    return final
+        except BaseException:
+            self._discard()
+            raise
+
+    def durable(self) -> None:
+        """fsync, rename to the final name, fsync the folder. Raises OSError; then nothing is left."""
+        try:
+            os.fsync(self._descriptor)
+            os.close(self._descriptor)
+            self._descriptor = -1
+            os.rename(self.temporary, self.final)
+        except BaseException:
+            self._discard()
+            raise
+        try:
+            _fsync_folder(self.folder)
+        except BaseException:  # not known to be durable: not kept, and not left for recover() either
+            self.final.unlink(missing_ok=True)
+            raise
+
+    def _discard(self) -> None:
+        if self._descriptor >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._descriptor)
+            self._descriptor = -1
+        self.temporary.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:
