@@ -34,7 +34,7 @@ from django.db import DatabaseError, IntegrityError, InterfaceError, Operational
 from django.db.models import Q
 from django.utils import timezone
 
-from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, Kind, RejectedFile, read_header
+from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, Kind, RejectedFile, read_header, read_header_of_bytes
 from sendit.dicomio import walk as walk_folder
 from sendit.relay import files, runtime
 from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Status, Study
@@ -296,11 +296,12 @@ class _NotPlain(Exception):
     """This instance needs the general path (a duplicate, a conflict, a rejection): decided there."""
 
 
-def ingest_new_file(path: Path, read_from: Path, before_commit: Callable[[], None]) -> IngestReport:
+def ingest_new_file(entry: Entry, data: bytes, read_from: Path, before_commit: Callable[[], None]) -> IngestReport:
     """Record one instance that arrives at a fresh name (the listener's), while it is made durable.
 
-    ``read_from`` holds its bytes already (the temporary name, not yet fsynced); ``before_commit``
-    makes it durable at ``path`` (fsync, rename, fsync of the folder) and raises OSError when it
+    ``entry`` is where it will be (as :func:`entry_for` names it); ``data`` its bytes, which
+    ``read_from`` (the temporary name, not yet fsynced) holds already; ``before_commit`` makes it
+    durable at ``entry.path`` (fsync, rename, fsync of the folder) and raises OSError when it
     cannot. Its rows are written in one transaction whose commit waits for ``before_commit``: the
     database's work overlaps the fsync, and no row is ever committed for a file that is not
     durable (it raises, the transaction rolls back, and nothing is recorded).
@@ -310,11 +311,10 @@ def ingest_new_file(path: Path, read_from: Path, before_commit: Callable[[], Non
     else (a duplicate, a conflict, a rejection, originals uploaded to a store) goes through
     :func:`ingest_new_files` once the file is durable, exactly as before. Raises when the database fails.
     """
-    entry = entry_for(path)
-    header = read_header(read_from)
+    header = read_header_of_bytes(data, read_from)  # from memory: no file read back, no syscalls
     if entry.problem or isinstance(header, RejectedFile) or runtime.store() is not None:
         before_commit()
-        return ingest_new_files([path])
+        return ingest_new_files([entry.path])
     report = IngestReport()
     try:
         with transaction.atomic():
@@ -322,7 +322,7 @@ def ingest_new_file(path: Path, read_from: Path, before_commit: Callable[[], Non
             before_commit()
     except (_NotPlain, IntegrityError):  # rolled back: the general path decides, with the file durable
         before_commit()  # raises again if it failed; a no-op once it succeeded
-        return ingest_new_files([path])
+        return ingest_new_files([entry.path])
     return report
 
 

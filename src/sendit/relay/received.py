@@ -4,10 +4,11 @@ their series is idle.
 An instance is written under a hidden folder of the input folder (``.sendit-received/<host>``,
 which the watcher never reads: hidden names are skipped; one folder per host, so that with a shared
 input folder each listener recovers only what it wrote itself), first to a hidden temporary name, fsynced, then
-renamed to its final name and the folder fsynced (:func:`make_durable`, the one place that decides
-where and how an arriving instance is kept). It is then recorded as an Image exactly as a file of
-the input folder is (:func:`sendit.relay.ingest.ingest_new_files`): duplicates and conflicts behave
-as for the folder. Only then does the listener answer Success.
+renamed to its final name and the folder fsynced (:class:`_Arriving`, the one place that decides
+where and how an arriving instance is kept). It is recorded as an Image exactly as a file of the
+input folder is, while the fsync runs, in a transaction that commits only once the file is durable
+(:func:`keep`): duplicates and conflicts behave as for the folder. Only then does the listener
+answer Success.
 
 A series is complete when none of its instances arrived for SERIES_IDLE_SECONDS: each arrival puts
 the series' ``next_attempt_at`` that far ahead (:func:`hold_series`), which keeps the periodic
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from django.utils import timezone
 
-from sendit.relay.ingest import IngestReport, ingest_new_file, ingest_new_files, ingest_paths, walk
+from sendit.relay.ingest import Entry, IngestReport, entry_for, ingest_new_file, ingest_new_files, ingest_paths, walk
 from sendit.relay.models import Series
 from sendit.relay.runtime import config
 
@@ -81,11 +82,27 @@ def keep(data: bytes) -> IngestReport:
     arriving = _Arriving(data)
     syncing = _SYNC.submit(arriving.durable)
     try:
-        return ingest_new_file(arriving.final, arriving.temporary, syncing.result)
+        return ingest_new_file(_entry(arriving.final), data, arriving.temporary, syncing.result)
     finally:
         with contextlib.suppress(BaseException):
             syncing.result()  # never return with the fsync still running on this file
 
+
+def _entry(final: Path) -> Entry:
+    """How ``final`` is recorded: :func:`sendit.relay.ingest.entry_for`, worked out once per folder
+    (every name in it has the same length) rather than with a dozen system calls per instance."""
+    folder = final.parent
+    known = _NAMES.get(folder)
+    if known is None:
+        entry = entry_for(final)
+        if entry.problem or not entry.name.endswith("/" + final.name):
+            return entry  # not the plain case: named and judged each time
+        known = _NAMES[folder] = entry.name[: -len(final.name)]
+    return Entry(final, known + final.name)
+
+
+#: received folder → its recorded name with a trailing slash
+_NAMES: dict[Path, str] = {}
 
 #: threads that make arriving instances durable while their association's thread records them
 _SYNC = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sendit-fsync")
