@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, transaction
+from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -299,9 +299,10 @@ class _NotPlain(Exception):
 def ingest_new_file(entry: Entry, data: bytes, read_from: Path, before_commit: Callable[[], None]) -> IngestReport:
     """Record one instance that arrives at a fresh name (the listener's), while it is made durable.
 
-    ``entry`` is where it will be (as :func:`entry_for` names it); ``data`` its bytes, which
-    ``read_from`` (the temporary name, not yet fsynced) holds already; ``before_commit`` makes it
-    durable at ``entry.path`` (fsync, rename, fsync of the folder) and raises OSError when it
+    ``entry`` is where it will be (as :func:`entry_for` names it); ``data`` its bytes, being
+    written to ``read_from`` (the temporary name; named in a truncation's reason only);
+    ``before_commit`` waits until it is durable at ``entry.path`` (written, fsynced, renamed, the
+    folder fsynced) and raises OSError when it
     cannot. Its rows are written in one transaction whose commit waits for ``before_commit``: the
     database's work overlaps the fsync, and no row is ever committed for a file that is not
     durable (it raises, the transaction rolls back, and nothing is recorded).
@@ -328,9 +329,10 @@ def ingest_new_file(entry: Entry, data: bytes, read_from: Path, before_commit: C
 
 def _record_plain(entry: Entry, header: FileHeader, report: IngestReport) -> None:
     """The rows of one new instance (as ``_ingest_batch`` writes them), in the caller's transaction."""
-    if Image.objects.filter(sop_instance_uid=header.sop_instance_uid).exists():
+    known, series_id, series_status = _lookup(header.sop_instance_uid, header.series.series_uid)
+    if known:
         raise _NotPlain  # arrived again: a duplicate, a re-send, or a conflict
-    found = Series.objects.filter(series_uid=header.series.series_uid).values_list("id", "status").first()
+    found = None if series_id is None else (series_id, series_status)
     if found is None:
         Study.objects.bulk_create([Study(study_uid=header.series.study_uid)], ignore_conflicts=True)
         study = Study.objects.get(study_uid=header.series.study_uid)
@@ -355,6 +357,20 @@ def _record_plain(entry: Entry, header: FileHeader, report: IngestReport) -> Non
         refresh_series_status(Series.objects.get(pk=series_id))
     report.images += 1
     report.series_ids.add(series_id)
+
+
+def _lookup(sop_instance_uid: str, series_uid: str) -> tuple[bool, int | None, str | None]:
+    """In one round trip: is this instance recorded, and its series' id and status if it exists."""
+    image, series = Image._meta.db_table, Series._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT (SELECT 1 FROM {image} WHERE sop_instance_uid = %s),"  # noqa: S608 (table names, not input)
+            f" (SELECT id FROM {series} WHERE series_uid = %s),"
+            f" (SELECT status FROM {series} WHERE series_uid = %s)",
+            [sop_instance_uid, series_uid, series_uid],
+        )
+        known, series_id, status = cursor.fetchone()
+    return known is not None, series_id, status
 
 
 def _connection_trouble(exc: Exception) -> bool:

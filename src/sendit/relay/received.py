@@ -71,8 +71,8 @@ def make_durable(data: bytes) -> Path:
 def keep(data: bytes) -> IngestReport:
     """Keep one arriving instance and record it: what the listener does before it answers Success.
 
-    The bytes are written to a temporary name (:class:`_Arriving`); the fsync, the rename and the
-    folder's fsync then run on a thread of their own while this one reads the header and writes the
+    The bytes are written to a temporary name, fsynced, renamed and the folder fsynced
+    (:class:`_Arriving`) on a thread of their own while this one reads the header and writes the
     rows (:func:`sendit.relay.ingest.ingest_new_file`), whose commit waits for the file to be durable.
     So on return the instance is both durable and recorded, in about the time of the slower of the
     two rather than their sum. Raises OSError when it could not be made durable (nothing is recorded
@@ -109,49 +109,40 @@ _SYNC = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sendit-fsync")
 
 
 class _Arriving:
-    """One arriving instance: written to its temporary name at once; :meth:`durable` does the rest."""
+    """One arriving instance: its names now; :meth:`durable` writes and keeps it (on a thread of its own
+    in :func:`keep`, so that the association's thread gives up the GIL as seldom as possible)."""
 
     def __init__(self, data: bytes) -> None:
-        folder = received_folder()
-        if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
-            _fsync_folder(folder.parent)
-        self.folder = folder
+        self.data = data
+        self.folder = received_folder()
         name = uuid.uuid4().hex
-        self.temporary = folder / f".{name}{PART_SUFFIX}"
-        self.final = folder / f"{name}.dcm"
-        self._descriptor = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._descriptor, view)
-                view = view[written:]
-        except BaseException:
-            self._discard()
-            raise
+        self.temporary = self.folder / f".{name}{PART_SUFFIX}"
+        self.final = self.folder / f"{name}.dcm"
 
     def durable(self) -> None:
-        """fsync, rename to the final name, fsync the folder. Raises OSError; then nothing is left."""
+        """Write, fsync, rename to the final name, fsync the folder. Raises OSError; then nothing is left."""
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _fsync_folder(self.folder.parent)
+        descriptor = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.fsync(self._descriptor)
-            os.close(self._descriptor)
-            self._descriptor = -1
+            try:
+                view = memoryview(self.data)
+                while view:
+                    written = os.write(descriptor, view)
+                    view = view[written:]
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
             os.rename(self.temporary, self.final)
         except BaseException:
-            self._discard()
+            self.temporary.unlink(missing_ok=True)
             raise
         try:
             _fsync_folder(self.folder)
         except BaseException:  # not known to be durable: not kept, and not left for recover() either
             self.final.unlink(missing_ok=True)
             raise
-
-    def _discard(self) -> None:
-        if self._descriptor >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._descriptor)
-            self._descriptor = -1
-        self.temporary.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:
