@@ -129,11 +129,14 @@ def null_scp(port: int) -> None:
     Same AE settings and connection tuning as the listener (sendit.relay.listener)."""
     from pynetdicom import evt
 
-    from sendit.relay.scp import make_ae, tune_association
+    from sendit.relay.scp import busy, make_ae, shorten_acceptor_loop, tune_association
+
+    shorten_acceptor_loop()
 
     with open(os.devnull, "wb") as null:
 
         def store(event: evt.Event) -> int:
+            busy()
             null.write(event.encoded_dataset(include_meta=True))
             return 0x0000  # Success
 

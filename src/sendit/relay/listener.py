@@ -31,7 +31,7 @@ from sendit.destinations.commitment import parse_report
 from sendit.relay import commitments, received
 from sendit.relay.callers import addresses, parse_callers, tls_context
 from sendit.relay.pipeline import is_no_space
-from sendit.relay.scp import make_ae, tune_association
+from sendit.relay.scp import busy, make_ae, shorten_acceptor_loop, tune_association
 
 log = logging.getLogger("sendit.listener")
 
@@ -87,6 +87,8 @@ class Listener:
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_N_EVENT_REPORT, self._commitment_report),
         ]
+        if not shorten_acceptor_loop():
+            log.info("pynetdicom's acceptor loop keeps its 1 ms sleep (not the pynetdicom this was tuned for)")
         context = tls_context(self.cfg.LISTEN_TLS_CERT, self.cfg.LISTEN_TLS_KEY, self.cfg.LISTEN_TLS_CA)
         server = self.ae.start_server(
             (self.cfg.LISTEN_HOST, self.cfg.LISTEN_PORT), block=False, evt_handlers=handlers, ssl_context=context
@@ -195,6 +197,7 @@ class Listener:
     def _store(self, event: evt.Event) -> int | Dataset:
         """1. Keep the instance: durable and recorded (at once, :func:`received.keep`). 2. Track its series.
         Then answer."""
+        busy()  # the next request of this association is looked for sooner
         data = event.encoded_dataset(include_meta=True)
         try:
             report = received.keep(data)  # durable and recorded, or raises
