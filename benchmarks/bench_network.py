@@ -5,6 +5,8 @@
      association; storescu returns once every instance was answered, and the listener answers
      Success only once an instance is fsynced, renamed and recorded; the run then checks that
      every instance is recorded (SQLite, read directly)
+  p) DCMTK storescu -> a bare pynetdicom SCP (the listener's settings) that writes each instance
+     to /dev/null: what pynetdicom itself costs per instance (the floor for the listener)
   f) each file written, fsynced and renamed, nothing else: what durability alone costs here
   d) Orthanc REST POST /instances with 4 connections (OrthancRestDestination)
   s) Sendit's STOW-RS destination (DicomWebDestination, DICOMWEB_BATCH per request, 4 requests at
@@ -122,6 +124,42 @@ def step_listener(src: Path, work: Path, files: int, database_url: str) -> float
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def null_scp(port: int) -> None:
+    """A pynetdicom SCP that keeps nothing: each C-STORE written to /dev/null, answered Success.
+    Same AE settings and connection tuning as the listener (sendit.relay.listener)."""
+    from pynetdicom import evt
+
+    from sendit.relay.scp import busy, make_ae, shorten_acceptor_loop, tune_association
+
+    shorten_acceptor_loop()
+
+    with open(os.devnull, "wb") as null:
+
+        def store(event: evt.Event) -> int:
+            busy()
+            null.write(event.encoded_dataset(include_meta=True))
+            return 0x0000  # Success
+
+        ae = make_ae("SENDIT")
+        handlers = [(evt.EVT_C_STORE, store), (evt.EVT_CONN_OPEN, tune_association)]
+        ae.start_server(("127.0.0.1", port), block=True, evt_handlers=handlers)
+
+
+def step_null_scp(src: Path) -> float:
+    port = _free_port()
+    scp = subprocess.Popen([sys.executable, __file__, "--null-scp", str(port)], start_new_session=True)
+    try:
+        _wait_for_port(port, scp)
+        cmd = [STORESCU, "-aet", "STORESCU", "-aec", "SENDIT", "--max-pdu", "131072", "+sd", "+r"]
+        cmd += ["127.0.0.1", str(port), str(src)]
+        return timed(
+            lambda: subprocess.run(cmd, env=dict(os.environ, TCP_NODELAY="1"), check=True, capture_output=True)
+        )
+    finally:
+        scp.terminate()
+        scp.wait(timeout=30)
+
+
 def step_fsync_floor(paths: list[Path], work: Path) -> float:
     """What durability alone costs on this disk: each file written, fsynced, renamed, folder fsynced."""
     folder = work / "fsync"
@@ -190,8 +228,12 @@ def main() -> None:
     parser.add_argument("--series-size", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3, help="best of N rounds per step, steps interleaved")
     parser.add_argument("--database-url", default="", help="the listener's database (default SQLite)")
-    parser.add_argument("--steps", default="cLfds", help="which steps (letters above)")
+    parser.add_argument("--steps", default="cLpfds", help="which steps (letters above)")
+    parser.add_argument("--null-scp", type=int, default=0, help=argparse.SUPPRESS)  # step p's server
     args = parser.parse_args()
+    if args.null_scp:
+        null_scp(args.null_scp)
+        return
     work = Path(tempfile.mkdtemp(prefix="sendit-bench-network-"))
     try:
         src = work / "in"
@@ -202,6 +244,7 @@ def main() -> None:
         steps: dict[str, Callable[[], float]] = {
             "c": lambda: step_storescu(src, work, n),
             "L": lambda: step_listener(src, work, n, args.database_url),
+            "p": lambda: step_null_scp(src),
             "f": lambda: step_fsync_floor(paths, work),
             "d": lambda: step_rest(paths, work),
             "s": lambda: step_stow(paths, work),
@@ -209,6 +252,7 @@ def main() -> None:
         labels = {
             "c": "c) storescu -> Orthanc, 1 assoc",
             "L": "L) storescu -> Sendit listener (durable + recorded)",
+            "p": "p) storescu -> pynetdicom SCP into /dev/null (floor)",
             "f": "f) write + fsync + rename each file (durability floor)",
             "d": "d) REST POST /instances -> Orthanc, 4 conns",
             "s": "s) STOW-RS -> Orthanc DICOMweb, 4 requests at once",
@@ -226,6 +270,10 @@ def main() -> None:
             print(f"{labels[letter]:<55} {rates[letter]:8.0f} files/s")
         if "L" in rates and "c" in rates:
             print(f"{'L / c (target >= 0.8)':<55} {rates['L'] / rates['c']:8.2f}")
+        if "L" in rates and "p" in rates:
+            print(f"{'L / p (the listener against bare pynetdicom)':<55} {rates['L'] / rates['p']:8.2f}")
+        if "p" in rates and "c" in rates:
+            print(f"{'p / c (bare pynetdicom against Orthanc)':<55} {rates['p'] / rates['c']:8.2f}")
         if "L" in rates and "f" in rates:
             print(f"{'L / f (the listener against fsync alone)':<55} {rates['L'] / rates['f']:8.2f}")
         if "s" in rates and "d" in rates:

@@ -84,6 +84,64 @@ def test_a_duplicate_arrival_is_skipped_and_moved_out(sendit_dirs: dict[str, Pat
     assert Series.objects.count() == 1 and Image.objects.count() == 1
 
 
+def test_keep_records_an_instance_as_record_does(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The listener's path (rows written while the file is fsynced) records what the folder's would."""
+    series_uid = generate_uid()
+    report = received.keep(write_ct(tmp_path / "a.dcm", series_uid=series_uid).read_bytes())
+    image = Image.objects.get()
+    assert report.images == 1 and report.series_ids == {image.series_id} and image.status == Status.NEW
+    assert image.series.series_uid == series_uid and image.series.status == Status.NEW
+    kept = sendit_dirs["INPUT_FOLDER"] / image.path
+    assert kept.is_file() and image.size == kept.stat().st_size
+    assert image.events.filter(to_status=Status.NEW, reason="ingested").count() == 1
+    assert not any(name.endswith(".part") for name in os.listdir(kept.parent))
+    again = received.keep(kept.read_bytes())  # the sender sends it again: a duplicate, as for the folder
+    assert again.skipped == 1 and Image.objects.count() == 1
+
+
+def test_an_instance_that_cannot_be_made_durable_is_not_recorded(
+    sendit_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are written before the fsync ends, but committed only after: a failed fsync (disk
+    full) leaves no row and no file, and keep raises, so the listener answers 0xA700."""
+    data = write_ct(tmp_path / "a.dcm", series_uid=generate_uid()).read_bytes()
+
+    def no_space(descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(received.os, "fsync", no_space)
+    with pytest.raises(OSError):
+        received.keep(data)
+    assert not Image.objects.exists() and not Series.objects.exists()
+    assert os.listdir(received.received_folder()) == []
+    monkeypatch.undo()
+    assert received.keep(data).images == 1  # the sender's retry is kept
+
+
+def test_a_crash_between_fsync_and_commit_loses_nothing(
+    sendit_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the file was durable, before its rows were committed: never answered Success, so
+    the sender sends it again; the next start records the file, and the two become one image."""
+    data = write_ct(tmp_path / "a.dcm", series_uid=generate_uid()).read_bytes()
+    real = received.ingest_new_file
+
+    def killed(entry, data, read_from, before_commit):  # type: ignore[no-untyped-def]
+        before_commit()
+        raise SystemExit("killed before the commit")
+
+    monkeypatch.setattr(received, "ingest_new_file", killed)
+    with pytest.raises(SystemExit):
+        received.keep(data)
+    assert not Image.objects.exists()
+    left = [name for name in os.listdir(received.received_folder())]
+    assert len(left) == 1 and left[0].endswith(".dcm")  # durable, unrecorded
+    monkeypatch.setattr(received, "ingest_new_file", real)
+    assert received.recover().images == 1  # the next start
+    assert received.keep(data).skipped == 1  # the sender's retry
+    assert Image.objects.count() == 1
+
+
 def test_allowed_callers_are_parsed_and_checked(tmp_path: Path) -> None:
     assert parse_callers(" CT1, PACS@10.0.0.5 ,,") == [Caller("CT1"), Caller("PACS", "10.0.0.5")]
     with pytest.raises(ValueError, match="not an AE title"):

@@ -368,3 +368,32 @@ def test_sendit_import_wait_with_worker_processes_goes_through_the_bucket(s3_buc
     assert [path for path in incoming.rglob("*") if path.is_file()] == []  # uploaded, then removed
     assert s3_bucket.keys() == []  # and cleaned up from the bucket after DONE
     assert s3_bucket.settings["S3_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+
+
+def test_an_instance_received_over_dicom_is_uploaded_and_recorded_before_success(
+    bucket: Bucket, sendit_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The listener's path (sendit.relay.received.keep) with originals in the bucket: what it returns
+    for is in the bucket and recorded, and no local copy is left; with the bucket unreachable it
+    raises (the listener answers 0xA701) and the durable file is recorded once the bucket is back."""
+    from pydicom.uid import generate_uid
+
+    from sendit.relay import received
+    from tests.orthanc import write_ct
+
+    data = write_ct(tmp_path / "a.dcm", series_uid=generate_uid()).read_bytes()
+    report = received.keep(data)
+    image = Image.objects.get()
+    assert report.images == 1 and image.stored_key and image.sha256 == hashlib.sha256(data).hexdigest()
+    assert bucket.read(image.stored_key) == data
+    assert input_files(sendit_dirs) == []  # uploaded and recorded: the local copy went
+
+    second = write_ct(tmp_path / "b.dcm", series_uid=generate_uid()).read_bytes()
+    gate_of(bucket).close()
+    with pytest.raises(StoreError):
+        received.keep(second)
+    connection.close()
+    assert Image.objects.count() == 1 and len(input_files(sendit_dirs)) == 1  # durable, not recorded
+    gate_of(bucket).open()
+    assert received.recover().images == 1  # the next start (the sender's retry would be SKIPPED)
+    assert Image.objects.count() == 2 and input_files(sendit_dirs) == []

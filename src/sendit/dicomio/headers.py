@@ -13,12 +13,14 @@ missing UID the same way (:func:`missing_uids`).
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -107,23 +109,37 @@ def _read_header(path: Path) -> FileHeader | RejectedFile:
         status = os.fstat(handle.fileno())
         if not stat.S_ISREG(status.st_mode):
             return RejectedFile(NOT_REGULAR)
-        size = status.st_size
-        if size == 0:
-            return RejectedFile("empty file")
+        return _parse_header(handle, status.st_size, path)
+
+
+def read_header_of_bytes(data: bytes, path: Path) -> FileHeader | RejectedFile:
+    """:func:`read_header` of a file whose bytes are at hand (an instance the listener just received
+    and wrote to ``path``): the same rules and reasons, without reading the file back."""
+    with quiet():
         try:
-            ds = dcmread(handle, stop_before_pixels=True)
-            pixel_start = handle.tell()
-            if pixel_data_cut_short(handle, pixel_start, size, ds.is_little_endian, ds.is_implicit_VR):
-                return RejectedFile(f"{TRUNCATED}: pixel data shorter than declared")
-            # every value is read inside this ``try``: pydicom converts lazily, and an unknown VR or a
-            # damaged value raises only here
-            return _header_of(ds, path, pixel_start, size)
-        except InvalidDicomError:
-            return RejectedFile("not a DICOM file (no DICM preamble or valid header)")
-        except (EOFError, struct.error):
-            return RejectedFile(f"{TRUNCATED}: header ends early")
-        except Exception as exc:  # pydicom raises many types for damaged headers; the type only, no value
+            return _parse_header(io.BytesIO(data), len(data), path)
+        except Exception as exc:  # a last line, as in read_header
             return RejectedFile(f"unreadable DICOM header ({type(exc).__name__})")
+
+
+def _parse_header(handle: BinaryIO, size: int, path: Path) -> FileHeader | RejectedFile:
+    """The header rules, on an open file of ``size`` bytes (``path`` names it for a truncation's reason)."""
+    if size == 0:
+        return RejectedFile("empty file")
+    try:
+        ds = dcmread(handle, stop_before_pixels=True)
+        pixel_start = handle.tell()
+        if pixel_data_cut_short(handle, pixel_start, size, ds.is_little_endian, ds.is_implicit_VR):
+            return RejectedFile(f"{TRUNCATED}: pixel data shorter than declared")
+        # every value is read inside this ``try``: pydicom converts lazily, and an unknown VR or a
+        # damaged value raises only here
+        return _header_of(ds, path, pixel_start, size)
+    except InvalidDicomError:
+        return RejectedFile("not a DICOM file (no DICM preamble or valid header)")
+    except (EOFError, struct.error):
+        return RejectedFile(f"{TRUNCATED}: header ends early")
+    except Exception as exc:  # pydicom raises many types for damaged headers; the type only, no value
+        return RejectedFile(f"unreadable DICOM header ({type(exc).__name__})")
 
 
 def _header_of(ds: Dataset, path: Path, pixel_start: int, size: int) -> FileHeader | RejectedFile:

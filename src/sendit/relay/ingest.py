@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from django.db import DatabaseError, InterfaceError, OperationalError, transaction
+from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, Kind, RejectedFile, read_header
+from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, Kind, RejectedFile, read_header, read_header_of_bytes
 from sendit.dicomio import walk as walk_folder
 from sendit.relay import files, runtime
 from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Status, Study
@@ -290,6 +290,87 @@ def ingest_new_files(paths: Iterable[Path]) -> IngestReport:
     if batch:
         _ingest_chunk(batch, report)
     return report
+
+
+class _NotPlain(Exception):
+    """This instance needs the general path (a duplicate, a conflict, a rejection): decided there."""
+
+
+def ingest_new_file(entry: Entry, data: bytes, read_from: Path, before_commit: Callable[[], None]) -> IngestReport:
+    """Record one instance that arrives at a fresh name (the listener's), while it is made durable.
+
+    ``entry`` is where it will be (as :func:`entry_for` names it); ``data`` its bytes, being
+    written to ``read_from`` (the temporary name; named in a truncation's reason only);
+    ``before_commit`` waits until it is durable at ``entry.path`` (written, fsynced, renamed, the
+    folder fsynced) and raises OSError when it
+    cannot. Its rows are written in one transaction whose commit waits for ``before_commit``: the
+    database's work overlaps the fsync, and no row is ever committed for a file that is not
+    durable (it raises, the transaction rolls back, and nothing is recorded).
+
+    The plain case only (a new instance, no object store, a readable header): its series' status is
+    recomputed only when it is not NEW (a NEW image added to a NEW series leaves it NEW). Anything
+    else (a duplicate, a conflict, a rejection, originals uploaded to a store) goes through
+    :func:`ingest_new_files` once the file is durable, exactly as before. Raises when the database fails.
+    """
+    header = read_header_of_bytes(data, read_from)  # from memory: no file read back, no syscalls
+    if entry.problem or isinstance(header, RejectedFile) or runtime.store() is not None:
+        before_commit()
+        return ingest_new_files([entry.path])
+    report = IngestReport()
+    try:
+        with transaction.atomic():
+            _record_plain(entry, header, report)
+            before_commit()
+    except (_NotPlain, IntegrityError):  # rolled back: the general path decides, with the file durable
+        before_commit()  # raises again if it failed; a no-op once it succeeded
+        return ingest_new_files([entry.path])
+    return report
+
+
+def _record_plain(entry: Entry, header: FileHeader, report: IngestReport) -> None:
+    """The rows of one new instance (as ``_ingest_batch`` writes them), in the caller's transaction."""
+    known, series_id, series_status = _lookup(header.sop_instance_uid, header.series.series_uid)
+    if known:
+        raise _NotPlain  # arrived again: a duplicate, a re-send, or a conflict
+    found = None if series_id is None else (series_id, series_status)
+    if found is None:
+        Study.objects.bulk_create([Study(study_uid=header.series.study_uid)], ignore_conflicts=True)
+        study = Study.objects.get(study_uid=header.series.study_uid)
+        Series.objects.bulk_create(
+            [
+                Series(
+                    study=study,
+                    series_uid=header.series.series_uid,
+                    modality=header.series.modality[:16],
+                    header=asdict(header.series),
+                )
+            ],
+            ignore_conflicts=True,
+        )
+        found = Series.objects.filter(series_uid=header.series.series_uid).values_list("id", "status").get()
+    series_id, series_status = found
+    image = Image.objects.create(
+        series_id=series_id, sop_instance_uid=header.sop_instance_uid, path=entry.name, size=header.size
+    )
+    Event.objects.create(series_id=series_id, image=image, to_status=Status.NEW, reason="ingested")
+    if series_status != Status.NEW:  # a NEW image in a NEW series leaves it NEW (aggregate_status)
+        refresh_series_status(Series.objects.get(pk=series_id))
+    report.images += 1
+    report.series_ids.add(series_id)
+
+
+def _lookup(sop_instance_uid: str, series_uid: str) -> tuple[bool, int | None, str | None]:
+    """In one round trip: is this instance recorded, and its series' id and status if it exists."""
+    image, series = Image._meta.db_table, Series._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT (SELECT 1 FROM {image} WHERE sop_instance_uid = %s),"  # noqa: S608 (table names, not input)
+            f" (SELECT id FROM {series} WHERE series_uid = %s),"
+            f" (SELECT status FROM {series} WHERE series_uid = %s)",
+            [sop_instance_uid, series_uid, series_uid],
+        )
+        known, series_id, status = cursor.fetchone()
+    return known is not None, series_id, status
 
 
 def _connection_trouble(exc: Exception) -> bool:

@@ -15,9 +15,7 @@ Orthanc's StableAge): a thread of the listener enqueues it then.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,15 +23,15 @@ from typing import Any
 
 from django.db import connection
 from pydicom import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from sendit.config import Config
-from sendit.destinations.commitment import STORAGE_COMMITMENT_PUSH, parse_report
+from sendit.destinations.commitment import parse_report
 from sendit.relay import commitments, received
 from sendit.relay.callers import addresses, parse_callers, tls_context
 from sendit.relay.pipeline import is_no_space
+from sendit.relay.scp import busy, make_ae, shorten_acceptor_loop, tune_association
 
 log = logging.getLogger("sendit.listener")
 
@@ -75,19 +73,7 @@ class Listener:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._hand_over_idle, name="sendit-listener-idle", daemon=True)
         self.server: ThreadedAssociationServer | None = None
-        self.ae = self._make_ae()
-
-    def _make_ae(self) -> AE:
-        ae = AE(ae_title=self.cfg.LISTEN_AET)
-        ae.add_supported_context(Verification)
-        # the peer of a storage commitment request reports on an association of its own, in the SCP role
-        ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
-        for context in AllStoragePresentationContexts:
-            if context.abstract_syntax is not None:
-                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.maximum_pdu_size = 131072
-        ae.require_called_aet = True
-        return ae
+        self.ae = make_ae(cfg.LISTEN_AET)
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -101,6 +87,8 @@ class Listener:
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_N_EVENT_REPORT, self._commitment_report),
         ]
+        if not shorten_acceptor_loop():
+            log.info("pynetdicom's acceptor loop keeps its 1 ms sleep (not the pynetdicom this was tuned for)")
         context = tls_context(self.cfg.LISTEN_TLS_CERT, self.cfg.LISTEN_TLS_KEY, self.cfg.LISTEN_TLS_CA)
         server = self.ae.start_server(
             (self.cfg.LISTEN_HOST, self.cfg.LISTEN_PORT), block=False, evt_handlers=handlers, ssl_context=context
@@ -186,11 +174,7 @@ class Listener:
             event.assoc.kill()  # as pynetdicom's own rejection does: the DUL sends the A-ASSOCIATE-RJ, then stops
 
     def _connected(self, event: evt.Event) -> None:
-        """TCP_NODELAY: a C-STORE response must not wait for Nagle (DESIGN.md, ~45 ms each)."""
-        sock = event.assoc.dul.socket
-        if sock is not None and sock.socket is not None:
-            with contextlib.suppress(OSError):
-                sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_association(event)
 
     def _closed(self, event: evt.Event) -> None:
         connection.close()  # this association's thread is done with its database connection
@@ -211,16 +195,16 @@ class Listener:
         return SUCCESS, None
 
     def _store(self, event: evt.Event) -> int | Dataset:
-        """1. Keep the instance (durable). 2. Record it. 3. Track its series. Then answer."""
+        """1. Keep the instance: durable and recorded (at once, :func:`received.keep`). 2. Track its series.
+        Then answer."""
+        busy()  # the next request of this association is looked for sooner
         data = event.encoded_dataset(include_meta=True)
         try:
-            path = received.make_durable(data)
+            report = received.keep(data)  # durable and recorded, or raises
         except OSError as exc:
             why = "disk full" if is_no_space(exc) else f"cannot write ({type(exc).__name__})"
             log.error("a received instance was not kept: %s; answered 0x%04X", why, NOT_KEPT)
             return _status(NOT_KEPT, f"Sendit: {why}; instance not kept")
-        try:
-            report = received.record(path)
         except Exception as exc:
             log.error("a received instance was not recorded (%s); answered 0x%04X", type(exc).__name__, NOT_RECORDED)
             connection.close()  # a broken connection is not reused by this association's next store

@@ -4,10 +4,11 @@ their series is idle.
 An instance is written under a hidden folder of the input folder (``.sendit-received/<host>``,
 which the watcher never reads: hidden names are skipped; one folder per host, so that with a shared
 input folder each listener recovers only what it wrote itself), first to a hidden temporary name, fsynced, then
-renamed to its final name and the folder fsynced (:func:`make_durable`, the one place that decides
-where and how an arriving instance is kept). It is then recorded as an Image exactly as a file of
-the input folder is (:func:`sendit.relay.ingest.ingest_new_files`): duplicates and conflicts behave
-as for the folder. Only then does the listener answer Success.
+renamed to its final name and the folder fsynced (:class:`_Arriving`, the one place that decides
+where and how an arriving instance is kept). It is recorded as an Image exactly as a file of the
+input folder is, while the fsync runs, in a transaction that commits only once the file is durable
+(:func:`keep`): duplicates and conflicts behave as for the folder. Only then does the listener
+answer Success.
 
 A series is complete when none of its instances arrived for SERIES_IDLE_SECONDS: each arrival puts
 the series' ``next_attempt_at`` that far ahead (:func:`hold_series`), which keeps the periodic
@@ -21,18 +22,20 @@ the next scan of a folder would.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
 from django.utils import timezone
 
-from sendit.relay.ingest import IngestReport, ingest_new_files, ingest_paths, walk
+from sendit.relay.ingest import Entry, IngestReport, entry_for, ingest_new_file, ingest_new_files, ingest_paths, walk
 from sendit.relay.models import Series
 from sendit.relay.runtime import config
 
@@ -58,31 +61,88 @@ def make_durable(data: bytes) -> Path:
     3. fsync the folder, so that the rename itself survives a power cut.
 
     Returns the final path. Raises OSError (disk full, folder unwritable); then nothing is left
-    behind. This is the one function to change to keep instances elsewhere (a storage bucket).
+    behind. :func:`keep` does the same while the database records it.
     """
-    folder = received_folder()
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        _fsync_folder(folder.parent)
-    name = uuid.uuid4().hex
-    temporary = folder / f".{name}{PART_SUFFIX}"
-    final = folder / f"{name}.dcm"
+    arriving = _Arriving(data)
+    arriving.durable()
+    return arriving.final
+
+
+def keep(data: bytes) -> IngestReport:
+    """Keep one arriving instance and record it: what the listener does before it answers Success.
+
+    The bytes are written to a temporary name, fsynced, renamed and the folder fsynced
+    (:class:`_Arriving`) on a thread of their own while this one reads the header and writes the
+    rows (:func:`sendit.relay.ingest.ingest_new_file`), whose commit waits for the file to be durable.
+    So on return the instance is both durable and recorded, in about the time of the slower of the
+    two rather than their sum. Raises OSError when it could not be made durable (nothing is recorded
+    and nothing left behind), anything else when the database failed (the file is then durable and
+    unrecorded, as after a crash between the two: :func:`record` explains, :func:`recover` records it).
+    """
+    arriving = _Arriving(data)
+    syncing = _SYNC.submit(arriving.durable)
     try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return ingest_new_file(_entry(arriving.final), data, arriving.temporary, syncing.result)
+    finally:
+        with contextlib.suppress(BaseException):
+            syncing.result()  # never return with the fsync still running on this file
+
+
+def _entry(final: Path) -> Entry:
+    """How ``final`` is recorded: :func:`sendit.relay.ingest.entry_for`, worked out once per folder
+    (every name in it has the same length) rather than with a dozen system calls per instance."""
+    folder = final.parent
+    known = _NAMES.get(folder)
+    if known is None:
+        entry = entry_for(final)
+        if entry.problem or not entry.name.endswith("/" + final.name):
+            return entry  # not the plain case: named and judged each time
+        known = _NAMES[folder] = entry.name[: -len(final.name)]
+    return Entry(final, known + final.name)
+
+
+#: received folder → its recorded name with a trailing slash
+_NAMES: dict[Path, str] = {}
+
+#: threads that make arriving instances durable while their association's thread records them
+_SYNC = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sendit-fsync")
+
+
+class _Arriving:
+    """One arriving instance: its names now; :meth:`durable` writes and keeps it (on a thread of its own
+    in :func:`keep`, so that the association's thread gives up the GIL as seldom as possible)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.folder = received_folder()
+        name = uuid.uuid4().hex
+        self.temporary = self.folder / f".{name}{PART_SUFFIX}"
+        self.final = self.folder / f"{name}.dcm"
+
+    def durable(self) -> None:
+        """Write, fsync, rename to the final name, fsync the folder. Raises OSError; then nothing is left."""
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _fsync_folder(self.folder.parent)
+        descriptor = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(descriptor, view)
-                view = view[written:]
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.rename(temporary, final)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_folder(folder)
-    return final
+            try:
+                view = memoryview(self.data)
+                while view:
+                    written = os.write(descriptor, view)
+                    view = view[written:]
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            os.rename(self.temporary, self.final)
+        except BaseException:
+            self.temporary.unlink(missing_ok=True)
+            raise
+        try:
+            _fsync_folder(self.folder)
+        except BaseException:  # not known to be durable: not kept, and not left for recover() either
+            self.final.unlink(missing_ok=True)
+            raise
 
 
 def _fsync_folder(folder: Path) -> None:
