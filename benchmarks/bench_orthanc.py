@@ -394,6 +394,8 @@ def main() -> None:
         if "c" in rates:
             print(f"e/c = {rates['e'] / rates['c']:.2f} (target >= 0.7)   e/d = {rates['e'] / rates['d']:.2f}")
             print(f"pipeline only: e/c = {rates['e0'] / rates['c']:.2f}   e/d = {rates['e0'] / rates['d']:.2f}")
+        if e_cpu:
+            print(f"CPU per file, Sendit's processes and Orthanc's together, e: {min(e_cpu) * 1000 / n:.1f} ms")
         if "f" in rates and "d" in rates:
             print(f"f/d = {rates['f'] / rates['d']:.2f}   f/c = {rates['f'] / rates['c']:.2f}")
         if "g" in rates:
