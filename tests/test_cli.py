@@ -92,9 +92,9 @@ def test_import_wait_exits_zero_when_all_done(configured: Path) -> None:
 
 
 def test_import_wait_with_a_series_split_across_chunks_delivers_every_image_once(configured: Path) -> None:
-    """Several workers start on the first ingested chunk while the rest is read. Series X has files
-    in two folders that the walk reaches in different chunks (a/ then, after Y, b/): X is processed
-    in two runs, and still every image ends DONE and is delivered exactly once."""
+    """Series X has files in two folders that the walk reaches apart (a/, then Y's b/, then c/), 400
+    files with 3 workers: every image ends DONE and is delivered exactly once (also the case that
+    an import overlapping ingest with processing must keep: X would be processed in two runs)."""
     import random
 
     import numpy as np
