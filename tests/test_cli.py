@@ -91,6 +91,47 @@ def test_import_wait_exits_zero_when_all_done(configured: Path) -> None:
     assert len(list((configured / "data" / "output").rglob("*.dcm"))) == len(written)
 
 
+def test_import_wait_with_a_series_split_across_chunks_delivers_every_image_once(configured: Path) -> None:
+    """Series X has files in two folders that the walk reaches apart (a/, then Y's b/, then c/), 400
+    files with 3 workers: every image ends DONE and is delivered exactly once (also the case that
+    an import overlapping ingest with processing must keep: X would be processed in two runs)."""
+    import random
+
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from sendit.demo import UID_ROOT, Study, make_image, make_patient
+
+    rng = random.Random(3)
+    study = Study(
+        study_uid=generate_uid(prefix=UID_ROOT),
+        frame_of_reference_uid=generate_uid(prefix=UID_ROOT),
+        first_image_uid=generate_uid(prefix=UID_ROOT),
+        date="20240105",
+        time="101010",
+        accession="A12345678",
+        study_id="1",
+        referring="Doe^John^^Dr",
+    )
+    patient, pixels = make_patient(rng, 0), np.random.default_rng(3)
+    folder = configured / "incoming"
+    layout = {"X": [("a", 150), ("c", 100)], "Y": [("b", 150)]}  # the walk reads a/, b/, c/
+    for name, parts in layout.items():
+        series_uid = generate_uid(prefix=UID_ROOT)
+        instance = 0
+        for sub, count in parts:
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            for _ in range(count):
+                instance += 1
+                ds = make_image(patient, study, series_uid, 1 if name == "X" else 2, "CT", instance, 16, pixels)
+                ds.save_as(folder / sub / f"{name}{instance:04d}.dcm", enforce_file_format=True)
+    result = sendit(configured, "import", str(folder), "--wait", env=cli_env(configured, SENDIT_WORKERS="3"))
+    assert result.returncode == 0, result.stderr
+    assert "DONE 400" in result.stderr
+    delivered = [pydicom.dcmread(path).SOPInstanceUID for path in (configured / "data" / "output").rglob("*.dcm")]
+    assert len(delivered) == 400 and len(set(delivered)) == 400
+
+
 def test_check_masks_secrets_and_reports_bad_values(configured: Path) -> None:
     result = sendit(configured, "check")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -126,3 +126,34 @@ def test_a_whole_read_says_whether_the_file_was_cut_short(sample: Path, tmp_path
     with pytest.raises(DeidError) as wrapped:
         Deidentifier("key").deidentify_file(cut, tmp_path / "out.dcm", Identifiers("P", "P", "A", 0))
     assert wrapped.value.reason.startswith("truncated DICOM file: ")
+
+
+def test_one_read_gives_the_parse_and_the_hash_of_exactly_those_bytes(sample: Path, tmp_path: Path) -> None:
+    """The relay reads each original once for both: the digest is the whole file's and the data set
+    is the one a plain read gives."""
+    import hashlib
+
+    from sendit.dicomio.reading import read_dicom_digest
+
+    ds, digest = read_dicom_digest(sample)
+    assert digest == hashlib.sha256(sample.read_bytes()).hexdigest()
+    assert ds == read_dicom(sample)
+    with pytest.raises(FileNotFoundError):  # the relay tells a vanished original from a bad one
+        read_dicom_digest(tmp_path / "gone.dcm")
+
+
+def test_the_digest_covers_bytes_a_reader_skipped_by_seeking(tmp_path: Path) -> None:
+    import hashlib
+    import io
+
+    from sendit.dicomio.reading import DigestingReader
+
+    data = bytes(range(256)) * 4096
+    reader = DigestingReader(io.BytesIO(data))
+    reader.read(10)
+    reader.seek(300_000)  # skips ahead, as a reader may over a value it does not need
+    reader.read(5)
+    reader.seek(2)  # and back
+    reader.read(100)
+    assert reader.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert reader.tell() == 102  # finishing the digest leaves the position where the reader was

@@ -68,7 +68,7 @@ from sendit.deid.uids import uid_remapper
 from sendit.deid.writer import InvalidElementError, write_part10
 from sendit.dicomio.headers import missing_uids
 from sendit.dicomio.quiet import quiet
-from sendit.dicomio.reading import UnreadableFile, read_dicom
+from sendit.dicomio.reading import UnreadableFile, read_dicom, read_dicom_digest
 from sendit.dicomio.tags import (
     SERIES_INSTANCE_UID,
     SOP_CLASS_UID,
@@ -154,6 +154,8 @@ class DeidResult:
     #: What the burned-in text step decided (an OCR reading and its confidence, regions blanked);
     #: empty when no rule applied. Free of PHI: it never holds what OCR read.
     pixels: str = ""
+    #: SHA-256 of the source file's bytes, the very bytes that were parsed (``digest=True`` only).
+    sha256: str = ""
 
 
 class _WalkState:
@@ -256,8 +258,12 @@ class Deidentifier:
 
     # -- files --------------------------------------------------------------------------------
 
-    def deidentify_file(self, src: Path, dst: Path, ids: Identifiers) -> DeidResult:
+    def deidentify_file(self, src: Path, dst: Path, ids: Identifiers, *, digest: bool = False) -> DeidResult:
         """Read ``src``, de-identify, write ``dst`` atomically (``.part`` then rename).
+
+        With ``digest`` the result carries the SHA-256 of ``src``, computed in the same read as the
+        parse (the relay's content identity of an original, without reading it twice); a missing
+        ``src`` then raises FileNotFoundError instead of DeidError.
 
         The transfer syntax and pixel data are kept byte for byte (nothing is decoded). On any
         failure no output file is left behind and :class:`DeidError` says why. A file without a SOP
@@ -265,8 +271,12 @@ class Deidentifier:
         """
         src, dst = Path(src), Path(dst)
         with quiet():
+            sha256 = ""
             try:
-                ds = read_dicom(src)
+                if digest:
+                    ds, sha256 = read_dicom_digest(src)
+                else:
+                    ds = read_dicom(src)
             except UnreadableFile as exc:
                 raise DeidError(exc.reason) from None
             if not first_text(ds, SOP_INSTANCE_UID):  # ingest refuses it too, in these words
@@ -298,6 +308,7 @@ class Deidentifier:
             patient_id=ids.patient_id,
             path=dst,
             pixels=outcome.note,
+            sha256=sha256,
         )
 
     # -- data sets ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ file (pydicom's own exception text may quote one, so it is dropped).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -69,12 +70,74 @@ def open_no_follow(path: Path) -> BinaryIO:
     return open(path, "rb", opener=lambda name, flags: os.open(name, flags | _OPEN_FLAGS))
 
 
+class DigestingReader:
+    """A file open for reading that feeds every byte to SHA-256 once, in file order, while a reader
+    (pydicom) consumes it, whatever it seeks: one pass over the disk gives both the parse and the
+    file's content identity, and the digest is of exactly the bytes that were parsed (a file replaced
+    between a separate hash and a separate read could not be told apart)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self._sha = hashlib.sha256()
+        self._hashed = 0  # bytes [0, _hashed) are in the digest
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._handle.tell()
+        if start > self._hashed:  # a forward seek skipped bytes: they go into the digest first, in order
+            self._catch_up(start)
+        data = self._handle.read(size)
+        end = start + len(data)
+        if end > self._hashed:
+            self._sha.update(memoryview(data)[self._hashed - start :])
+            self._hashed = end
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def _catch_up(self, until: int | None) -> None:
+        """Hash from where the digest stopped up to ``until`` (None: the end of the file)."""
+        here = self._handle.tell()
+        self._handle.seek(self._hashed)
+        while until is None or self._hashed < until:
+            chunk = self._handle.read(self.CHUNK if until is None else min(self.CHUNK, until - self._hashed))
+            if not chunk:
+                break
+            self._sha.update(chunk)
+            self._hashed += len(chunk)
+        self._handle.seek(here)
+
+    def hexdigest(self) -> str:
+        """The SHA-256 of the whole file (what the reader left unread is read now)."""
+        self._catch_up(None)
+        return self._sha.hexdigest()
+
+
+def read_dicom_digest(path: Path) -> tuple[Dataset, str]:
+    """:func:`read_dicom` of the whole file and the SHA-256 of its bytes, from one read of the file.
+
+    A file that is not there raises FileNotFoundError (the relay tells "gone" from "unreadable")."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        reader = DigestingReader(handle)
+        ds = _parse(reader, path, headers_only=False)
+        return ds, reader.hexdigest()
+
+
 def read_dicom(path: Path, *, headers_only: bool = False) -> Dataset:
     """Read a Part 10 file; a non-DICOM or (unless ``headers_only``) truncated file is refused."""
-    path = Path(path)
+    return _parse(Path(path), Path(path), headers_only=headers_only)
+
+
+def _parse(source: Path | DigestingReader, path: Path, *, headers_only: bool) -> Dataset:
     try:
         with quiet():
-            ds = dcmread(path, force=False, stop_before_pixels=headers_only)
+            ds = dcmread(source, force=False, stop_before_pixels=headers_only)  # type: ignore[arg-type]
     except FileNotFoundError:
         raise UnreadableFile("file not found") from None
     except InvalidDicomError:

@@ -422,11 +422,13 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
                 _quarantine(series, image, lease, "original was replaced by a symbolic link; not followed")
                 continue
             try:
-                digest = files.sha256_of(source)
+                # one read of the original for both its parse and its SHA-256 (of exactly those bytes)
+                result = engine.deidentify_file(source, mine, ids, digest=True)
+                digest = result.sha256
                 if image.stored_key and digest != image.sha256:  # fail closed: not the bytes ingested
+                    mine.unlink(missing_ok=True)
                     _quarantine(series, image, lease, "original in the storage bucket differs from the one ingested")
                     continue
-                result = engine.deidentify_file(source, mine, ids)
             except FileNotFoundError:
                 mine.unlink(missing_ok=True)
                 _quarantine(series, image, lease, "original file disappeared before de-identification")
@@ -917,6 +919,14 @@ def _clean_up_stored(series: Series, lease: Lease, rows: list[tuple[int, str, st
             files.working_copy(series.pk, image_id).unlink(missing_ok=True)
 
 
+def _replaced(path: str, digest: str) -> bool:
+    """Is the file now at an original's input path another one than the image was made from?"""
+    if not digest or not files.inside_input(path):
+        return False  # nothing Sendit would touch there
+    original = files.original(path)
+    return original.exists() and files.sha256_of(original) != digest
+
+
 def clean_up_done(series: Series, lease: Lease, keeper: LeaseKeeper) -> None:
     """Originals and working copies of DONE images go away (unless configured to keep them), once each.
 
@@ -930,27 +940,33 @@ def clean_up_done(series: Series, lease: Lease, keeper: LeaseKeeper) -> None:
     if stored:
         keeper.check()
         _clean_up_stored(series, lease, stored)
-    for image_id, path, digest in pending.filter(stored_key="").values_list("id", "path", "sha256"):
+    local = list(pending.filter(stored_key="").values_list("id", "path", "sha256"))
+    for start in range(0, len(local), cfg.BATCH_SIZE):  # one transaction per batch, not per image
         keeper.check()
-        original = files.original(path)
-        replaced = original.exists() and bool(digest) and files.sha256_of(original) != digest
+        rows = local[start : start + cfg.BATCH_SIZE]
+        # Hashed only where Sendit would move or remove the file (inside the input folder; the
+        # folder `sendit import` was given is the user's and left alone): another file at this
+        # path since is a new arrival, not ours to remove.
+        replaced = {image_id for image_id, path, digest in rows if _replaced(path, digest)}
         # The file operations run inside the fenced transaction: a worker that lost its lease (and
         # whose series was cleaned and perhaps received again meanwhile) removes nothing.
         with fenced(lease):
-            # names the status it expects: if it changes nothing, another writer moved the image on
-            marked = Image.objects.filter(pk=image_id, status=Status.DONE, cleaned_at__isnull=True).update(
-                cleaned_at=timezone.now()
-            )
-            if not marked:
-                continue
-            if replaced:
-                pass  # another file arrived at this path since: a new arrival, not ours to remove
-            elif cfg.KEEP_ORIGINALS:
-                files.set_aside(path, "kept")
-            else:
-                files.remove_original(path)
-            if not cfg.KEEP_WORKING:
-                files.working_copy(series.pk, image_id).unlink(missing_ok=True)
+            now = timezone.now()
+            ids = [row[0] for row in rows]
+            # names the status it expects: an image another writer moved on since is left out
+            Image.objects.filter(pk__in=ids, status=Status.DONE, cleaned_at__isnull=True).update(cleaned_at=now)
+            marked = set(Image.objects.filter(pk__in=ids, cleaned_at=now).values_list("id", flat=True))
+            for image_id, path, _ in rows:
+                if image_id not in marked:
+                    continue
+                if image_id in replaced:
+                    pass
+                elif cfg.KEEP_ORIGINALS:
+                    files.set_aside(path, "kept")
+                else:
+                    files.remove_original(path)
+                if not cfg.KEEP_WORKING:
+                    files.working_copy(series.pk, image_id).unlink(missing_ok=True)
     if not cfg.KEEP_WORKING and not series.images.exclude(status__in=(Status.DONE, Status.SKIPPED)).exists():
         folder = files.series_folder(series.pk)
         (folder / "metadata.json").unlink(missing_ok=True)  # delivered by a metadata store, if any (docs)
