@@ -73,16 +73,7 @@ def generate(root: Path, files: int, series_size: int, size: int = 512) -> list[
     for s in range(series_count):
         if s % 2 == 0:
             patient = make_patient(rng, s // 2)
-            study = Study(
-                study_uid=generate_uid(prefix=UID_ROOT),
-                frame_of_reference_uid=generate_uid(prefix=UID_ROOT),
-                first_image_uid=generate_uid(prefix=UID_ROOT),
-                date="20240105",
-                time="101010",
-                accession=f"A{rng.randint(10000000, 99999999)}",
-                study_id=str(100 + s),
-                referring="Doe^John^^Dr",
-            )
+            study = Study.fresh(rng, study_id=str(100 + s))
         assert study is not None
         series_uid = generate_uid(prefix=UID_ROOT)
         folder = root / f"study{s // 2:03d}" / f"series{s % 2}"

@@ -131,16 +131,7 @@ def _one_series_folder(parent: Path, name: str, images: int, size: int, seed: in
     rng = random.Random(seed)
     pixels = np.random.default_rng(seed)
     patient = make_patient(rng, seed)
-    study = Study(
-        study_uid=generate_uid(prefix=UID_ROOT),
-        frame_of_reference_uid=generate_uid(prefix=UID_ROOT),
-        first_image_uid=generate_uid(prefix=UID_ROOT),
-        date="20240105",
-        time="101010",
-        accession=f"A{rng.randint(10000000, 99999999)}",
-        study_id=str(seed),
-        referring="Doe^John^^Dr",
-    )
+    study = Study.fresh(rng, study_id=str(seed))
     series_uid = generate_uid(prefix=UID_ROOT)
     partial = parent / f"{name}.tmp{seed}"
     partial.mkdir(parents=True)
@@ -247,16 +238,7 @@ def _multiframe(path: Path, megabytes: int) -> None:
 
     rng = random.Random(5)
     patient = make_patient(rng, 0)
-    study = Study(
-        study_uid=generate_uid(prefix=UID_ROOT),
-        frame_of_reference_uid=generate_uid(prefix=UID_ROOT),
-        first_image_uid=generate_uid(prefix=UID_ROOT),
-        date="20240105",
-        time="101010",
-        accession="A12345678",
-        study_id="1",
-        referring="Doe^John^^Dr",
-    )
+    study = Study.fresh(rng, study_id="1", accession="A12345678")
     ds = make_image(patient, study, generate_uid(prefix=UID_ROOT), 1, "CT", 1, 512, np.random.default_rng(5))
     frames = max(1, megabytes * 2**20 // (512 * 512 * 2))
     ds.NumberOfFrames = frames

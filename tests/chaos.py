@@ -504,16 +504,7 @@ def write_series(folder: Path, count: int, seed: int = 5, size: int = 32) -> lis
     rng = random.Random(seed)
     pixels = np.random.default_rng(seed)
     patient = demo.make_patient(rng, seed)
-    study = demo.Study(
-        study_uid=demo.generate_uid(prefix=demo.UID_ROOT),
-        frame_of_reference_uid=demo.generate_uid(prefix=demo.UID_ROOT),
-        first_image_uid=demo.generate_uid(prefix=demo.UID_ROOT),
-        date="20220202",
-        time="093000",
-        accession=f"A{rng.randint(10000000, 99999999)}",
-        study_id="7",
-        referring="Roe^Richard^^Dr",
-    )
+    study = demo.Study.fresh(rng, study_id="7", date="20220202", time="093000", referring="Roe^Richard^^Dr")
     series_uid = demo.generate_uid(prefix=demo.UID_ROOT)
     partial = folder.with_name(folder.name + ".tmp1")
     partial.mkdir(parents=True)

@@ -66,16 +66,7 @@ class ImageMaker:
         self.rng = random.Random(seed)
         self.pixels = np.random.default_rng(seed)
         self.patient = demo.make_patient(self.rng, 3)
-        self.study = demo.Study(
-            study_uid=demo.generate_uid(prefix=demo.UID_ROOT),
-            frame_of_reference_uid=demo.generate_uid(prefix=demo.UID_ROOT),
-            first_image_uid=demo.generate_uid(prefix=demo.UID_ROOT),
-            date="20210405",
-            time="101500",
-            accession=f"A{self.rng.randint(10000000, 99999999)}",
-            study_id="42",
-            referring="Doe^John^^Dr",
-        )
+        self.study = demo.Study.fresh(self.rng, study_id="42", date="20210405", time="101500")
         self.series_uid = demo.generate_uid(prefix=demo.UID_ROOT)
         self.instance = 0
 

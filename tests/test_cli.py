@@ -103,16 +103,7 @@ def test_import_wait_with_a_series_split_across_chunks_delivers_every_image_once
     from sendit.demo import UID_ROOT, Study, make_image, make_patient
 
     rng = random.Random(3)
-    study = Study(
-        study_uid=generate_uid(prefix=UID_ROOT),
-        frame_of_reference_uid=generate_uid(prefix=UID_ROOT),
-        first_image_uid=generate_uid(prefix=UID_ROOT),
-        date="20240105",
-        time="101010",
-        accession="A12345678",
-        study_id="1",
-        referring="Doe^John^^Dr",
-    )
+    study = Study.fresh(rng, study_id="1", accession="A12345678")
     patient, pixels = make_patient(rng, 0), np.random.default_rng(3)
     folder = configured / "incoming"
     layout = {"X": [("a", 150), ("c", 100)], "Y": [("b", 150)]}  # the walk reads a/, b/, c/

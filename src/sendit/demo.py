@@ -48,6 +48,29 @@ class Study:
     study_id: str
     referring: str
 
+    @classmethod
+    def fresh(
+        cls,
+        rng: random.Random,
+        *,
+        study_id: str,
+        date: str = "20240105",
+        time: str = "101010",
+        accession: str = "",
+        referring: str = "Doe^John^^Dr",
+    ) -> Study:
+        """A study with new UIDs (and a random accession number unless one is given)."""
+        return cls(
+            study_uid=generate_uid(prefix=UID_ROOT),
+            frame_of_reference_uid=generate_uid(prefix=UID_ROOT),
+            first_image_uid=generate_uid(prefix=UID_ROOT),
+            date=date,
+            time=time,
+            accession=accession or f"A{rng.randint(10000000, 99999999)}",
+            study_id=study_id,
+            referring=referring,
+        )
+
 
 @dataclass(frozen=True)
 class Patient:
