@@ -390,6 +390,8 @@ def ensure_identifiers(series: Series) -> Identifiers:
 # --- de-identify ----------------------------------------------------------------------------------
 
 
+MISSING_COPY = "working copy missing; de-identifying again"
+
 # image id → (SOPClassUID, TransferSyntaxUID) of the working copy written by this run
 Written = dict[int, tuple[str, str]]
 
@@ -473,6 +475,12 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
     with fenced(lease):
         Series.objects.filter(pk=series.pk).update(stage=Stage.DEIDENTIFIED)
     return written
+
+
+def _deidentify_again(series: Series, image_ids: list[int], expect: Status, lease: Lease) -> None:
+    """Images whose working copy is gone go back to NEW: the output is deterministic, so they are
+    made again under the same UIDs (the caller ends the step; this costs no attempt)."""
+    move_images(series, image_ids, Status.NEW, MISSING_COPY, expect=(expect,), lease=lease)
 
 
 def _by_pixel_note(made: list[Image], notes: dict[int, str]) -> dict[str, list[int]]:
@@ -686,14 +694,7 @@ def deliver_series_level(
     images = tuple(_outgoing(series, sent, ids, {}))
     missing_copies = [image.image_id for image in images if not image.path.exists()]
     if missing_copies:  # the working copies are gone (a wiped work folder): de-identify again
-        move_images(
-            series,
-            missing_copies,
-            Status.NEW,
-            "working copy missing; de-identifying again",
-            expect=(Status.SENT,),
-            lease=lease,
-        )
+        _deidentify_again(series, missing_copies, Status.SENT, lease)
         raise RetryableFailure("working copies missing; de-identifying again")
     metadata = _series_metadata(series, ids)
     links: tuple[str, ...] = ()
@@ -755,14 +756,7 @@ def deliver_pending(
     pending = list(series.images.filter(status=Status.DONEPROCESSING).order_by("id"))
     lost = [image.pk for image in pending if not files.working_copy(series.pk, image.pk).exists()]
     if lost:  # the working copy is gone (crash, wiped folder): de-identify again, same output UIDs
-        move_images(
-            series,
-            lost,
-            Status.NEW,
-            "working copy missing; de-identifying again",
-            expect=(Status.DONEPROCESSING,),
-            lease=lease,
-        )
+        _deidentify_again(series, lost, Status.DONEPROCESSING, lease)
         raise WorkingCopiesLost("working copies missing; de-identifying again")
     retry_reasons: list[str] = []
     batch_size = runtime.config().BATCH_SIZE
