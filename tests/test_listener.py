@@ -173,6 +173,7 @@ class Sender:
 
     def __init__(self, port: int, aet: str = "PYSENDER", bind: str = "") -> None:
         ae = AE(ae_title=aet)
+        ae.dimse_timeout = ae.network_timeout = 5  # a killed listener: a failure in seconds, not 30
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         self.assoc = ae.associate("127.0.0.1", port, ae_title="SENDIT", bind_address=(bind, 0) if bind else None)
         self.statuses: list[int | None] = []
