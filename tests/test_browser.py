@@ -105,28 +105,37 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     )
     assert made.returncode == 0 and "created user alice" in made.stdout, made.stderr
     port = _free_port()
+    process = start_run(tmp_path, env, port)
+    try:
+        yield f"http://127.0.0.1:{port}", tmp_path / "data"
+    finally:
+        stop_process_group(process)
+
+
+def start_run(cwd: Path, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    """`sendit run` on ``port`` in a session of its own, once its /health answers (else stopped, and
+    the test fails)."""
+    import httpx
+
     process = subprocess.Popen(
         [sys.executable, "-m", "sendit", "run", "--port", str(port)],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
 
-        def up() -> bool:
-            try:
-                return httpx.get(base + "/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
+    def up() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
-        assert wait_for(up, 30, every=0.2), "sendit run did not start"
-        yield base, tmp_path / "data"
-    finally:
+    if not wait_for(up, 30, every=0.2):
         stop_process_group(process)
+        pytest.fail("sendit run did not start")
+    return process
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 
 from tests.helpers import WebhookReceiver, stop_process_group, wait_for, write_ultrasound
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, _chromium_or_skip, _env, _free_port
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, _chromium_or_skip, _env, _free_port, start_run
 
 pytestmark = pytest.mark.slow  # starts `sendit run` and a browser
 
@@ -63,25 +63,7 @@ def _start(tmp: Path, extra: str = "") -> tuple[subprocess.Popen[bytes], str, Pa
             timeout=60,
         )
         assert made.returncode == 0, made.stderr
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sendit", "run", "--port", str(port)],
-        cwd=tmp,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    import httpx
-
-    def up() -> bool:
-        try:
-            return httpx.get(base + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    if not wait_for(up, 30, every=0.2):
-        stop_process_group(process)
-        pytest.fail("sendit run did not start")
+    process = start_run(tmp, env, port)
     return process, base, tmp / "data"
 
 
