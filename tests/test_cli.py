@@ -123,6 +123,24 @@ def test_import_wait_with_a_series_split_across_chunks_delivers_every_image_once
     assert len(delivered) == 400 and len(set(delivered)) == 400
 
 
+def test_import_wait_starts_processing_before_the_last_file_is_recorded(configured: Path) -> None:
+    """Issue 17: the workers start on the first committed chunk. Several series in folders the walk
+    reads one after the other: the first is de-identified while later files are still being
+    recorded, and every image still ends DONE."""
+    import sqlite3
+
+    written = generate_demo(configured / "incoming", patients=6, images_per_series=60, size=64)
+    result = sendit(configured, "import", str(configured / "incoming"), "--wait")
+    assert result.returncode == 0, result.stderr
+    assert f"DONE {len(written)}" in result.stderr
+    with sqlite3.connect(configured / "data" / "sendit.sqlite3") as db:
+        (last_recorded,) = db.execute("SELECT max(created) FROM relay_image").fetchone()
+        (first_processed,) = db.execute(
+            "SELECT min(created) FROM relay_event WHERE to_status = 'PROCESSING'"
+        ).fetchone()
+    assert first_processed < last_recorded, (first_processed, last_recorded)
+
+
 def test_check_masks_secrets_and_reports_bad_values(configured: Path) -> None:
     result = sendit(configured, "check")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -56,3 +56,20 @@ def test_restarted_watcher_finds_what_arrived_while_it_was_down(sendit_dirs: dic
         assert Image.objects.count() == len(written)  # nothing ingested twice
     finally:
         second.stop()
+
+
+def test_a_scan_hands_on_each_series_while_it_still_reads_the_rest(sendit_dirs: dict[str, Path]) -> None:
+    """Issue 17: the workers need not wait for a big drop's whole scan. Series are handed on (queued)
+    chunk by chunk once the walk has left them, the first before the last file is recorded, and
+    each series once."""
+    written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=3, images=60)
+    handed: list[tuple[set[int], int]] = []
+
+    def on_ingest(report: IngestReport) -> None:
+        handed.append((set(report.series_ids), Image.objects.count()))
+
+    report = Watcher(sendit_dirs["INPUT_FOLDER"], rescan_seconds=60, on_ingest=on_ingest).scan()
+    assert report.images == len(written)
+    assert handed[0][1] < len(written)
+    every = [series_id for ids, _ in handed for series_id in ids]
+    assert sorted(every) == sorted(report.series_ids)

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -326,37 +327,52 @@ def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) ->
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sendit.relay.housekeeping import images_per_status, reasons_per_status
-    from sendit.relay.ingest import IngestReport, complete_files, ingest_paths
+    from sendit.relay.ingest import IngestReport, complete_files, ingest_in_chunks, series_left_behind
     from sendit.relay.inline import run_inline
     from sendit.relay.models import TERMINAL, Image, Status
 
     console = Console(stderr=True, quiet=quiet)
-    report = IngestReport()
     for path in paths:
         if not path.exists():
             console.print(f"[red]{path}: no such file or folder[/red]")
             return 2
-        report.add(ingest_paths([path] if path.is_file() else complete_files(path)))
-    for name, _, reason in report.problems:
-        console.print(f"[yellow]{name}: {reason}[/yellow]")
-    console.print(
-        f"ingested {report.images} image(s) in {len(report.series_ids)} series"
-        f" ({report.rejected} rejected, {report.skipped} skipped, {report.quarantined} quarantined,"
-        f" {report.reprocessed} again)"
-    )
-    series_ids = report.series_ids | report.resumable
+    report = IngestReport()
+
+    def say_ingested() -> None:
+        for name, _, reason in report.problems:
+            console.print(f"[yellow]{name}: {reason}[/yellow]")
+        console.print(
+            f"ingested {report.images} image(s) in {len(report.series_ids)} series"
+            f" ({report.rejected} rejected, {report.skipped} skipped, {report.quarantined} quarantined,"
+            f" {report.reprocessed} again)"
+        )
+        if report.resumable:
+            console.print(f"resuming {len(report.resumable)} series recorded earlier and still in flight")
+
+    def chunks() -> Iterator[IngestReport]:
+        for path in paths:
+            for part in ingest_in_chunks([path] if path.is_file() else complete_files(path)):
+                report.add(part)
+                yield part
+
     if not wait:
+        for _ in chunks():
+            pass
+        say_ingested()
         from sendit.relay.tasks import enqueue
         from sendit.web.heartbeat import alive
 
+        series_ids = report.series_ids | report.resumable
         enqueue(series_ids)
         if series_ids and not alive():  # queued, and nobody to take it
             console.print(NO_WORKER, markup=False, highlight=False, soft_wrap=True)
         return 0
-    if report.resumable:
-        console.print(f"resuming {len(report.resumable)} series recorded earlier and still in flight")
-    images = Image.objects.filter(series_id__in=series_ids)
-    total = images.count()
+
+    def handed_on() -> Iterator[set[int]]:
+        for part, ready in series_left_behind(chunks()):
+            yield ready | part.resumable
+        say_ingested()
+
     # no refresh thread (auto_refresh=False): the worker pool forks, and a fork should find no other thread
     with Progress(
         TextColumn("{task.description}"),
@@ -366,13 +382,18 @@ def _import(paths: list[Path], wait: bool, workers: int, quiet: bool = False) ->
         console=console,
         auto_refresh=False,
     ) as progress:
-        task = progress.add_task("de-identify and deliver", total=total)
+        task = progress.add_task("de-identify and deliver", total=None)
 
         def update() -> None:
-            progress.update(task, completed=images.filter(status__in=TERMINAL).count(), refresh=True)
+            ids = report.series_ids | report.resumable
+            images = Image.objects.filter(series_id__in=ids)
+            progress.update(
+                task, total=images.count(), completed=images.filter(status__in=TERMINAL).count(), refresh=True
+            )
 
-        run_inline(series_ids, workers, on_progress=update)
+        run_inline((), workers, on_progress=update, arrivals=handed_on())
         update()
+    series_ids = report.series_ids | report.resumable
     counts = images_per_status(series_ids)
     console.print(
         "result: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "result: nothing"

@@ -248,9 +248,23 @@ def ingest_paths(paths: Iterable[Path | Entry], chunk: int = 500, settle: Settle
     operator's word that the files are complete) every file is taken now.
     """
     report = IngestReport()
+    for part in ingest_in_chunks(paths, first=chunk, largest=chunk, settle=settle):
+        report.add(part)
+    return report
+
+
+def ingest_in_chunks(
+    paths: Iterable[Path | Entry], first: int = 100, largest: int = 500, settle: Settle | None = None
+) -> Iterator[IngestReport]:
+    """As :func:`ingest_paths`, one report per committed chunk, so that processing can start on the
+    first chunk while the next is read (issue 17). Chunks double from ``first`` to ``largest`` files:
+    the first series are handed on soon, and a huge folder still never holds one long transaction.
+    A series of files recorded earlier and still in flight comes in the report of the chunk that met it."""
+    report = IngestReport()
     known = known_paths()
     earlier = rejected_in_place()
     batch: list[Entry] = []
+    chunk = max(1, first)
     for item in paths:
         entry = item if isinstance(item, Entry) else entry_for(item)
         if entry.name in known:
@@ -270,10 +284,22 @@ def ingest_paths(paths: Iterable[Path | Entry], chunk: int = 500, settle: Settle
         batch.append(entry)
         if len(batch) >= chunk:
             _ingest_chunk(batch, report)
-            batch = []
+            yield report
+            report, batch, chunk = IngestReport(), [], min(largest, chunk * 2)
     if batch:
         _ingest_chunk(batch, report)
-    return report
+    yield report
+
+
+def series_left_behind(parts: Iterable[IngestReport]) -> Iterator[tuple[IngestReport, set[int]]]:
+    """Each chunk's report with the new series the walk has left by then: a series still being read
+    waits for the next chunk, so that it is not run for half its files (a series met again later is
+    simply handed on again). A last, empty report comes with the series still held."""
+    reading: set[int] = set()
+    for part in parts:
+        yield part, reading - part.series_ids
+        reading = set(part.series_ids)
+    yield IngestReport(), reading
 
 
 def ingest_new_files(paths: Iterable[Path]) -> IngestReport:
@@ -653,7 +679,17 @@ def ingest_folder(
     root: Path, settle: Settle | None = None, listed: Callable[[Path, int], None] | None = None
 ) -> IngestReport:
     """One scan of ``root``; the report counts what was ignored by rule (``report.ignored``)."""
-    ignored: Counter[str] = Counter()
-    report = ingest_paths(walk(root, ignored, listed), settle=settle)
-    report.ignored.update(ignored)
+    report = IngestReport()
+    for part in ingest_folder_in_chunks(root, settle, listed):
+        report.add(part)
     return report
+
+
+def ingest_folder_in_chunks(
+    root: Path, settle: Settle | None = None, listed: Callable[[Path, int], None] | None = None
+) -> Iterator[IngestReport]:
+    """One scan of ``root``, a report per committed chunk (:func:`ingest_in_chunks`); what the walk
+    ignored by rule comes in a last report of its own, once the walk is over."""
+    ignored: Counter[str] = Counter()
+    yield from ingest_in_chunks(walk(root, ignored, listed), settle=settle)
+    yield IngestReport(ignored=ignored)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
 from django.db import connections
@@ -81,33 +81,60 @@ def _run_here(due: dict[int, float], on_progress: Callable[[], None] | None) -> 
 
 
 def run_inline(
-    series_ids: Iterable[int], workers: int, on_progress: Callable[[], None] | None = None, poll: float = 0.5
+    series_ids: Iterable[int],
+    workers: int,
+    on_progress: Callable[[], None] | None = None,
+    poll: float = 0.5,
+    arrivals: Iterator[Iterable[int]] | None = None,
 ) -> None:
-    """Run every series to a finished outcome, honouring each retry's back-off."""
+    """Run every series to a finished outcome, honouring each retry's back-off.
+
+    ``arrivals`` (`sendit import --wait`) ingests one chunk per ``next`` and gives the series it
+    handed on: it runs here, in this process, while the worker processes work on the series of the
+    chunks before (issue 17). A series handed on again while it runs is run again once it ends, so
+    images recorded into it meanwhile are not left behind.
+    """
     due: dict[int, float] = {series_id: 0.0 for series_id in series_ids}
-    if not due:
-        return
-    if workers <= 1:
+    feed = arrivals if arrivals is not None else iter(())
+    if workers <= 1:  # one process: nothing to overlap with
+        for ids in feed:
+            due.update((series_id, 0.0) for series_id in ids)
         _run_here(due, on_progress)
         return
-    connections.close_all()
     runtime.preload_destinations()  # imported once here, not once in every forked worker
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(
         max_workers=max(1, workers), mp_context=context, initializer=_forget_inherited_connections
     ) as pool:
         running: dict[Future[NextStep], int] = {}
-        while due or running:
+        again: set[int] = set()  # handed on again while running: run once more when it ends
+        forked, feeding = False, arrivals is not None
+        while due or running or feeding:
             now = time.monotonic()
-            for series_id in [sid for sid, at in due.items() if at <= now]:
+            for series_id in [sid for sid, at in due.items() if at <= now and sid not in running.values()]:
+                if not forked:  # the pool forks every worker at its first submit: no connection may be open
+                    connections.close_all()
+                    forked = True
                 del due[series_id]
                 running[pool.submit(_process_in_worker, series_id)] = series_id
+            if feeding and (forked or not due):  # one chunk ingested here while the workers run
+                handed_on: Iterable[int] | None = next(feed, None)
+                feeding = handed_on is not None
+                for series_id in handed_on or ():
+                    if series_id in running.values():
+                        again.add(series_id)
+                    else:
+                        due[series_id] = min(due.get(series_id, now), now)
+            finished: set[Future[NextStep]] = set()
             if running:
-                finished, _ = wait(list(running), timeout=poll, return_when=FIRST_COMPLETED)
-            else:
-                finished = set()
-                time.sleep(poll)
+                finished, _ = wait(list(running), timeout=0 if feeding else poll, return_when=FIRST_COMPLETED)
+            elif due and not feeding:
+                time.sleep(min(poll, max(0.0, min(due.values()) - now)))
             for future in finished:
-                _reschedule(due, running.pop(future), future.result())
+                series_id = running.pop(future)
+                _reschedule(due, series_id, future.result())
+                if series_id in again:
+                    again.discard(series_id)
+                    due[series_id] = time.monotonic()
             if on_progress is not None:
                 on_progress()

@@ -34,7 +34,7 @@ from watchdog.observers.api import BaseObserver
 
 from sendit.dicomio.walk import hidden, in_progress
 from sendit.relay import files
-from sendit.relay.ingest import IngestReport, Settle, ingest_folder
+from sendit.relay.ingest import IngestReport, Settle, ingest_folder_in_chunks, series_left_behind
 from sendit.relay.models import ScanState
 from sendit.relay.runtime import config
 
@@ -122,7 +122,8 @@ def _pending(name: str) -> bool:
 
 
 class Watcher:
-    """Runs in a thread of `sendit run`; ``on_ingest`` receives each scan's report (to enqueue)."""
+    """Runs in a thread of `sendit run`; ``on_ingest`` receives the series a scan hands on (to
+    enqueue), chunk by chunk, each once the walk has left it."""
 
     def __init__(
         self, root: Path, rescan_seconds: float, on_ingest: Callable[[IngestReport], None], settle: float = 0.2
@@ -219,13 +220,21 @@ class Watcher:
         settle = Settle(stable, self._arrivals(now, stable), now=now)
         listed: dict[Path, int] = {}
         self.due = None
-        try:
-            close_old_connections()
-            report = ingest_folder(self.root, settle, listed=listed.__setitem__)
-        except Exception as exc:
-            close_old_connections()  # a connection the failure broke is replaced for the record
-            record_scan(started, ok=False, error=scan_error(exc))
-            raise
+        report = IngestReport()
+        close_old_connections()
+        chunks = series_left_behind(ingest_folder_in_chunks(self.root, settle, listed=listed.__setitem__))
+        while True:
+            try:
+                part, ready = next(chunks, (None, set()))
+            except Exception as exc:
+                close_old_connections()  # a connection the failure broke is replaced for the record
+                record_scan(started, ok=False, error=scan_error(exc))
+                raise
+            if part is None:
+                break
+            report.add(part)
+            if ready:  # the workers start on what the walk has left while it reads on (issue 17)
+                self._hand_on(IngestReport(series_ids=ready), started)
         emptied = self._tidy(listed, settle.taken_from, stable)
         self.due = min((due for due in (settle.due, emptied) if due is not None), default=None)
         if report.images or report.reprocessed or report.problems:
@@ -237,13 +246,15 @@ class Watcher:
                 report.skipped,
                 report.quarantined,
             )
+        record_scan(started, ok=True, ignored=report.ignored)
+        return report
+
+    def _hand_on(self, handed: IngestReport, started: datetime) -> None:
         try:
-            self.on_ingest(report)
+            self.on_ingest(handed)
         except Exception as exc:
             record_scan(started, ok=False, error=scan_error(exc, "queue"))
             raise
-        record_scan(started, ok=True, ignored=report.ignored)
-        return report
 
     def _until_next_scan(self) -> float:
         """RESCAN_SECONDS, or less when something the last scan left settles sooner."""
