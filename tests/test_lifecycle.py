@@ -250,7 +250,7 @@ def test_a_worker_stuck_on_a_silent_destination_is_interrupted_and_nothing_is_lo
     with silent_peer() as (peer_port, accepted):
         (configured / "sendit.toml").write_text(
             f'SECRET_KEY = "{SECRET}"\nDATA_DIR = "data"\nSEND_TO_ORTHANC = true\n'
-            f"ORTHANC_PORT = {peer_port}\nORTHANC_TIMEOUT = 600\n"
+            f"ORTHANC_PORT = {peer_port}\nORTHANC_TIMEOUT = 600\nSTOP_GRACE_SECONDS = 2\n"
         )
         staging = configured / "staging"
         written = generate_demo(staging, patients=1, images_per_series=2, size=32)

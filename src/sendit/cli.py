@@ -244,7 +244,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     signals = lifecycle.StopSignals()
     signals.install()
     consumer = lifecycle.Supervisor(
-        [sys.executable, "-m", "sendit", "worker", "--parent", str(os.getpid())], heartbeat.set_consumer_running
+        [sys.executable, "-m", "sendit", "worker", "--parent", str(os.getpid())],
+        heartbeat.set_consumer_running,
+        grace_seconds=cfg.STOP_GRACE_SECONDS,
     )
 
     def enqueue_ingested(report: IngestReport) -> None:
@@ -287,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info(
                 "stopping (%s): workers finish their current step (%.0f s at most; a second signal stops at once)",
                 signals.name,
-                lifecycle.STOP_GRACE_SECONDS,
+                cfg.STOP_GRACE_SECONDS,
             )
         else:
             log.error("the web server stopped; stopping everything")
@@ -816,8 +818,6 @@ def cmd_manage(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sendit", description=__doc__)
     parser.add_argument("--config", help="path of sendit.toml (default: ./sendit.toml or $SENDIT_CONFIG)")
-    from sendit.lifecycle import STOP_GRACE_SECONDS
-
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
@@ -847,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
         "The service: the input-folder watcher and the web server (dashboard, API, /metrics, /health) in"
         " this process; the queue consumer with WORKERS worker processes as a child, started again if it"
         " dies. SIGTERM, SIGINT or SIGHUP stops every process: workers finish the step they are on"
-        f" ({STOP_GRACE_SECONDS:.0f} s at most), then are interrupted, and their series resume at the next"
+        " (STOP_GRACE_SECONDS, 20 s by default), then are interrupted, and their series resume at the next"
         " start. A second signal stops at once.",
     )
     p.add_argument("--host", help="address the web server listens on (default WEB_HOST)")

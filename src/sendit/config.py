@@ -297,6 +297,14 @@ KEYS: tuple[Key, ...] = (
         minimum=1,
         maximum=10,  # 3 periods stay within the dashboard's 30 s window of live workers
     ),
+    Key(
+        "STOP_GRACE_SECONDS",
+        int,
+        20,
+        "A graceful stop waits this long for workers to finish their step, then interrupts them.",
+        minimum=1,
+        maximum=3600,  # the systemd unit's TimeoutStopSec must stay above it plus 10 s
+    ),
     Key("MAX_ATTEMPTS", int, 8, "Tries of a failing step before the images go to ERROR.", minimum=1, maximum=100),
     Key("RETRY_BASE_SECONDS", int, 5, "First back-off; doubles with each attempt.", minimum=0, maximum=3600),
     Key("RETRY_CAP_SECONDS", int, 600, "Longest back-off.", minimum=0, maximum=86400),
@@ -567,6 +575,7 @@ class Config:
     STABLE_SECONDS: int
     LEASE_SECONDS: int
     HEARTBEAT_SECONDS: int
+    STOP_GRACE_SECONDS: int
     MAX_ATTEMPTS: int
     RETRY_BASE_SECONDS: int
     RETRY_CAP_SECONDS: int

@@ -7,7 +7,7 @@ SIGTERM when the parent exits (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere a th
 
 Stopping: SIGTERM, SIGINT or SIGHUP to `sendit run` stops the web server and the watcher and asks the
 consumer to stop gracefully (SIGTERM: each worker finishes the series step it is on). After
-``STOP_GRACE_SECONDS`` a second SIGTERM interrupts the workers (an interrupted series is resumed by
+the setting ``STOP_GRACE_SECONDS`` a second SIGTERM interrupts the workers (an interrupted series is resumed by
 the next consumer: its lease's holder is gone); ``KILL_AFTER_SECONDS`` later what is left is killed.
 A second signal to `sendit run` skips the grace period. A consumer that dies is started again after a
 back-off, and while it is down the web's /health says ``consumer_down``.
@@ -34,7 +34,8 @@ from huey.consumer import ConsumerStopped, Scheduler, Worker
 
 log = logging.getLogger("sendit.lifecycle")
 
-#: the longest a graceful stop waits for workers to finish their series step
+#: the longest a graceful stop waits for workers to finish their series step (the default of the
+#: STOP_GRACE_SECONDS setting)
 STOP_GRACE_SECONDS = 20.0
 #: after the workers were interrupted, how long before what is left is killed
 KILL_AFTER_SECONDS = 10.0
@@ -260,9 +261,12 @@ class Supervisor:
     forked the child, and the main thread lives as long as the process.
     """
 
-    def __init__(self, command: list[str], on_change: Callable[[bool], None]) -> None:
+    def __init__(
+        self, command: list[str], on_change: Callable[[bool], None], grace_seconds: float = STOP_GRACE_SECONDS
+    ) -> None:
         self.command = command
         self.on_change = on_change
+        self.grace_seconds = grace_seconds
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.failures = 0
@@ -313,7 +317,7 @@ class Supervisor:
         if self.stop_requested_at is None:
             self.request_stop()
         assert self.stop_requested_at is not None
-        grace_until = self.stop_requested_at + STOP_GRACE_SECONDS
+        grace_until = self.stop_requested_at + self.grace_seconds
         if not self._wait(process, grace_until, hurry):
             log.warning(
                 "workers still busy after %.0f s: interrupting them (their series resume at the next start)",
