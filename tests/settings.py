@@ -24,3 +24,8 @@ from sendit.server.settings import DATABASES  # noqa: E402
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # a file, not memory: threads of the watcher test share it
     DATABASES["default"]["TEST"] = {"NAME": str(_data / "test.sqlite3")}
+
+# Django's advice for test runs: a fast hasher for the many users and logins the web tests make
+# (PBKDF2's 600,000 rounds cost about a second a login on these shared cores). The product keeps
+# Django's default; the browser tests' `sendit run` uses the product's settings, not these.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

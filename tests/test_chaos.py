@@ -28,6 +28,12 @@ from tests.orthanc import OrthancServer
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 IN_CI = os.environ.get("CI") == "true"
+#: the storms and the paused worker run in the first pass (SQLite + SqliteHuey) only: the second pass,
+#: PostgreSQL + Redis, kills and pauses whole hosts in tests/test_many_hosts.py (2.5 min saved)
+FIRST_PASS_ONLY = pytest.mark.skipif(
+    os.environ.get("DATABASE_URL", "").startswith("postgres"),
+    reason="on PostgreSQL + Redis, kills and pauses are tested host by host in test_many_hosts.py",
+)
 
 
 def _free_port() -> int:
@@ -91,6 +97,7 @@ def _kill_storm(
     return inputs, result, finished, log
 
 
+@FIRST_PASS_ONLY
 def test_kill_storm_delivers_every_input_exactly_once(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
     """After 8 kills every input is at the destination exactly once, nothing is stuck, no false
     rejected rows, nothing moved out of DONE, every original cleaned up."""
@@ -99,6 +106,7 @@ def test_kill_storm_delivers_every_input_exactly_once(sendit_dirs: dict[str, Pat
     assert finished and not result.problems, "\n".join([*result.problems, log])
 
 
+@FIRST_PASS_ONLY
 @pytest.mark.orthanc
 def test_kill_storm_into_orthanc_stores_every_input_exactly_once(
     sendit_dirs: dict[str, Path], tmp_path: Path, orthanc_factory: Callable[..., OrthancServer]
@@ -338,6 +346,7 @@ def test_a_full_disk_is_retried_and_named_never_quarantined(
 LEASE = 10  # the smallest LEASE_SECONDS the configuration accepts
 
 
+@FIRST_PASS_ONLY
 def test_a_paused_worker_changes_nothing_when_it_wakes(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
     """Worker A is stopped (SIGSTOP) mid-series for 2.5 leases; worker B takes the series over and
     finishes it; A resumes: nothing leaves DONE, nothing is quarantined, each input delivered once."""
