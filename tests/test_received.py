@@ -127,7 +127,7 @@ def test_a_crash_between_fsync_and_commit_loses_nothing(
     data = write_ct(tmp_path / "a.dcm", series_uid=generate_uid()).read_bytes()
     real = received.ingest_new_file
 
-    def killed(entry, header, before_commit):  # type: ignore[no-untyped-def]
+    def killed(entry, data, read_from, before_commit):  # type: ignore[no-untyped-def]
         before_commit()
         raise SystemExit("killed before the commit")
 

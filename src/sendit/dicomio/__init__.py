@@ -6,7 +6,7 @@ Importing this package installs the filter that keeps pydicom's value-quoting lo
 (:mod:`sendit.dicomio.quiet`).
 """
 
-from sendit.dicomio.headers import FileHeader, RejectedFile, read_header, read_header_of_bytes, read_header_of_open
+from sendit.dicomio.headers import FileHeader, RejectedFile, read_header, read_header_of_bytes
 from sendit.dicomio.quiet import quiet, redact_pydicom_logs
 from sendit.dicomio.reading import UnreadableFile, read_dicom, sop_class_and_syntax
 from sendit.dicomio.walk import NOT_REGULAR, SYMLINK, Found, Kind, walk
@@ -25,7 +25,6 @@ __all__ = [
     "read_dicom",
     "read_header",
     "read_header_of_bytes",
-    "read_header_of_open",
     "sop_class_and_syntax",
     "walk",
 ]

@@ -115,15 +115,9 @@ def _read_header(path: Path) -> FileHeader | RejectedFile:
 def read_header_of_bytes(data: bytes, path: Path) -> FileHeader | RejectedFile:
     """:func:`read_header` of a file whose bytes are at hand (an instance the listener just received
     and wrote to ``path``): the same rules and reasons, without reading the file back."""
-    return read_header_of_open(io.BytesIO(data), len(data), path)
-
-
-def read_header_of_open(handle: BinaryIO, size: int, path: Path) -> FileHeader | RejectedFile:
-    """:func:`read_header` of a file already open (at its start) whose size is known: an instance the
-    listener wrote while it arrived, read through a handle that a rename meanwhile does not affect."""
     with quiet():
         try:
-            return _parse_header(handle, size, path)
+            return _parse_header(io.BytesIO(data), len(data), path)
         except Exception as exc:  # a last line, as in read_header
             return RejectedFile(f"unreadable DICOM header ({type(exc).__name__})")
 

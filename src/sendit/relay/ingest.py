@@ -35,7 +35,7 @@ from django.db import DatabaseError, IntegrityError, InterfaceError, Operational
 from django.db.models import Q
 from django.utils import timezone
 
-from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, Kind, RejectedFile, read_header
+from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, Kind, RejectedFile, read_header, read_header_of_bytes
 from sendit.dicomio import walk as walk_folder
 from sendit.relay import files, runtime
 from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Status, Study
@@ -297,12 +297,11 @@ class _NotPlain(Exception):
     """This instance needs the general path (a duplicate, a conflict, a rejection): decided there."""
 
 
-def ingest_new_file(entry: Entry, header: FileHeader | RejectedFile, before_commit: Callable[[], None]) -> IngestReport:
+def ingest_new_file(entry: Entry, data: bytes, read_from: Path, before_commit: Callable[[], None]) -> IngestReport:
     """Record one instance that arrives at a fresh name (the listener's), while it is made durable.
 
-    ``entry`` is where it will be (as :func:`entry_for` names it); ``header`` what
-    :func:`sendit.dicomio.read_header` would say of it, read by the caller from the bytes received
-    (``read_header_of_bytes``) or through a handle open on the file (``read_header_of_open``);
+    ``entry`` is where it will be (as :func:`entry_for` names it); ``data`` its bytes, being
+    written to ``read_from`` (the temporary name; named in a truncation's reason only);
     ``before_commit`` waits until it is durable at ``entry.path`` (written, fsynced, renamed, the
     folder fsynced) and raises OSError when it
     cannot. Its rows are written in one transaction whose commit waits for ``before_commit``: the
@@ -314,6 +313,7 @@ def ingest_new_file(entry: Entry, header: FileHeader | RejectedFile, before_comm
     else (a duplicate, a conflict, a rejection, originals uploaded to a store) goes through
     :func:`ingest_new_files` once the file is durable, exactly as before. Raises when the database fails.
     """
+    header = read_header_of_bytes(data, read_from)  # from memory: no file read back, no syscalls
     if entry.problem or isinstance(header, RejectedFile) or runtime.store() is not None:
         before_commit()
         return ingest_new_files([entry.path])

@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from functools import partial
 from typing import Any
 
 from django.db import connection
@@ -32,7 +31,7 @@ from sendit.destinations.commitment import parse_report
 from sendit.relay import commitments, received
 from sendit.relay.callers import addresses, parse_callers, tls_context
 from sendit.relay.pipeline import is_no_space
-from sendit.relay.scp import busy, make_ae, receive_into, shorten_acceptor_loop, tune_association
+from sendit.relay.scp import busy, make_ae, shorten_acceptor_loop, tune_association
 
 log = logging.getLogger("sendit.listener")
 
@@ -93,8 +92,6 @@ class Listener:
         ]
         if not shorten_acceptor_loop():
             log.info("pynetdicom's acceptor loop keeps its 1 ms sleep (not the pynetdicom this was tuned for)")
-        if not receive_into(received.Arrival):
-            log.info("instances are gathered in memory, then written (not the pynetdicom this was written for)")
         context = tls_context(self.cfg.LISTEN_TLS_CERT, self.cfg.LISTEN_TLS_KEY, self.cfg.LISTEN_TLS_CA)
         server = self.ae.start_server(
             (self.cfg.LISTEN_HOST, self.cfg.LISTEN_PORT), block=False, evt_handlers=handlers, ssl_context=context
@@ -220,13 +217,9 @@ class Listener:
         """1. Keep the instance: durable and recorded (at once, :func:`received.keep`). 2. Track its series.
         Then answer."""
         busy()  # the next request of this association is looked for sooner
-        arrival = getattr(event.request, "_dataset_file", None)  # written while it arrived (scp.receive_into)
-        if isinstance(arrival, received.Arrival):
-            keep = partial(received.keep_arrived, arrival)
-        else:
-            keep = partial(received.keep, event.encoded_dataset(include_meta=True))
+        data = event.encoded_dataset(include_meta=True)
         try:
-            report = keep()  # durable and recorded, or raises
+            report = received.keep(data)  # durable and recorded, or raises
         except OSError as exc:
             why = "disk full" if is_no_space(exc) else f"cannot write ({type(exc).__name__})"
             log.error("a received instance was not kept: %s; answered 0x%04X", why, NOT_KEPT)

@@ -26,7 +26,6 @@ file is already durable; :func:`sendit.relay.ingest.ingest_new_file`, docs/opera
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import re
@@ -34,7 +33,7 @@ import socket
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -43,7 +42,6 @@ from typing import Any
 from django.db import connection
 from django.utils import timezone
 
-from sendit.dicomio import read_header_of_bytes, read_header_of_open
 from sendit.relay.ingest import Entry, IngestReport, entry_for, ingest_new_file, ingest_new_files, ingest_paths, walk
 from sendit.relay.models import Series
 from sendit.relay.runtime import config
@@ -92,36 +90,10 @@ def keep(data: bytes) -> IngestReport:
         arriving = _Arriving(data)
         syncing = _SYNC.submit(arriving.durable)
         try:
-            header = read_header_of_bytes(data, arriving.temporary)  # from memory: no file read back
-            return ingest_new_file(_entry(arriving.final), header, syncing.result)
+            return ingest_new_file(_entry(arriving.final), data, arriving.temporary, syncing.result)
         finally:
             with contextlib.suppress(BaseException):
                 syncing.result()  # never return with the fsync still running on this file
-
-
-def keep_arrived(arrival: Arrival) -> IngestReport:
-    """:func:`keep` for an instance written to disk while it arrived (:class:`Arrival`): only the
-    fsync, the rename and the folder's fsync are left, on a thread of their own while this one reads
-    the header (through a handle opened before the rename) and writes the rows; the commit waits
-    for the file to be durable. Raises OSError when it could not be written or made durable (nothing
-    is recorded and nothing left behind), anything else when the database failed (as :func:`keep`)."""
-    with _GATE.shared():
-        if arrival.error is not None:
-            arrival.discard()
-            raise arrival.error
-        try:
-            handle = open(arrival.temporary, "rb")  # noqa: SIM115 (closed below, after the rename)
-        except OSError:
-            arrival.discard()
-            raise
-        with handle:
-            syncing = _SYNC.submit(arrival.durable)
-            try:
-                header = read_header_of_open(handle, arrival.size, arrival.temporary)
-                return ingest_new_file(_entry(arrival.final), header, syncing.result)
-            finally:
-                with contextlib.suppress(BaseException):
-                    syncing.result()  # never return with the fsync still running on this file
 
 
 def _entry(final: Path) -> Entry:
@@ -223,107 +195,6 @@ class _Arriving:
             raise
 
 
-class Arrival:
-    """The file a C-STORE's data set is written into while it arrives: pynetdicom writes it
-    (``STORE_RECV_CHUNKED_DATASET``, :func:`sendit.relay.scp.receive_into`) where it would write a
-    temporary file, fragment by fragment, as the association receives them; :func:`keep_arrived`
-    then makes it durable. A hidden ``.part`` name in the received folder, as :class:`_Arriving`'s.
-
-    Never raises to pynetdicom (a failed write would end the association instead of answering
-    0xA700): the first failure is kept in :attr:`error`, the file removed, and what follows is
-    discarded. Each write asks the kernel to start writing it to disk (``sync_file_range``), so that
-    the fsync at the end waits for the last fragment rather than for the whole instance.
-    """
-
-    def __init__(self, *args: object, **kwargs: object) -> None:  # pynetdicom's NamedTemporaryFile(...) arguments
-        self.folder = received_folder()
-        name = uuid.uuid4().hex
-        self.temporary = self.folder / f".{name}{PART_SUFFIX}"
-        self.final = self.folder / f"{name}.dcm"
-        self.name = str(self.temporary)  # pynetdicom: Event.dataset_path, and unlinks it afterwards
-        self.file = self  # pynetdicom flushes ``.file`` after each fragment
-        self.size = 0
-        self.error: OSError | None = None
-        self._descriptor = -1
-        try:
-            if not self.folder.is_dir():
-                self.folder.mkdir(parents=True, exist_ok=True)
-                _fsync_folder(self.folder.parent)
-            self._descriptor = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            self.error = exc
-
-    def write(self, data: bytes) -> int:
-        if self.error is None:
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(self._descriptor, view)
-                    view = view[written:]
-                _start_writeback(self._descriptor, self.size, len(data))
-                self.size += len(data)
-            except OSError as exc:
-                self.error = exc
-                self.discard()
-        return len(data)
-
-    def flush(self) -> None:
-        pass  # every write is a system call already
-
-    def close(self) -> None:
-        descriptor, self._descriptor = self._descriptor, -1
-        if descriptor >= 0:
-            os.close(descriptor)
-
-    def discard(self) -> None:
-        """Not kept: closed and removed (pynetdicom's own removal afterwards finds nothing)."""
-        with contextlib.suppress(OSError):
-            self.close()
-        self.temporary.unlink(missing_ok=True)
-
-    def durable(self) -> None:
-        """fsync, rename to the final name, fsync the folder. Raises OSError; then nothing is left."""
-        try:
-            try:
-                os.fsync(self._descriptor)
-            finally:
-                self.close()
-            os.rename(self.temporary, self.final)
-        except BaseException:
-            self.temporary.unlink(missing_ok=True)
-            raise
-        try:
-            _fsync_folder(self.folder)
-        except BaseException:  # not known to be durable: not kept, and not left for recover() either
-            self.final.unlink(missing_ok=True)
-            raise
-
-    def __del__(self) -> None:  # an association cut mid-instance: the descriptor is not left open
-        with contextlib.suppress(Exception):
-            self.close()
-
-
-def _writeback_call() -> Callable[[int, int, int], None] | None:
-    """Linux's sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE): start writing that range
-    to disk, without waiting (nothing durable is promised by it; the fsync still does that)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return lambda descriptor, offset, length: call(descriptor, offset, length, 2)
-
-
-_WRITEBACK = _writeback_call()
-
-
-def _start_writeback(descriptor: int, offset: int, length: int) -> None:
-    if _WRITEBACK is not None:
-        _WRITEBACK(descriptor, offset, length)  # a failure is harmless: the fsync writes it anyway
-
-
 def _fsync_folder(folder: Path) -> None:
     descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -356,24 +227,22 @@ def hold_series(series_ids: set[int], seconds: float) -> None:
         Series.objects.filter(pk__in=series_ids).update(next_attempt_at=due)
 
 
-def recover(partial: bool = True) -> IngestReport:
-    """After a crash: remove temporary files (never answered Success; not with ``partial=False``);
-    record complete files that were not recorded. Returns what was recorded, so that the caller can
-    enqueue it.
+def recover() -> IngestReport:
+    """After a crash: remove temporary files (never answered Success); record complete files that
+    were not recorded. Returns what was recorded, so that the caller can enqueue it.
 
-    Safe while the listener receives (:class:`DatabaseWatch`, with ``partial=False``: a ``.part``
-    file then is an instance arriving): no :func:`keep` runs meanwhile."""
+    Safe while the listener receives (:class:`DatabaseWatch`): no :func:`keep` runs meanwhile."""
     with _GATE.exclusive():
-        return _recover(partial)
+        return _recover()
 
 
-def _recover(partial: bool) -> IngestReport:
+def _recover() -> IngestReport:
     folder = received_folder()
     if not folder.is_dir():
         return IngestReport()
     removed = 0
     for entry in os.scandir(folder):
-        if partial and entry.name.startswith(".") and entry.name.endswith(PART_SUFFIX):
+        if entry.name.startswith(".") and entry.name.endswith(PART_SUFFIX):
             Path(entry.path).unlink(missing_ok=True)
             removed += 1
     if removed:
@@ -425,7 +294,7 @@ class DatabaseWatch:
         if not self.lost:
             return None
         try:
-            report = recover(partial=False)  # a .part file now is an instance arriving
+            report = recover()
         except Exception:
             connection.close()  # broken: the next look opens a fresh one
             raise

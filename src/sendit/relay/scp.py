@@ -12,12 +12,9 @@ import socket
 import threading
 import time
 import types
-from collections.abc import Callable
 
 import pynetdicom
-import pynetdicom._config
 import pynetdicom.association
-import pynetdicom.dimse_messages
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -100,26 +97,4 @@ def shorten_acceptor_loop() -> bool:
         return False
     functions = {name: getattr(time, name) for name in dir(time) if not name.startswith("_") and name != "sleep"}
     module.time = _AcceptorClock(**functions)  # type: ignore[assignment]
-    return True
-
-
-def receive_into(make_file: Callable[..., object]) -> bool:
-    """Make pynetdicom write each C-STORE's data set to ``make_file()`` while it arrives (its
-    ``STORE_RECV_CHUNKED_DATASET``, in the DICOM file format, File Meta Information first), instead of
-    gathering it in memory: the listener's handler then finds it on disk, and only its fsync is left.
-
-    pynetdicom opens that file with ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``,
-    writes to it, flushes ``.file``, and after the handler closes it and removes ``.name``
-    (``dimse_messages``, ``service_class``); this replaces that call, in this process (only the
-    listener's process calls it). Done only for the pynetdicom this was written against (3.x, whose
-    ``dimse_messages`` calls ``NamedTemporaryFile`` only there); returns whether it was done."""
-    module = pynetdicom.dimse_messages
-    try:
-        source = inspect.getsource(module)
-    except (OSError, TypeError):
-        return False
-    if not pynetdicom.__version__.startswith("3.") or source.count("NamedTemporaryFile(") != 1:
-        return False
-    module.NamedTemporaryFile = make_file  # type: ignore[assignment]
-    pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
     return True
