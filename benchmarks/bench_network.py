@@ -4,7 +4,10 @@
   L) DCMTK storescu -> Sendit's listener (`sendit run` with LISTEN_PORT, the real CLI), one
      association; storescu returns once every instance was answered, and the listener answers
      Success only once an instance is fsynced, renamed and recorded; the run then checks that
-     every instance is recorded (SQLite, read directly)
+     every instance is recorded (read directly). Each round starts from an empty database: with
+     SQLite a fresh data folder, with --database-url a fresh database beside the one named
+     (<name>_bench, created for the round and dropped after it), so that no round receives
+     instances an earlier round recorded (they would land as duplicates, a slower path)
   p) DCMTK storescu -> a bare pynetdicom SCP (the listener's settings) that writes each instance
      to /dev/null: what pynetdicom itself costs per instance (the floor for the listener)
   f) each file written, fsynced and renamed, nothing else: what durability alone costs here
@@ -33,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,6 +51,7 @@ from bench_orthanc import (  # noqa: E402
     step_storescu,
     timed,
 )
+from psycopg import sql as psql  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from tests.orthanc import OrthancServer  # noqa: E402
 
@@ -72,8 +77,44 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float =
     raise SystemExit("the listener did not come up")
 
 
+def _fresh_database(database_url: str) -> str:
+    """An empty database on the server of ``database_url``, named after it with ``_bench``: dropped and
+    created again (the round's own; the database named by the URL itself is never touched)."""
+    import psycopg
+
+    url = urlsplit(database_url)
+    name = url.path.lstrip("/") + "_bench"
+    admin = urlunsplit(url._replace(path="/postgres"))
+    with psycopg.connect(admin, autocommit=True) as db:
+        db.execute(psql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psql.Identifier(name)))
+        db.execute(psql.SQL("CREATE DATABASE {}").format(psql.Identifier(name)))
+    return urlunsplit(url._replace(path="/" + name))
+
+
+def _drop_database(database_url: str) -> None:
+    import psycopg
+
+    url = urlsplit(database_url)
+    with psycopg.connect(urlunsplit(url._replace(path="/postgres")), autocommit=True) as db:
+        db.execute(psql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psql.Identifier(url.path.lstrip("/"))))
+
+
+def _recorded(folder: Path, database_url: str) -> int:
+    """How many instances the listener recorded (its Image rows)."""
+    if not database_url:
+        with sqlite3.connect(folder / "data" / "sendit.sqlite3") as lite:
+            return int(lite.execute("select count(*) from relay_image").fetchone()[0])
+    import psycopg
+
+    with psycopg.connect(database_url) as db:
+        row = db.execute("select count(*) from relay_image").fetchone()
+    return int(row[0]) if row else 0
+
+
 def step_listener(src: Path, work: Path, files: int, database_url: str) -> float:
     folder = work / "listener"
+    if database_url:
+        database_url = _fresh_database(database_url)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     port, web = _free_port(), _free_port()
@@ -107,11 +148,9 @@ def step_listener(src: Path, work: Path, files: int, database_url: str) -> float
         elapsed = timed(
             lambda: subprocess.run(cmd, env=dict(os.environ, TCP_NODELAY="1"), check=True, capture_output=True)
         )
-        if not database_url:
-            with sqlite3.connect(folder / "data" / "sendit.sqlite3") as db:
-                recorded = db.execute("select count(*) from relay_image").fetchone()[0]
-            if recorded != files:
-                raise SystemExit(f"listener: {recorded} instances recorded, expected {files}")
+        recorded = _recorded(folder, database_url)
+        if recorded != files:
+            raise SystemExit(f"listener: {recorded} instances recorded, expected {files}")
         return elapsed
     finally:
         print((folder / "run.log").read_text()[-1500:]) if os.environ.get("BENCH_LOG") else None
@@ -122,6 +161,8 @@ def step_listener(src: Path, work: Path, files: int, database_url: str) -> float
             os.killpg(run.pid, 9)
             run.wait()
         shutil.rmtree(folder, ignore_errors=True)
+        if database_url:
+            _drop_database(database_url)
 
 
 def null_scp(port: int) -> None:
@@ -227,7 +268,11 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=500)
     parser.add_argument("--series-size", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3, help="best of N rounds per step, steps interleaved")
-    parser.add_argument("--database-url", default="", help="the listener's database (default SQLite)")
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="the listener's PostgreSQL server (default SQLite); each round uses a fresh database <name>_bench",
+    )
     parser.add_argument("--steps", default="cLpfds", help="which steps (letters above)")
     parser.add_argument("--null-scp", type=int, default=0, help=argparse.SUPPRESS)  # step p's server
     args = parser.parse_args()

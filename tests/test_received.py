@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,84 @@ def test_check_says_when_the_listener_port_is_taken(tmp_path: Path) -> None:
         assert finding.line.startswith(f"LISTEN_PORT: cannot listen on 127.0.0.1:{port}")
     finding = listen_port_finding(load_config(None, env={**env, "SENDIT_LISTEN_PORT": str(port)}))
     assert finding is not None and finding.ok
+
+
+def test_an_instance_answered_success_whose_row_was_lost_is_recorded_again_at_the_next_start(
+    sendit_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """On PostgreSQL the listener's commit does not wait for its WAL flush (the file is durable
+    first): a crash of the database can lose the rows of instances already answered Success. The
+    durable file is all it takes: the next start records the instance again, in its series."""
+    series_uid = generate_uid()
+    report = received.keep(write_ct(tmp_path / "a.dcm", series_uid=series_uid).read_bytes())
+    assert report.images == 1  # the listener would answer Success now
+    kept = Image.objects.get().path
+    Series.objects.all().delete()  # the database comes back without the last rows (images, events too)
+    assert not Image.objects.exists()
+    again = received.recover()  # the next start
+    image = Image.objects.get()
+    assert again.images == 1 and again.series_ids == {image.series_id}
+    assert image.path == kept and image.status == Status.NEW and image.series.series_uid == series_uid
+
+
+@pytest.mark.skipif(not os.environ.get("DATABASE_URL", "").startswith("postgres"), reason="PostgreSQL only")
+def test_a_restart_of_postgresql_under_a_running_listener_records_lost_rows_again(
+    sendit_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Without a restart of Sendit: PostgreSQL restarting ends every connection, the watch's too; the
+    first look after it records again what the database lost."""
+    from django.db import connection
+
+    watch = received.DatabaseWatch()
+    assert watch.check() is None  # connected; nothing lost
+    received.keep(write_ct(tmp_path / "a.dcm", series_uid=generate_uid()).read_bytes())
+    Series.objects.all().delete()  # lost with the crash
+    with connection.cursor() as cursor:  # the crash: PostgreSQL ends the watch's connection
+        cursor.execute("SELECT pg_terminate_backend(%s)", [watch._own.info.backend_pid])
+    try:
+        assert watch.check() is None and watch.lost  # noticed; nothing to do until it is back
+        report = watch.check()  # it is back
+        assert report is not None and report.images == 1 and not watch.lost
+        assert Image.objects.get().status == Status.NEW
+        assert watch.check() is None  # once
+    finally:
+        watch.close()
+
+
+def test_a_recovery_waits_for_instances_being_kept() -> None:
+    """A recovery while the listener receives must not record a file whose keep is between its
+    rename and its commit: it waits until no keep is in progress."""
+    gate = received._Gate()
+    order: list[str] = []
+
+    def recover() -> None:
+        with gate.exclusive():
+            order.append("recovered")
+
+    recovering = threading.Thread(target=recover)
+    with gate.shared():
+        recovering.start()
+        recovering.join(timeout=0.5)
+        order.append("kept")
+    recovering.join(timeout=10)
+    assert order == ["kept", "recovered"]
+
+
+def test_keep_adds_to_a_known_series_as_record_does(sendit_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """An instance of a series recorded earlier joins it (on PostgreSQL in one statement); into a
+    series that is not NEW any more, the series' status is worked out again, as the folder's path does."""
+    series_uid = generate_uid()
+    first = received.keep(write_ct(tmp_path / "a.dcm", series_uid=series_uid).read_bytes())
+    second = received.keep(write_ct(tmp_path / "b.dcm", series_uid=series_uid).read_bytes())
+    series = Series.objects.get()
+    assert first.series_ids == second.series_ids == {series.pk} and series.images.count() == 2
+    assert all(image.created and image.updated and image.status == Status.NEW for image in series.images.all())
+    Image.objects.update(status=Status.DONE)
+    Series.objects.update(status=Status.DONE)
+    by_keep = received.keep(write_ct(tmp_path / "c.dcm", series_uid=series_uid).read_bytes())
+    status_by_keep = Series.objects.get().status
+    Image.objects.filter(status=Status.NEW).delete()
+    Series.objects.update(status=Status.DONE)
+    by_record = received.record(arrive(tmp_path, series_uid))
+    assert by_keep.images == by_record.images == 1
+    assert status_by_keep == Series.objects.get().status != Status.DONE

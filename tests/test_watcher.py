@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from sendit.relay.ingest import IngestReport
 from sendit.relay.models import Image
-from sendit.relay.watcher import Watcher
+from sendit.relay.watcher import Watcher, _Poke
 from tests.helpers import demo_into, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -73,3 +74,28 @@ def test_a_scan_hands_on_each_series_while_it_still_reads_the_rest(sendit_dirs: 
     assert handed[0][1] < len(written)
     every = [series_id for ids, _ in handed for series_id in ids]
     assert sorted(every) == sorted(report.series_ids)
+
+
+def test_what_happens_below_a_hidden_folder_does_not_wake_a_scan(sendit_dirs: dict[str, Path]) -> None:
+    """The listener writes each received instance below `.sendit-received`: the scan never reads
+    there, so writing it must not start a scan of the whole input folder; a hidden name renamed into
+    view still does (an atomic arrival)."""
+    from watchdog.events import FileClosedEvent, FileCreatedEvent, FileMovedEvent
+
+    root = sendit_dirs["INPUT_FOLDER"]
+    watcher = Watcher(root, rescan_seconds=60, on_ingest=lambda report: None)
+    poke = _Poke(threading.Event(), watcher._moved, watcher._unseen)
+    received = root / ".sendit-received" / "host"
+    for event in (
+        FileCreatedEvent(str(received / ".abc.part")),
+        FileClosedEvent(str(received / ".abc.part")),
+        FileMovedEvent(str(received / ".abc.part"), str(received / "abc.dcm")),
+        FileCreatedEvent(str(root / "study" / ".IM1.dcm.swp")),
+    ):
+        poke.on_any_event(event)
+    assert not poke.wake.is_set()
+    poke.on_any_event(FileMovedEvent(str(root / ".IM1.dcm"), str(root / "IM1.dcm")))
+    assert poke.wake.is_set()
+    poke.wake.clear()
+    poke.on_any_event(FileClosedEvent(str(root / "study" / "IM2.dcm")))
+    assert poke.wake.is_set()

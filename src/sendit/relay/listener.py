@@ -47,6 +47,8 @@ _REJECT_CALLER = (0x01, 0x01, 0x03)
 
 #: a series' hold in the database is refreshed at most this often per series (seconds)
 HOLD_REFRESH_SECONDS = 1.0
+#: how often the listener looks whether PostgreSQL restarted under it (received.DatabaseWatch)
+WATCH_SECONDS = 1.0
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -72,6 +74,7 @@ class Listener:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._hand_over_idle, name="sendit-listener-idle", daemon=True)
+        self.watch = received.DatabaseWatch()
         self.server: ThreadedAssociationServer | None = None
         self.ae = make_ae(cfg.LISTEN_AET)
 
@@ -101,6 +104,7 @@ class Listener:
         3. Start the thread that hands idle series over."""
         report = received.recover()
         self.track(report.series_ids | report.resumable)
+        self.watch.check()  # its connection is open from now on: a restart of PostgreSQL ends it
         if self.server is None:
             self.bind()
         self._thread.start()
@@ -114,6 +118,7 @@ class Listener:
             self.server = None
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        self.watch.close()
 
     @property
     def port(self) -> int:
@@ -146,7 +151,11 @@ class Listener:
         return ready
 
     def _hand_over_idle(self) -> None:
+        watched = time.monotonic()
         while not self._stopping.wait(0.25):
+            if time.monotonic() - watched >= WATCH_SECONDS:
+                watched = time.monotonic()
+                self.look_at_database()
             ready = self.due()
             if not ready:
                 continue
@@ -157,6 +166,16 @@ class Listener:
                 log.error("could not queue %s idle series (%s); the requeue will", len(ready), type(exc).__name__)
             finally:
                 connection.close()
+
+    def look_at_database(self) -> None:
+        """If PostgreSQL restarted since the last look: record again what it may have lost, and hold
+        those series as if they had just arrived (:class:`received.DatabaseWatch`)."""
+        try:
+            report = self.watch.check()
+            if report is not None:
+                self.track(report.series_ids | report.resumable)
+        except Exception as exc:  # the database failed again: the next look retries (the watch is still lost)
+            log.error("received instances could not be checked after a database failure (%s)", type(exc).__name__)
 
     # -- event handlers (each runs in the association's thread) -------------------------------
 

@@ -16,8 +16,11 @@ requeue away from it; the listener enqueues it once the time has passed, and if 
 by then, the requeue finds it (a series with work to do, due, and no task).
 
 After a crash (:func:`recover`): a temporary file was never answered Success and is removed; a
-complete file that was not recorded (killed between the rename and the commit) is recorded now, as
-the next scan of a folder would.
+complete file that was not recorded (killed between the rename and the commit, or answered Success
+and its row lost with the database's last commits) is recorded now, as the next scan of a folder
+would. It runs at every start, and again when PostgreSQL restarted under a running listener
+(:class:`DatabaseWatch`): on PostgreSQL the listener's commits do not wait for their WAL flush (the
+file is already durable; :func:`sendit.relay.ingest.ingest_new_file`, docs/operations.md).
 """
 
 from __future__ import annotations
@@ -27,12 +30,16 @@ import logging
 import os
 import re
 import socket
+import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+from django.db import connection
 from django.utils import timezone
 
 from sendit.relay.ingest import Entry, IngestReport, entry_for, ingest_new_file, ingest_new_files, ingest_paths, walk
@@ -79,13 +86,14 @@ def keep(data: bytes) -> IngestReport:
     and nothing left behind), anything else when the database failed (the file is then durable and
     unrecorded, as after a crash between the two: :func:`record` explains, :func:`recover` records it).
     """
-    arriving = _Arriving(data)
-    syncing = _SYNC.submit(arriving.durable)
-    try:
-        return ingest_new_file(_entry(arriving.final), data, arriving.temporary, syncing.result)
-    finally:
-        with contextlib.suppress(BaseException):
-            syncing.result()  # never return with the fsync still running on this file
+    with _GATE.shared():  # a recovery while the listener runs waits: it must not take this file too
+        arriving = _Arriving(data)
+        syncing = _SYNC.submit(arriving.durable)
+        try:
+            return ingest_new_file(_entry(arriving.final), data, arriving.temporary, syncing.result)
+        finally:
+            with contextlib.suppress(BaseException):
+                syncing.result()  # never return with the fsync still running on this file
 
 
 def _entry(final: Path) -> Entry:
@@ -100,6 +108,48 @@ def _entry(final: Path) -> Entry:
         known = _NAMES[folder] = entry.name[: -len(final.name)]
     return Entry(final, known + final.name)
 
+
+class _Gate:
+    """Many :func:`keep` at once (shared), or one :func:`recover` alone (exclusive): a recovery must
+    not record a file whose :func:`keep` is between its rename and its commit. A waiting recovery
+    goes first (new keeps wait for it), so that a busy listener cannot put it off for ever."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._keeping = 0
+        self._recovering = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            while self._recovering:
+                self._changed.wait()
+            self._keeping += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._keeping -= 1
+                if not self._keeping:
+                    self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._changed:
+            while self._recovering:
+                self._changed.wait()
+            self._recovering = True
+            while self._keeping:
+                self._changed.wait()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._recovering = False
+                self._changed.notify_all()
+
+
+_GATE = _Gate()
 
 #: received folder → its recorded name with a trailing slash
 _NAMES: dict[Path, str] = {}
@@ -179,7 +229,14 @@ def hold_series(series_ids: set[int], seconds: float) -> None:
 
 def recover() -> IngestReport:
     """After a crash: remove temporary files (never answered Success); record complete files that
-    were not recorded. Returns what was recorded, so that the caller can enqueue it."""
+    were not recorded. Returns what was recorded, so that the caller can enqueue it.
+
+    Safe while the listener receives (:class:`DatabaseWatch`): no :func:`keep` runs meanwhile."""
+    with _GATE.exclusive():
+        return _recover()
+
+
+def _recover() -> IngestReport:
     folder = received_folder()
     if not folder.is_dir():
         return IngestReport()
@@ -195,3 +252,58 @@ def recover() -> IngestReport:
     if report.images:
         log.info("recorded %s received instance(s) a stop left unrecorded", report.images)
     return report
+
+
+class DatabaseWatch:
+    """Notices that PostgreSQL restarted under a running listener, and then records again what it may
+    have lost: the listener's commits do not wait for their WAL flush (:func:`sendit.relay.ingest.
+    ingest_new_file`), so a crash of PostgreSQL (the OOM killer, a power cut of its own host) can take
+    the last fraction of a second of rows with it, of instances already answered Success. Their
+    files are durable; :func:`recover` records them, as every start does.
+
+    :meth:`check` is called about once a second by one thread (the listener's). It holds a
+    connection of its own, open from one check to the next: a restart of PostgreSQL, or its
+    recovery after a crash of one backend, ends every connection, so the next check fails (noted),
+    and the first that succeeds after it runs :func:`recover`. SQLite needs none of it (its commits
+    survive the process, and a crash of the host restarts the listener, which recovers at start).
+    """
+
+    def __init__(self) -> None:
+        self.lost = False  # the connection broke: rows may be gone once the database is back
+        self._own: Any = None  # the watch's own connection (psycopg), never Django's
+
+    def check(self) -> IngestReport | None:
+        """One look; returns what a recovery recorded (for the caller to track), or None. Raises when
+        the recovery itself fails (the database failed again): still lost, the next check retries."""
+        if connection.vendor != "postgresql":
+            return None
+        try:
+            if self._own is None:
+                self._own = connection.get_new_connection(connection.get_connection_params())
+                self._own.autocommit = True  # never idle in a transaction between two checks
+            self._own.execute("SELECT 1")
+        except Exception as exc:
+            if not self.lost:
+                log.warning(
+                    "the database connection broke (%s); received instances are checked once it is back",
+                    type(exc).__name__,
+                )
+            self.lost = True
+            self.close()
+            return None
+        if not self.lost:
+            return None
+        try:
+            report = recover()
+        except Exception:
+            connection.close()  # broken: the next look opens a fresh one
+            raise
+        self.lost = False
+        log.info("the database is back: %s received instance(s) recorded again", report.images)
+        return report
+
+    def close(self) -> None:
+        own, self._own = self._own, None
+        if own is not None:
+            with contextlib.suppress(Exception):
+                own.close()

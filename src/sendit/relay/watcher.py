@@ -94,15 +94,28 @@ def scan_error(exc: BaseException, stage: str = "scan") -> str:
 
 
 class _Poke(FileSystemEventHandler):
-    """Wakes the scan; hands each rename (source, target) to ``moved`` first, so that the scan knows it."""
+    """Wakes the scan; hands each rename (source, target) to ``moved`` first, so that the scan knows it.
 
-    def __init__(self, wake: threading.Event, moved: Callable[[str, str], None]) -> None:
+    Not for what happens below a hidden name only (``unseen``): the scan never reads there, so such
+    an event cannot give it anything to take. The C-STORE listener writes every instance it
+    receives below ``.sendit-received``: without this, each one woke a scan of the whole input
+    folder (and its queries over every image in flight) while the next instance arrived.
+    """
+
+    def __init__(self, wake: threading.Event, moved: Callable[[str, str], None], unseen: Callable[[str], bool]) -> None:
         self.wake = wake
         self.moved = moved
+        self.unseen = unseen
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        source = os.fsdecode(event.src_path)
         if event.event_type == "moved":
-            self.moved(os.fsdecode(event.src_path), os.fsdecode(event.dest_path))
+            target = os.fsdecode(event.dest_path)
+            if self.unseen(source) and self.unseen(target):
+                return
+            self.moved(source, target)
+        elif self.unseen(source):
+            return
         if event.event_type in ("created", "moved", "closed"):
             self.wake.set()
 
@@ -143,7 +156,7 @@ class Watcher:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.observer.schedule(_Poke(self.wake, self._moved), str(self.root), recursive=True)
+        self.observer.schedule(_Poke(self.wake, self._moved, self._unseen), str(self.root), recursive=True)
         self.observer.start()
         self.wake.set()  # the first scan finds what arrived while we were down
         self.thread.start()
@@ -163,6 +176,11 @@ class Watcher:
         if rel in (os.curdir, os.pardir) or rel.startswith(os.pardir + os.sep):
             return None
         return rel.split(os.sep)
+
+    def _unseen(self, path: str) -> bool:
+        """Below a hidden name of the input folder (``.sendit-received``, an editor's ``.swp``): never scanned."""
+        names = self._inside(path)
+        return names is not None and any(hidden(name) for name in names)
 
     def _moved(self, source: str, target: str) -> None:
         """Remember a rename that says its files are complete: from a `.tmp` or hidden name, or into
