@@ -34,10 +34,10 @@ def _forget_inherited_connections() -> None:
     install_log_guard()
 
 
-def _process_guarded(series_id: int) -> NextStep:
+def _process_guarded(series_id: int, split: bool = False) -> NextStep:
     """A step that raised (the database went away mid-step) is tried again in seconds, not lost."""
     try:
-        return process_series(series_id)
+        return process_series(series_id, split=split)
     except Exception as exc:
         log.warning(
             "series #%s: step failed (%s); retrying in %s s", series_id, type(exc).__name__, FAILED_RETRY_SECONDS
@@ -48,7 +48,7 @@ def _process_guarded(series_id: int) -> NextStep:
 
 def _process_in_worker(series_id: int) -> NextStep:
     try:
-        return _process_guarded(series_id)
+        return _process_guarded(series_id, split=True)  # a big series is split over this pool's workers
     finally:
         connections.close_all()
 
@@ -67,6 +67,11 @@ def _reschedule(due: dict[int, float], series_id: int, outcome: NextStep) -> Non
         due[series_id] = time.monotonic() + BUSY_RETRY_SECONDS
     elif outcome.retry_in is not None:
         due[series_id] = time.monotonic() + outcome.retry_in
+        if outcome.spread > 1:  # split into parts: that many workers may run it at once
+            _spread[series_id] = outcome.spread
+
+
+_spread: dict[int, int] = {}
 
 
 def _run_here(due: dict[int, float], on_progress: Callable[[], None] | None) -> None:
@@ -101,7 +106,8 @@ def run_inline(
             now = time.monotonic()
             for series_id in [sid for sid, at in due.items() if at <= now]:
                 del due[series_id]
-                running[pool.submit(_process_in_worker, series_id)] = series_id
+                for _ in range(min(_spread.pop(series_id, 1), workers)):
+                    running[pool.submit(_process_in_worker, series_id)] = series_id
             if running:
                 finished, _ = wait(list(running), timeout=poll, return_when=FIRST_COMPLETED)
             else:
