@@ -147,8 +147,10 @@ def test_a_part_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
     child.start()
     try:
         mid_batch = wait_for(
-            lambda: in_part.filter(status=Status.SENT).count() >= 10
-            and in_part.filter(status=Status.DONEPROCESSING).exists(),
+            lambda: (
+                in_part.filter(status=Status.SENT).count() >= 10
+                and in_part.filter(status=Status.DONEPROCESSING).exists()
+            ),
             60,
             every=0.02,
         )

@@ -58,7 +58,7 @@ def run_series(series_id: int) -> None:
     at once (pipeline.holder_is_dead)."""
     close_old_connections()
     try:
-        outcome = process_series(series_id)
+        outcome = process_series(series_id, split=runtime.config().WORKERS > 1)
         if outcome.retry_in is not None:
             for _ in range(outcome.spread):  # a split series: one task per part, for any free worker
                 run_series.schedule((series_id,), delay=outcome.retry_in)
