@@ -7,6 +7,7 @@ Small series with a small PART_SIZE: what matters is the number of parts, not of
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import re
@@ -223,3 +224,31 @@ def test_a_series_that_receives_more_images_while_split_ends_all_done(
     assert len(list(sendit_dirs["OUTPUT_FOLDER"].rglob("*.dcm"))) == 65
     assert len(_finished_parts(series_id)) == 3
     assert not SeriesPart.objects.exists()
+
+
+def test_a_failed_part_leaves_its_images_to_the_series_run_which_counts_the_attempt(
+    sendit_dirs: dict[str, Path], reconfigure: Reconfigure, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full work folder fails every part: the join takes their images on the series' own run,
+    which counts one attempt and backs off — no new round of parts, nothing quarantined."""
+    reconfigure(PART_SIZE=10, BATCH_SIZE=5, MAX_ATTEMPTS=5, RETRY_BASE_SECONDS=30)
+    series_id = _series(sendit_dirs["INPUT_FOLDER"] / "big", 25)
+
+    def disk_full(source: Path, target: Path, ids: Any, **options: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runtime.deidentifier(), "deidentify_file", disk_full)
+    runs = []
+    for _ in range(10):
+        runs.append(pipeline.process_series(series_id))
+        if runs[-1].finished or (runs[-1].retry_in or 0) > 0:
+            break
+    assert (runs[-1].retry_in or 0) > 0, runs  # a back-off, after the plan, 3 parts and the join
+    assert len(runs) == 5, runs
+    series = Series.objects.get(pk=series_id)
+    assert series.attempts == 1 and series.stage == Stage.RETRYING
+    assert len(_finished_parts(series_id)) == 3 and not SeriesPart.objects.exists()
+    assert set(Image.objects.filter(series_id=series_id).values_list("status", flat=True)) <= {
+        Status.NEW,
+        Status.PROCESSING,
+    }

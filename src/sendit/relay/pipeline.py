@@ -187,19 +187,8 @@ def _lease_row(lease: Lease) -> Any:
 
 def renew_lease(lease: Lease) -> bool:
     """Extend a lease that still holds; False when it ran out or was taken (the other worker won)."""
-    if lease.part_id is not None:
-        return (
-            _lease_row(lease)
-            .filter(lease_owner=lease.owner, lease_generation=lease.generation, lease_expires__gt=Now())
-            .update(lease_expires=_expiry())
-            == 1
-        )
-    return (
-        Series.objects.filter(
-            pk=lease.series_id, lease_owner=lease.owner, lease_generation=lease.generation, lease_expires__gt=Now()
-        ).update(lease_expires=_expiry())
-        == 1
-    )
+    held = _lease_row(lease).filter(lease_owner=lease.owner, lease_generation=lease.generation, lease_expires__gt=Now())
+    return bool(held.update(lease_expires=_expiry()) == 1)
 
 
 def release_lease(lease: Lease) -> None:
@@ -332,13 +321,15 @@ def _work(series_id: int, lease: Lease, keeper: LeaseKeeper, split: bool = True)
         return NextStep(finished=False, retry_in=0.0)  # split just before this run took the lease: parts first
     # the join: every part is finished (their images left in flight are this run's, which counts the
     # attempt). Finished parts only: a stale worker of an older generation deletes nothing else.
-    SeriesPart.objects.filter(series_id=series_id, finished_at__isnull=False).delete()
+    joined = SeriesPart.objects.filter(series_id=series_id, finished_at__isnull=False).delete()[0] > 0
     in_flight = series.images.filter(status__in=IN_FLIGHT).exists()
     try:
         if in_flight:
             ids = ensure_identifiers(series)
             size = runtime.config().PART_SIZE
-            if split and size and (parts := _plan_parts(series, lease, size)):
+            # never split again in a join: what the parts left (a failure) is this run's, whose
+            # failure counts an attempt, not a new round of parts
+            if split and size and not joined and (parts := _plan_parts(series, lease, size)):
                 return NextStep(finished=False, retry_in=0.0, spread=parts)
             written = deidentify_pending(series, ids, lease, keeper)
             try:
