@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from sendit.demo import generate_demo
-from sendit.relay.models import Image, ReceivedFile, Series, Status
+from sendit.relay.models import Event, Image, ReceivedFile, Series, Status
 from tests import chaos, fuzz_corpus
 from tests.orthanc import OrthancServer
 
@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 IN_CI = os.environ.get("CI") == "true"
 #: the storms and the paused worker run in the first pass (SQLite + SqliteHuey) only: the second pass,
-#: PostgreSQL + Redis, kills and pauses whole hosts in tests/test_many_hosts.py (2.5 min saved)
+#: PostgreSQL + Redis, kills and pauses whole hosts in tests/test_many_hosts.py and parts in
+#: tests/test_parts.py (3 min saved)
 FIRST_PASS_ONLY = pytest.mark.skipif(
     os.environ.get("DATABASE_URL", "").startswith("postgres"),
     reason="on PostgreSQL + Redis, kills and pauses are tested host by host in test_many_hosts.py",
@@ -103,6 +104,24 @@ def test_kill_storm_delivers_every_input_exactly_once(sendit_dirs: dict[str, Pat
     rejected rows, nothing moved out of DONE, every original cleaned up."""
     _, result, finished, log = _kill_storm(sendit_dirs, tmp_path, kills=8)
     print(f"kill storm ({'PostgreSQL' if chaos.on_postgres() else 'SQLite'}): {result.line()}")
+    assert finished and not result.problems, "\n".join([*result.problems, log])
+
+
+@FIRST_PASS_ONLY
+def test_kill_storm_with_series_split_into_parts_delivers_every_input_exactly_once(
+    sendit_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The same storm with PART_SIZE = 6: series of 8-20 images are split into parts that both
+    workers take; kills land in parts and joins alike, and every input still arrives exactly once."""
+    _, result, finished, log = _kill_storm(sendit_dirs, tmp_path, kills=6, PART_SIZE=6)
+    parts = Event.objects.filter(reason__startswith="part #").values_list("reason", flat=True)
+    result.figures.update(
+        splits=Event.objects.filter(reason__startswith="split into").count(),
+        parts=len(parts),
+        part_workers=len({reason.rsplit(" ", 1)[-1] for reason in parts}),
+    )
+    assert result.figures["splits"], "no series was split: the storm tested nothing new"
+    print(f"kill storm, split series ({'PostgreSQL' if chaos.on_postgres() else 'SQLite'}): {result.line()}")
     assert finished and not result.problems, "\n".join([*result.problems, log])
 
 

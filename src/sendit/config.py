@@ -124,6 +124,15 @@ KEYS: tuple[Key, ...] = (
     Key("QUEUE_URL", str, "", "sqlite:///path, redis://host:port/db or rediss:// (TLS) (default SQLite in DATA_DIR)."),
     Key("WORKERS", int, 5, "Worker processes started by `sendit worker` and `sendit run`.", minimum=1, maximum=64),
     Key("BATCH_SIZE", int, 200, "Images handled per step of a series task.", minimum=1, maximum=100000),
+    Key(
+        "PART_SIZE",
+        int,
+        500,
+        "A series with more images than this to de-identify is split into parts of this many, each"
+        " de-identified and delivered by any free worker; 0 never splits.",
+        minimum=0,
+        maximum=1000000,
+    ),
     Key("DEIDENTIFY_RESTFUL", bool, False, "Ask the REST identifier service instead of the local keyed provider."),
     Key("IDENTIFIER_PROVIDER", str, "", "Dotted path of a provider class; overrides DEIDENTIFY_RESTFUL."),
     Key(
@@ -522,6 +531,7 @@ class Config:
     QUEUE_URL: str
     WORKERS: int
     BATCH_SIZE: int
+    PART_SIZE: int
     DEIDENTIFY_RESTFUL: bool
     IDENTIFIER_PROVIDER: str
     DATE_SHIFT_MIN_DAYS: int

@@ -161,10 +161,10 @@ def kept_key(stored: str) -> str:
     return f"kept/{stored}"
 
 
-def fetched_original(series_id: int, image_id: int, generation: int) -> Path:
+def fetched_original(series_id: int, image_id: int, tag: str) -> Path:
     """A worker's local copy of an original from the store, named by lease generation like its output
     (a stale worker never writes into the new holder's file; leftovers are removed with the series')."""
-    return series_folder(series_id) / f"{image_id}.g{generation}.orig.dcm"
+    return series_folder(series_id) / f"{image_id}.{tag}.orig.dcm"
 
 
 def _unique(target: Path) -> Path:

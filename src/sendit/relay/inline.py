@@ -34,10 +34,10 @@ def _forget_inherited_connections() -> None:
     install_log_guard()
 
 
-def _process_guarded(series_id: int) -> NextStep:
+def _process_guarded(series_id: int, split: bool = False) -> NextStep:
     """A step that raised (the database went away mid-step) is tried again in seconds, not lost."""
     try:
-        return process_series(series_id)
+        return process_series(series_id, split=split)
     except Exception as exc:
         log.warning(
             "series #%s: step failed (%s); retrying in %s s", series_id, type(exc).__name__, FAILED_RETRY_SECONDS
@@ -48,7 +48,7 @@ def _process_guarded(series_id: int) -> NextStep:
 
 def _process_in_worker(series_id: int) -> NextStep:
     try:
-        return _process_guarded(series_id)
+        return _process_guarded(series_id, split=True)  # a big series is split over this pool's workers
     finally:
         connections.close_all()
 
@@ -67,6 +67,11 @@ def _reschedule(due: dict[int, float], series_id: int, outcome: NextStep) -> Non
         due[series_id] = time.monotonic() + BUSY_RETRY_SECONDS
     elif outcome.retry_in is not None:
         due[series_id] = time.monotonic() + outcome.retry_in
+        if outcome.spread > 1:  # split into parts: that many workers may run it at once
+            _spread[series_id] = outcome.spread
+
+
+_spread: dict[int, int] = {}
 
 
 def _run_here(due: dict[int, float], on_progress: Callable[[], None] | None) -> None:
@@ -107,34 +112,32 @@ def run_inline(
         max_workers=max(1, workers), mp_context=context, initializer=_forget_inherited_connections
     ) as pool:
         running: dict[Future[NextStep], int] = {}
-        again: set[int] = set()  # handed on again while running: run once more when it ends
         forked, feeding = False, arrivals is not None
         while due or running or feeding:
             now = time.monotonic()
-            for series_id in [sid for sid, at in due.items() if at <= now and sid not in running.values()]:
+            for series_id in [sid for sid, at in due.items() if at <= now]:
+                # a series runs on one worker, a split one on as many as it has parts (up to all);
+                # one that is due while it runs waits here until a run of it ends
+                room = min(_spread.get(series_id, 1), workers) - sum(1 for s in running.values() if s == series_id)
+                if room <= 0:
+                    continue
                 if not forked:  # the pool forks every worker at its first submit: no connection may be open
                     connections.close_all()
                     forked = True
                 del due[series_id]
-                running[pool.submit(_process_in_worker, series_id)] = series_id
+                for _ in range(room):
+                    running[pool.submit(_process_in_worker, series_id)] = series_id
             if feeding and (forked or not due):  # one chunk ingested here while the workers run
                 handed_on: Iterable[int] | None = next(feed, None)
                 feeding = handed_on is not None
-                for series_id in handed_on or ():
-                    if series_id in running.values():
-                        again.add(series_id)
-                    else:
-                        due[series_id] = min(due.get(series_id, now), now)
+                for series_id in handed_on or ():  # again if it runs: images recorded meanwhile are not left
+                    due[series_id] = min(due.get(series_id, now), now)
             finished: set[Future[NextStep]] = set()
             if running:
                 finished, _ = wait(list(running), timeout=0 if feeding else poll, return_when=FIRST_COMPLETED)
             elif due and not feeding:
                 time.sleep(min(poll, max(0.0, min(due.values()) - now)))
             for future in finished:
-                series_id = running.pop(future)
-                _reschedule(due, series_id, future.result())
-                if series_id in again:
-                    again.discard(series_id)
-                    due[series_id] = time.monotonic()
+                _reschedule(due, running.pop(future), future.result())
             if on_progress is not None:
                 on_progress()

@@ -31,6 +31,7 @@ class Stage(models.TextChoices):
     VERIFIED = "verified", "Every destination was asked and holds the images."
     RETRYING = "retrying", "A step failed; it runs again after a back-off."
     REQUEUED = "requeued", "A person sent images back into the pipeline."
+    SPLIT = "split", "Split into parts, each de-identified and delivered by any free worker."
     ERROR = "error", "A step failed for good; images went to ERROR."
 
 
@@ -110,6 +111,24 @@ class Image(models.Model):
 
     def __str__(self) -> str:
         return f"image #{self.pk}"
+
+
+class SeriesPart(models.Model):
+    """A contiguous range of one split series' image ids, de-identified and delivered up to SENT by
+    whichever worker holds its own lease (pipeline.run_part); the series' run joins the parts
+    (verification, series destinations, clean-up) once every part is finished."""
+
+    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="parts")
+    first_image_id = models.BigIntegerField()
+    last_image_id = models.BigIntegerField()
+    lease_owner = models.CharField(max_length=255, blank=True)
+    lease_expires = models.DateTimeField(null=True, blank=True)
+    # the part's fencing token, as Series.lease_generation: +1 at every acquisition
+    lease_generation = models.PositiveBigIntegerField(default=0)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"part #{self.pk} of series #{self.series_id}"
 
 
 class SeriesIdentifiers(models.Model):

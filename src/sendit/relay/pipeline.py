@@ -33,7 +33,18 @@ from sendit.destinations.base import Destination, DestinationError, OutgoingImag
 from sendit.dicomio import sop_class_and_syntax
 from sendit.identifiers.base import IdentifierError, Identifiers, SeriesHeader
 from sendit.relay import files, liveness, runtime
-from sendit.relay.models import IN_FLIGHT, Delivery, Event, Image, Series, SeriesIdentifiers, Stage, Status, Study
+from sendit.relay.models import (
+    IN_FLIGHT,
+    Delivery,
+    Event,
+    Image,
+    Series,
+    SeriesIdentifiers,
+    SeriesPart,
+    Stage,
+    Status,
+    Study,
+)
 from sendit.relay.transitions import (
     Lease,
     LeaseLost,
@@ -70,6 +81,7 @@ class NextStep:
     retry_in: float | None = None
     busy: bool = False
     crashed: bool = False  # the step raised (database gone): the caller tries again, a bounded number of times
+    spread: int = 1  # how many workers may run the series at once now (its parts)
 
 
 # --- leases ---------------------------------------------------------------------------------------
@@ -139,21 +151,54 @@ def acquire_lease(series_id: int, owner: str) -> Lease | None:
     return None if found is None else Lease(series_id, owner, found)
 
 
+def acquire_part(part: SeriesPart, owner: str) -> Lease | None:
+    """Take an unfinished part as :func:`acquire_lease` takes a series: free, expired, or its holder
+    visibly dead; each acquisition is a new generation of the part."""
+    unfinished = SeriesPart.objects.filter(pk=part.pk, finished_at__isnull=True)
+    free = Q(lease_expires__isnull=True) | Q(lease_expires__lte=Now())
+    taken = unfinished.filter(free).update(
+        lease_owner=owner, lease_expires=_expiry(), lease_generation=F("lease_generation") + 1
+    )
+    if taken != 1:
+        holder = unfinished.values_list("lease_owner", flat=True).first()
+        if not holder or not holder_is_dead(holder):
+            return None  # a live holder, or the part is finished or gone
+        log.warning("part #%s of series #%s: its worker died; taking it over", part.pk, part.series_id)
+        # names the holder it saw: if another worker took the dead one's part first, that worker won
+        taken = unfinished.filter(lease_owner=holder).update(
+            lease_owner=owner, lease_expires=_expiry(), lease_generation=F("lease_generation") + 1
+        )
+        if taken != 1:
+            return None
+    found = SeriesPart.objects.filter(pk=part.pk, lease_owner=owner).values_list("lease_generation", flat=True).first()
+    if found is None:
+        return None
+    return Lease(
+        part.series_id, owner, found, part_id=part.pk, first_id=part.first_image_id, last_id=part.last_image_id
+    )
+
+
+def _lease_row(lease: Lease) -> Any:
+    """The row a lease lives on: the series', or its part's."""
+    if lease.part_id is None:
+        return Series.objects.filter(pk=lease.series_id)
+    return SeriesPart.objects.filter(pk=lease.part_id, finished_at__isnull=True)
+
+
 def renew_lease(lease: Lease) -> bool:
     """Extend a lease that still holds; False when it ran out or was taken (the other worker won)."""
-    return (
-        Series.objects.filter(
-            pk=lease.series_id, lease_owner=lease.owner, lease_generation=lease.generation, lease_expires__gt=Now()
-        ).update(lease_expires=_expiry())
-        == 1
-    )
+    held = _lease_row(lease).filter(lease_owner=lease.owner, lease_generation=lease.generation, lease_expires__gt=Now())
+    return bool(held.update(lease_expires=_expiry()) == 1)
 
 
 def release_lease(lease: Lease) -> None:
     # names owner and generation: a lease another worker took since is theirs and stays
-    Series.objects.filter(pk=lease.series_id, lease_owner=lease.owner, lease_generation=lease.generation).update(
-        lease_owner="", lease_expires=None
+    rows = (
+        Series.objects.filter(pk=lease.series_id)
+        if lease.part_id is None
+        else SeriesPart.objects.filter(pk=lease.part_id)
     )
+    rows.filter(lease_owner=lease.owner, lease_generation=lease.generation).update(lease_owner="", lease_expires=None)
 
 
 class LeaseKeeper:
@@ -170,7 +215,7 @@ class LeaseKeeper:
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._renew_until_stopped, name=f"sendit-lease-{lease.series_id}", daemon=True
+            target=self._renew_until_stopped, name=f"sendit-lease-{lease.series_id}-{lease.part_id or 0}", daemon=True
         )
 
     def __enter__(self) -> LeaseKeeper:
@@ -183,7 +228,7 @@ class LeaseKeeper:
 
     def check(self) -> None:
         if self.lost.is_set():
-            raise LeaseLost(f"series #{self.lease.series_id}: lease generation {self.lease.generation} was lost")
+            raise LeaseLost(f"{self.lease}: lease generation {self.lease.generation} was lost")
 
     def _renew_until_stopped(self) -> None:
         """Beats every heartbeat period (other hosts judge this process alive by it) and renews the
@@ -238,27 +283,54 @@ def is_no_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
-def process_series(series_id: int) -> NextStep:
+#: a run that finds every part finished but the series still held (its planner not yet out, or
+#: another worker joining) tries again after this long, not at the next requeue
+JOIN_RETRY_SECONDS = 1.0
+#: how a part's finishing event names the process that ran it ("worker host:pid")
+PART_WORKER = "worker"
+
+
+def process_series(series_id: int, split: bool = True) -> NextStep:
+    """Run whatever the series needs now: one of its unfinished parts if it is split, else the series
+    itself under its lease (identify, then split it into parts when ``split`` and it is big, or
+    de-identify, deliver, verify and clean up; for a split series whose parts are all finished, the
+    join: verification once for the series, series destinations, clean-up)."""
     owner = lease_owner_name()
     liveness.beat()  # before the lease: a holder with no heartbeat row is dead to other hosts
+    parts = list(SeriesPart.objects.filter(series_id=series_id, finished_at__isnull=True).order_by("id"))
+    if parts:
+        return _run_a_part(parts, owner)
     lease = acquire_lease(series_id, owner)
     if lease is None:
+        if SeriesPart.objects.filter(series_id=series_id).exists():  # finished parts wait for their join
+            return NextStep(finished=False, retry_in=JOIN_RETRY_SECONDS)
         return NextStep(finished=False, busy=True)
     _HELD.add(owner)
     try:
         with LeaseKeeper(lease) as keeper:
-            return _work(series_id, lease, keeper)
+            return _work(series_id, lease, keeper, split)
     finally:
         _HELD.discard(owner)
         release_lease(lease)
 
 
-def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> NextStep:
+def _work(series_id: int, lease: Lease, keeper: LeaseKeeper, split: bool = True) -> NextStep:
     series = Series.objects.select_related("study").get(pk=series_id)
+    # Parts are written only under the series lease, which this run holds: what it sees now stays.
+    if SeriesPart.objects.filter(series_id=series_id, finished_at__isnull=True).exists():
+        return NextStep(finished=False, retry_in=0.0)  # split just before this run took the lease: parts first
+    # the join: every part is finished (their images left in flight are this run's, which counts the
+    # attempt). Finished parts only: a stale worker of an older generation deletes nothing else.
+    joined = SeriesPart.objects.filter(series_id=series_id, finished_at__isnull=False).delete()[0] > 0
     in_flight = series.images.filter(status__in=IN_FLIGHT).exists()
     try:
         if in_flight:
             ids = ensure_identifiers(series)
+            size = runtime.config().PART_SIZE
+            # never split again in a join: what the parts left (a failure) is this run's, whose
+            # failure counts an attempt, not a new round of parts
+            if split and size and not joined and (parts := _plan_parts(series, lease, size)):
+                return NextStep(finished=False, retry_in=0.0, spread=parts)
             written = deidentify_pending(series, ids, lease, keeper)
             try:
                 deliver_and_verify(series, lease, keeper, written)
@@ -295,6 +367,88 @@ def _work(series_id: int, lease: Lease, keeper: LeaseKeeper) -> NextStep:
     return NextStep(finished=True)
 
 
+def _plan_parts(series: Series, lease: Lease, size: int) -> int:
+    """More than ``size`` images to de-identify: write parts over their ids (contiguous ranges of at
+    most ``size``), the series' stage SPLIT, in one fenced transaction; returns how many (0: none).
+
+    Ranges are fixed once written: an image recorded later has a larger id, falls in no part and is
+    handled by the join (or a next split)."""
+    todo = list(
+        series.images.filter(status__in=(Status.NEW, Status.PROCESSING)).order_by("id").values_list("id", flat=True)
+    )
+    if len(todo) <= size:
+        return 0
+    chunks = [todo[start : start + size] for start in range(0, len(todo), size)]
+    files.series_folder(series.pk).mkdir(parents=True, exist_ok=True)
+    with fenced(lease):
+        SeriesPart.objects.bulk_create(
+            [SeriesPart(series=series, first_image_id=chunk[0], last_image_id=chunk[-1]) for chunk in chunks]
+        )
+        Series.objects.filter(pk=series.pk).update(stage=Stage.SPLIT)
+        Event.objects.create(
+            series=series, from_status="", to_status="", reason=f"split into {len(chunks)} parts of up to {size} images"
+        )
+    log.info("series #%s: %s images split into %s parts", series.pk, len(todo), len(chunks))
+    return len(chunks)
+
+
+def _run_a_part(parts: list[SeriesPart], owner: str) -> NextStep:
+    """Take the first free unfinished part and run it; busy when every one is held by a live worker
+    (each of them runs the series again when its part is over)."""
+    for part in parts:
+        lease = acquire_part(part, owner)
+        if lease is None:
+            continue
+        _HELD.add(owner)
+        try:
+            with LeaseKeeper(lease) as keeper:
+                return run_part(lease, keeper)
+        finally:
+            _HELD.discard(owner)
+            release_lease(lease)
+    return NextStep(finished=False, busy=True)
+
+
+def run_part(lease: Lease, keeper: LeaseKeeper) -> NextStep:
+    """One part: de-identify and deliver the images of its range up to SENT, on a connection of its
+    own, then mark it finished (fenced). The series runs again next: another part, or the join.
+
+    A failure ends the part too: its images stay in flight and go to the series' own run (the join),
+    which retries them and counts the attempt."""
+    series = Series.objects.select_related("study").get(pk=lease.series_id)
+    try:
+        ids = Identifiers.from_json(SeriesIdentifiers.objects.get(series=series).response)  # stored by the plan
+        written = deidentify_pending(series, ids, lease, keeper)
+        destinations = runtime.destinations()
+        try:
+            if destinations:
+                deliver_pending(series, destinations, lease, keeper, written)
+        finally:
+            for destination in destinations:
+                destination.close()
+    except LeaseLost as lost:
+        log.warning("%s; leaving it to that worker", lost)
+        _drop_generation_files(series.pk, lease)
+        return NextStep(finished=False, busy=True)
+    except Exception as exc:  # the type only: an exception's text may quote a value
+        log.warning("%s: %s; its images go to the series' own run", lease, type(exc).__name__)
+    try:
+        with fenced(lease):
+            # the fence holds the part row, so this generation is the part's; names it all the same
+            _lease_row(lease).filter(lease_generation=lease.generation).update(finished_at=timezone.now())
+            Event.objects.create(
+                series=series,
+                from_status="",
+                to_status="",
+                reason=f"part #{lease.part_id} (images #{lease.first_id}–#{lease.last_id}) finished by"
+                f" {PART_WORKER} {socket.gethostname()}:{os.getpid()}",
+            )
+    except LeaseLost as lost:
+        log.warning("%s; leaving it to that worker", lost)
+        return NextStep(finished=False, busy=True)
+    return NextStep(finished=False, retry_in=0.0)
+
+
 def _log_done(series: Series) -> None:
     """One INFO line per finished series: id, images and seconds since its first image was recorded."""
     span = series.images.aggregate(first=Min("created"), done=Count("id", filter=Q(status=Status.DONE)))
@@ -305,7 +459,7 @@ def _log_done(series: Series) -> None:
 def _drop_generation_files(series_id: int, lease: Lease) -> None:
     """Working files this lease generation wrote but never renamed into place."""
     folder = files.series_folder(series_id)
-    for leftover in folder.glob(f"*.g{lease.generation}.*") if folder.exists() else ():
+    for leftover in folder.glob(f"*.{lease.tag}.*") if folder.exists() else ():
         leftover.unlink(missing_ok=True)
 
 
@@ -406,7 +560,8 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
     files.series_folder(series.pk).mkdir(parents=True, exist_ok=True)
     while True:
         keeper.check()
-        batch = list(series.images.filter(status__in=(Status.NEW, Status.PROCESSING)).order_by("id")[:batch_size])
+        todo = _in_scope(series.images.filter(status__in=(Status.NEW, Status.PROCESSING)), lease)
+        batch = list(todo.order_by("id")[:batch_size])
         if not batch:
             break
         move_images(series, [image.id for image in batch], Status.PROCESSING, expect=(Status.NEW,), lease=lease)
@@ -419,7 +574,7 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
             source = sources[image.pk]
             target = files.working_copy(series.pk, image.pk)
             # a name of this lease generation: a stale worker never writes into the new holder's file
-            mine = target.with_name(f"{image.pk}.g{lease.generation}.dcm")
+            mine = target.with_name(f"{image.pk}.{lease.tag}.dcm")
             if not image.stored_key and source.is_symlink():  # swapped for a link since ingest: never followed
                 _quarantine(series, image, lease, "original was replaced by a symbolic link; not followed")
                 continue
@@ -471,10 +626,18 @@ def deidentify_pending(series: Series, ids: Identifiers, lease: Lease, keeper: L
                 move_images(
                     series, ids_with_note, Status.DONEPROCESSING, note, expect=(Status.PROCESSING,), lease=lease
                 )
-    write_series_metadata(series, ids)
-    with fenced(lease):
-        Series.objects.filter(pk=series.pk).update(stage=Stage.DEIDENTIFIED)
+    if lease.part_id is None:  # a part leaves the series' document and stage to the join
+        write_series_metadata(series, ids)
+        with fenced(lease):
+            Series.objects.filter(pk=series.pk).update(stage=Stage.DEIDENTIFIED)
     return written
+
+
+def _in_scope(images: Any, lease: Lease) -> Any:
+    """A part's images only (its range of ids); all of the series' for the series' lease."""
+    if lease.part_id is None:
+        return images
+    return images.filter(id__gte=lease.first_id, id__lte=lease.last_id)
 
 
 def _deidentify_again(series: Series, image_ids: list[int], expect: Status, lease: Lease) -> None:
@@ -509,7 +672,7 @@ def fetch_originals(series_id: int, batch: list[Image], lease: Lease) -> dict[in
         raise PermanentFailure("images have originals in a storage bucket, but STORAGE_URL is not set")
 
     def fetch(image: Image) -> None:
-        target = files.fetched_original(series_id, image.pk, lease.generation)
+        target = files.fetched_original(series_id, image.pk, lease.tag)
         try:
             store.get(image.stored_key, target)
         except FileNotFoundError:
@@ -519,10 +682,10 @@ def fetch_originals(series_id: int, batch: list[Image], lease: Lease) -> dict[in
         failures = [exc for exc in pool.map(_failure_of(fetch), remote) if exc is not None]
     if failures:
         for image in remote:
-            files.fetched_original(series_id, image.pk, lease.generation).unlink(missing_ok=True)
+            files.fetched_original(series_id, image.pk, lease.tag).unlink(missing_ok=True)
         raise RetryableFailure(str(failures[0])) from None
     for image in remote:
-        sources[image.pk] = files.fetched_original(series_id, image.pk, lease.generation)
+        sources[image.pk] = files.fetched_original(series_id, image.pk, lease.tag)
     return sources
 
 
@@ -753,7 +916,7 @@ def deliver_pending(
     """Send every DONEPROCESSING image; returns the reasons of images that failed in a retryable way."""
     ids = Identifiers.from_json(SeriesIdentifiers.objects.get(series=series).response)
     series.refresh_from_db(fields=["deid_series_uid"])
-    pending = list(series.images.filter(status=Status.DONEPROCESSING).order_by("id"))
+    pending = list(_in_scope(series.images.filter(status=Status.DONEPROCESSING), lease).order_by("id"))
     lost = [image.pk for image in pending if not files.working_copy(series.pk, image.pk).exists()]
     if lost:  # the working copy is gone (crash, wiped folder): de-identify again, same output UIDs
         _deidentify_again(series, lost, Status.DONEPROCESSING, lease)
@@ -817,7 +980,7 @@ def deliver_pending(
             confirmed.setdefault(image_id, set()).add(name)
         delivered = [image.pk for image in batch if wanted <= confirmed.get(image.pk, set())]
         move_images(series, delivered, Status.SENT, expect=(Status.DONEPROCESSING,), lease=lease)
-    if not retry_reasons:
+    if not retry_reasons and lease.part_id is None:  # a part leaves the series' stage to the join
         with fenced(lease):
             Series.objects.filter(pk=series.pk).update(stage=Stage.DELIVERED)
     return retry_reasons

@@ -58,9 +58,10 @@ def run_series(series_id: int) -> None:
     at once (pipeline.holder_is_dead)."""
     close_old_connections()
     try:
-        outcome = process_series(series_id)
+        outcome = process_series(series_id, split=runtime.config().WORKERS > 1)
         if outcome.retry_in is not None:
-            run_series.schedule((series_id,), delay=outcome.retry_in)
+            for _ in range(outcome.spread):  # a split series: one task per part, for any free worker
+                run_series.schedule((series_id,), delay=outcome.retry_in)
             Series.objects.filter(pk=series_id).update(enqueued_at=database_time())
     except Exception as exc:
         log.warning(

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import transaction
-from django.db.models import Count, DateTimeField, ExpressionWrapper, F
+from django.db.models import Count, DateTimeField, Exists, ExpressionWrapper, F
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from sendit.relay.models import Event, Image, Series, Status
+from sendit.relay.models import Event, Image, Series, SeriesPart, Status
 
 REASON_LENGTH = 500
 
@@ -40,11 +40,26 @@ class LeaseLost(Exception):
 
 @dataclass(frozen=True)
 class Lease:
-    """A worker's hold on one series; ``generation`` is the fencing token (+1 at each acquisition)."""
+    """A worker's hold on one series, or on one part of a split series (``part_id``: the images with
+    ids ``first_id``..``last_id``); ``generation`` is the fencing token (+1 at each acquisition)."""
 
     series_id: int
     owner: str
     generation: int
+    part_id: int | None = None
+    first_id: int = 0
+    last_id: int = 0
+
+    @property
+    def tag(self) -> str:
+        """What names this lease's files: ``g<generation>``, or ``gp<part>-<generation>`` for a part
+        (never matching a series worker's leftover pattern ``*.g<generation>.*``)."""
+        return f"g{self.generation}" if self.part_id is None else f"gp{self.part_id}-{self.generation}"
+
+    def __str__(self) -> str:
+        if self.part_id is None:
+            return f"series #{self.series_id}"
+        return f"part #{self.part_id} of series #{self.series_id}"
 
 
 def hold(lease: Lease) -> None:
@@ -52,7 +67,22 @@ def hold(lease: Lease) -> None:
 
     An UPDATE rather than a SELECT, so that it takes the row's write lock until commit: a takeover
     waits for this transaction, and this one sees a takeover that committed first.
+
+    A part's lease is held on its part row (parts of one series do not wait for one another's
+    work), then the series row is locked as every other writer locks it first, before any image.
     """
+    if lease.part_id is not None:
+        held = SeriesPart.objects.filter(
+            pk=lease.part_id,
+            lease_owner=lease.owner,
+            lease_generation=lease.generation,
+            lease_expires__gt=Now(),
+            finished_at__isnull=True,
+        ).update(lease_expires=F("lease_expires"))
+        if held != 1:  # the part's lease ran out, another worker took it, or the part is over: they won
+            raise LeaseLost(f"{lease}: lease generation {lease.generation} is no longer held")
+        lock_series(lease.series_id)
+        return
     held = Series.objects.filter(
         pk=lease.series_id, lease_owner=lease.owner, lease_generation=lease.generation, lease_expires__gt=Now()
     ).update(lease_expires=F("lease_expires"))
@@ -98,16 +128,19 @@ def move_images(
             hold(lease)
         else:
             lock_series(series.pk)
-        rows = list(
-            Image.objects.select_for_update()
-            .filter(series=series, id__in=ids, status__in=expected)
-            .values_list("id", "status")
-        )
+        candidates = Image.objects.select_for_update().filter(series=series, id__in=ids, status__in=expected)
+        if lease is not None and lease.part_id is not None:  # a part moves the images of its range only
+            candidates = candidates.filter(id__gte=lease.first_id, id__lte=lease.last_id)
+        rows = list(candidates.values_list("id", "status"))
         if not rows:
             return 0
         changed = [row[0] for row in rows]
         guarded = Image.objects.filter(id__in=changed, status__in=expected)
-        if lease is not None:
+        if lease is not None and lease.part_id is not None:
+            # a part's images only, while its generation holds (the part row is locked by hold above)
+            part = SeriesPart.objects.filter(pk=lease.part_id, lease_generation=lease.generation)
+            guarded = guarded.filter(id__gte=lease.first_id, id__lte=lease.last_id).filter(Exists(part))
+        elif lease is not None:
             guarded = guarded.filter(series__lease_generation=lease.generation)
         # QuerySet.update() skips auto_now: the time of the change is set here (pruning relies on it).
         # The rows are locked above, so this changes exactly them; a row another writer moved in
