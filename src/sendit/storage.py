@@ -162,8 +162,8 @@ class S3Store:
     use: response timestamps are not parsed into datetimes (no one reads them; dateutil's parse cost
     a quarter of a GetObject), and no CRC32 is computed on top of the SHA-256 checked end to end.
     obstore (Rust) costs less than half per request but is not fork-safe: a worker forked after its
-    parent made a request hangs on its first own (measured with obstore 0.12), and Sendit's workers
-    are forked after ingest uploaded.
+    parent made a request hangs on its first own (measured with obstore 0.12), and `sendit import
+    --wait` forks its workers after its ingest uploaded.
     """
 
     def __init__(
