@@ -1,10 +1,12 @@
 """An S3 server on loopback for the storage tests: moto's server, a stand-in for a real S3 store.
 
-MinIO is not installable on these machines; ``moto_server`` speaks the S3 HTTP API (create-only
-``If-None-Match`` writes included) and keeps its objects in memory. It is started as a subprocess on
-a free loopback port and stopped by its PID. Between Sendit and moto sits a :class:`Gate`, a plain
-TCP relay on its own port: closing it makes the bucket unreachable (connections refused, open ones
-cut) while moto keeps every object, and opening it again on the same port brings the bucket back.
+MinIO is not installable on these machines; moto speaks the S3 HTTP API (create-only
+``If-None-Match`` writes included) and keeps its objects in memory. Its S3 service alone
+(tests/moto_s3.py: what ``moto_server`` runs for S3, without the other AWS services' dispatch) is
+started as a subprocess on a free loopback port and stopped by its PID. Between Sendit and moto
+sits a :class:`Gate`, a plain TCP relay on its own port: closing it makes the bucket unreachable
+(connections refused, open ones cut) while moto keeps every object, and opening it again on the
+same port brings the bucket back.
 
 The fixtures (``s3_server`` for the session, ``s3_bucket`` per test) are registered in
 tests/conftest.py, for the storage tests and the multi-host tests alike.
@@ -13,8 +15,8 @@ tests/conftest.py, for the storage tests and the multi-host tests alike.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -40,15 +42,14 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def moto_server_command() -> str | None:
-    """The ``moto_server`` beside this interpreter (the venv's), else one on PATH."""
-    beside = Path(sys.executable).with_name("moto_server")
-    return str(beside) if beside.exists() else shutil.which("moto_server")
+def moto_installed() -> bool:
+    """moto with its server part (``moto[server]``: Flask, werkzeug), as the [dev] extra installs it."""
+    return all(importlib.util.find_spec(name) is not None for name in ("moto", "flask", "werkzeug"))
 
 
 @dataclass
 class MotoServer:
-    """A stand-in S3 server: ``moto_server -H 127.0.0.1 -p PORT``, started and stopped by PID."""
+    """A stand-in S3 server: ``python tests/moto_s3.py 127.0.0.1 PORT``, started and stopped by PID."""
 
     log_path: Path
     port: int = field(default_factory=free_port)
@@ -59,12 +60,11 @@ class MotoServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> MotoServer:
-        command = moto_server_command()
-        if command is None:
-            raise RuntimeError("moto_server not found: pip install 'moto[server]' (the [dev] extra)")
+        if not moto_installed():
+            raise RuntimeError("moto's server is not installed: pip install 'moto[server]' (the [dev] extra)")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [command, "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, str(Path(__file__).with_name("moto_s3.py")), "127.0.0.1", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -72,12 +72,12 @@ class MotoServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # bounded: until it answers or the time is up
             if self.process.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {self.process.returncode}; see {self.log_path}")
+                raise RuntimeError(f"the moto S3 server exited with {self.process.returncode}; see {self.log_path}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return self
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"moto_server did not listen within {timeout:g} s; see {self.log_path}")
+        raise RuntimeError(f"the moto S3 server did not listen within {timeout:g} s; see {self.log_path}")
 
     def stop(self) -> None:
         """SIGTERM to the PID we started, SIGKILL if it lingers; never by name."""
@@ -217,8 +217,8 @@ class Bucket:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """One stand-in S3 server (moto) for the session; each test gets its own bucket."""
-    if moto_server_command() is None and os.environ.get("CI") != "true":
-        pytest.skip("moto_server is not installed (pip install -e '.[dev]')")
+    if not moto_installed() and os.environ.get("CI") != "true":
+        pytest.skip("moto's server is not installed (pip install -e '.[dev]')")
     server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
     try:
         yield server

@@ -20,8 +20,11 @@ def test_a_create_only_write_keeps_the_first_bytes_and_names_a_conflict(tmp_path
 
     assert store.put_new(f"originals/{digest}", first, digest) is True
     assert store.put_new(f"originals/{digest}", first, digest) is False  # already there: the same bytes
+    assert store.put_new(f"originals/{digest}", b"first bytes", digest) is False  # from memory alike
     with pytest.raises(StoreConflict, match="other content"):
         store.put_new(f"originals/{digest}", other, hashlib.sha256(b"other bytes").hexdigest())
+    with pytest.raises(StoreConflict, match="other content"):
+        store.put_new(f"originals/{digest}", b"other bytes", hashlib.sha256(b"other bytes").hexdigest())
 
     fetched = tmp_path / "fetched.dcm"
     store.get(f"originals/{digest}", fetched)

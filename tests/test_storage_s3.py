@@ -328,6 +328,41 @@ def test_other_bytes_under_an_originals_key_are_a_conflict_and_are_never_overwri
     assert len(bucket.keys()) == len(written)  # one object each, none written twice
 
 
+@pytest.mark.parametrize("in_memory", [64 << 20, 0], ids=["read-once", "streamed-from-the-file"])
+def test_each_original_is_uploaded_under_the_sha256_of_the_bytes_it_holds(
+    bucket: Bucket, sendit_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, in_memory: int
+) -> None:
+    # up to IN_MEMORY bytes a file is read once for its hash and its upload; a larger one is streamed
+    monkeypatch.setattr("sendit.storage.IN_MEMORY", in_memory)
+    written = demo_into(sendit_dirs["INPUT_FOLDER"], patients=1, images=3)
+    contents = {sha256(path): path.read_bytes() for path in written}
+
+    report = ingest_folder(sendit_dirs["INPUT_FOLDER"])
+
+    assert report.images == len(written)
+    assert bucket.keys() == sorted(f"originals/{digest}" for digest in contents)
+    assert all(bucket.read(f"originals/{digest}") == data for digest, data in contents.items())
+    assert sorted(Image.objects.values_list("sha256", flat=True)) == sorted(contents)
+    assert not any(path.exists() for path in written)  # uploaded and recorded: removed from the input
+
+
+def test_a_create_only_upload_from_memory_or_a_file_keeps_the_first_bytes(bucket: Bucket, tmp_path: Path) -> None:
+    from sendit.relay import runtime
+    from sendit.storage import StoreConflict
+
+    store = runtime.store()
+    assert store is not None
+    first = tmp_path / "first.dcm"
+    first.write_bytes(b"first bytes")
+    digest = hashlib.sha256(b"first bytes").hexdigest()
+
+    assert store.put_new(f"originals/{digest}", b"first bytes", digest) is True
+    assert store.put_new(f"originals/{digest}", first, digest) is False  # the same bytes: already there
+    with pytest.raises(StoreConflict):
+        store.put_new(f"originals/{digest}", b"other bytes", hashlib.sha256(b"other bytes").hexdigest())
+    assert bucket.read(f"originals/{digest}") == b"first bytes"
+
+
 def test_sendit_check_says_whether_the_bucket_answers_without_showing_the_secret(s3_bucket: Bucket) -> None:
     from dataclasses import replace
 

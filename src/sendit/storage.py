@@ -1,7 +1,7 @@
 """Where originals wait for a worker when hosts share no folder: an object store keyed by SHA-256.
 
 Two adapters with one small interface (:class:`Store`): :class:`S3Store` for any S3-compatible
-bucket (AWS S3, MinIO, Ceph; boto3), and :class:`FolderStore` for a folder (one host, or a mount
+bucket (AWS S3, MinIO, Ceph; botocore, from boto3), and :class:`FolderStore` for a folder (one host, or a mount
 every host shares). Without a store (``STORAGE_URL`` empty, the default) originals are read where
 they arrived, in the input folder, as they always were. No Django here: the relay decides when.
 
@@ -13,6 +13,7 @@ exception type, so they can go to logs and the dashboard as they are.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -40,9 +41,10 @@ class Store(Protocol):
 
     location: str  # for operators: bucket and prefix or folder, never a credential
 
-    def put_new(self, key: str, source: Path, sha256: str) -> bool:
-        """Create ``key`` from ``source`` (whose SHA-256 is ``sha256``) unless it exists: True when
-        written, False when the same bytes were there already; raises StoreConflict on other bytes."""
+    def put_new(self, key: str, source: Path | bytes, sha256: str) -> bool:
+        """Create ``key`` from ``source``, a file or its bytes (whose SHA-256 is ``sha256``), unless it
+        exists: True when written, False when the same bytes were there already; raises
+        StoreConflict on other bytes."""
         ...
 
     def get(self, key: str, target: Path) -> None: ...
@@ -62,6 +64,21 @@ class Store(Protocol):
     def check(self) -> str | None:
         """What `sendit check` asks: None when the store can be listed, else why not, in one line."""
         ...
+
+
+#: At most this many bytes of a file are read into memory to be hashed and uploaded in one read
+#: (:func:`read_small`); a larger one is hashed, then streamed from the file.
+IN_MEMORY = 64 << 20
+
+
+def read_small(path: Path, size: int) -> bytes | None:
+    """The bytes of a file of about ``size`` bytes when that is at most :data:`IN_MEMORY`, else None.
+    One read gives both the SHA-256 that names the object and the body uploaded, so the two cannot
+    differ (a file rewritten between a hash and an upload could not be told apart)."""
+    if size > IN_MEMORY:
+        return None
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def _sha256_of_stream(read: Any) -> str:
@@ -84,13 +101,16 @@ class FolderStore:
             raise ValueError("a store key is a relative path without '..'")
         return path
 
-    def put_new(self, key: str, source: Path, sha256: str) -> bool:
+    def put_new(self, key: str, source: Path | bytes, sha256: str) -> bool:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".put-")
         os.close(handle)
         try:
-            shutil.copyfile(source, temporary)
+            if isinstance(source, bytes):
+                Path(temporary).write_bytes(source)
+            else:
+                shutil.copyfile(source, temporary)
             try:
                 os.link(temporary, target)  # fails if the key exists: create-only
                 return True
@@ -134,8 +154,17 @@ _PRECONDITION = {"412", "PreconditionFailed"}
 
 
 class S3Store:
-    """An S3-compatible bucket under a key prefix (boto3). One client per process: botocore clients
-    are thread-safe, so a batch is fetched on a few threads at once. The client is made lazily."""
+    """An S3-compatible bucket under a key prefix (botocore). One client per process: botocore
+    clients are thread-safe, so a batch is fetched on a few threads at once. The client is made lazily.
+
+    botocore costs about 2 ms of CPU per request on these machines (docs/performance.md): Sendit
+    makes two per image (the upload at ingest, the fetch in a worker) and skips what it does not
+    use: response timestamps are not parsed into datetimes (no one reads them; dateutil's parse cost
+    a quarter of a GetObject), and no CRC32 is computed on top of the SHA-256 checked end to end.
+    obstore (Rust) costs less than half per request but is not fork-safe: a worker forked after its
+    parent made a request hangs on its first own (measured with obstore 0.12), and `sendit import
+    --wait` forks its workers after its ingest uploaded.
+    """
 
     def __init__(
         self,
@@ -149,19 +178,22 @@ class S3Store:
         timeout: tuple[float, float] = (5.0, 30.0),
         attempts: int = 3,
     ) -> None:
-        import boto3
+        import botocore.session
         from botocore.config import Config as BotoConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.location = f"s3://{bucket}/{self.prefix}" + (f" at {endpoint_url}" if endpoint_url else "")
-        # Credentials: the two keys when given, else boto3's own chain (AWS_* variables, profile, role)
-        self._session = boto3.session.Session(
-            aws_access_key_id=access_key_id or None,
-            aws_secret_access_key=secret_access_key or None,
-            region_name=region or None,
-        )
+        # Credentials: the two keys when given, else botocore's own chain (AWS_* variables, profile, role)
+        self._session = botocore.session.get_session()
+        # timestamps (LastModified) stay text: Sendit reads none of them
+        self._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+        self._credentials = {
+            "aws_access_key_id": access_key_id or None,
+            "aws_secret_access_key": secret_access_key or None,
+        }
+        self._region = region or None
         self._endpoint_url = endpoint_url or None
         self._config = BotoConfig(
             connect_timeout=timeout[0],
@@ -183,7 +215,13 @@ class S3Store:
         """This process's client: a forked worker makes its own (its parent's connections are not its
         to use), from the inherited session, whose loaded service model makes that cheap."""
         if self._pid != os.getpid():
-            self._made = self._session.client("s3", endpoint_url=self._endpoint_url, config=self._config)
+            self._made = self._session.create_client(
+                "s3",
+                region_name=self._region,
+                endpoint_url=self._endpoint_url,
+                config=self._config,
+                **self._credentials,
+            )
             self._pid = os.getpid()
         return self._made
 
@@ -196,9 +234,9 @@ class S3Store:
         detail = f"{name} {code}" if code and code != name else name  # e.g. "ClientError AccessDenied"
         return StoreError(f"storage bucket: {doing} failed ({detail})")
 
-    def put_new(self, key: str, source: Path, sha256: str) -> bool:
+    def put_new(self, key: str, source: Path | bytes, sha256: str) -> bool:
         try:
-            with open(source, "rb") as body:
+            with contextlib.nullcontext(source) if isinstance(source, bytes) else open(source, "rb") as body:
                 self._client.put_object(
                     Bucket=self.bucket, Key=self._key(key), Body=body, IfNoneMatch="*", Metadata={"sha256": sha256}
                 )

@@ -19,6 +19,7 @@ it has settled (:class:`Settle`); until then it is counted, never read, moved or
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
@@ -40,7 +41,7 @@ from sendit.dicomio import walk as walk_folder
 from sendit.relay import files, runtime
 from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Status, Study
 from sendit.relay.transitions import clip, lock_series, refresh_series_status
-from sendit.storage import TRANSFERS, Store, StoreConflict
+from sendit.storage import TRANSFERS, Store, StoreConflict, read_small
 
 log = logging.getLogger("sendit.ingest")
 
@@ -622,7 +623,8 @@ def _arrived_again(entry: Entry, header: FileHeader, image: Image, report: Inges
         return
     # finished: DONE and cleaned up, QUARANTINED or SKIPPED
     try:
-        digest = files.sha256_of(entry.path)
+        data = read_small(entry.path, header.size) if runtime.store() is not None else None
+        digest = hashlib.sha256(data).hexdigest() if data is not None else files.sha256_of(entry.path)
     except FileNotFoundError:
         return
     if image.sha256 and image.sha256 != digest:
@@ -634,7 +636,7 @@ def _arrived_again(entry: Entry, header: FileHeader, image: Image, report: Inges
     if store is not None:
         key = files.original_key(digest)
         try:
-            store.put_new(key, entry.path, digest)
+            store.put_new(key, data if data is not None else entry.path, digest)
         except StoreConflict as exc:
             _reject(entry, f"conflict: {exc}", report)
             return
@@ -684,23 +686,26 @@ def _upload_originals(
     SOPInstanceUID → (key, SHA-256).
 
     1. Leave out instances already recorded (the transaction decides about those, as without a store).
-    2. Hash each file and upload it create-only under its SHA-256, on a few threads.
+    2. Hash each file and upload it create-only under its SHA-256, on a few threads; a file of up to
+       64 MiB is read once for both, so the bytes uploaded are the bytes hashed.
     3. A conflict (other bytes under that key) is that file's rejection; a file gone since is dropped.
     Raises StoreError when the store is out of reach: the scan fails, every file stays where it is,
     and the next scan tries again.
     """
     known = set(Image.objects.filter(sop_instance_uid__in=list(headers)).values_list("sop_instance_uid", flat=True))
-    todo = {uid: entry for uid, (entry, _) in headers.items() if uid not in known}
+    todo = {uid: (entry, header.size) for uid, (entry, header) in headers.items() if uid not in known}
     if not todo:
         return {}
 
-    def upload(entry: Entry) -> str:
-        digest = files.sha256_of(entry.path)
-        store.put_new(files.original_key(digest), entry.path, digest)
+    def upload(item: tuple[Entry, int]) -> str:
+        entry, size = item
+        data = read_small(entry.path, size)
+        digest = hashlib.sha256(data).hexdigest() if data is not None else files.sha256_of(entry.path)
+        store.put_new(files.original_key(digest), data if data is not None else entry.path, digest)
         return digest
 
     with ThreadPoolExecutor(max_workers=min(TRANSFERS, len(todo)), thread_name_prefix="sendit-upload") as pool:
-        futures = {uid: pool.submit(upload, entry) for uid, entry in todo.items()}
+        futures = {uid: pool.submit(upload, item) for uid, item in todo.items()}
     uploaded: dict[str, tuple[str, str]] = {}
     for uid, future in futures.items():
         try:
