@@ -11,14 +11,18 @@ echo "== ruff" >&2
 echo "== mypy" >&2
 .venv/bin/mypy src/sendit
 
+# pytest-xdist: 3 processes by default (most tests wait on Orthanc, subprocesses and sockets, so 3
+# fit on 2 cores); SENDIT_TEST_PROCESSES=0 runs the suite in this one process
+PROCESSES=${SENDIT_TEST_PROCESSES:-3}
+
 echo "== pytest on SQLite + SqliteHuey" >&2
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "$PROCESSES" "$@"
 
 PG_URL=${SENDIT_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/sendit}
 REDIS_URL=${SENDIT_TEST_REDIS_URL:-redis://127.0.0.1:6379/15}
 if .venv/bin/python scripts/services_up.py "$PG_URL" "$REDIS_URL"; then
     echo "== pytest on PostgreSQL + RedisHuey (database tests)" >&2
-    DATABASE_URL="$PG_URL" SENDIT_QUEUE_URL="$REDIS_URL" .venv/bin/python -m pytest -q -p no:cacheprovider -m db "$@"
+    DATABASE_URL="$PG_URL" SENDIT_QUEUE_URL="$REDIS_URL" .venv/bin/python -m pytest -q -p no:cacheprovider -n "$PROCESSES" -m db "$@"
 elif [ "${CI:-}" = "true" ]; then
     echo "PostgreSQL or Redis is not reachable, and CI=true requires both" >&2
     exit 1

@@ -12,6 +12,15 @@ _config = _data / "sendit.toml"
 _config.write_text("", encoding="utf-8")
 os.environ["SENDIT_CONFIG"] = str(_config)
 os.environ.setdefault("SENDIT_SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
+# pytest-xdist: each of its processes gets a database of its own from pytest-django (a `_gwN` suffix
+# on PostgreSQL; a SQLite file in the folder above) and here a Redis database of its own, counting
+# down from the pass's: gw0 keeps it, gw1 takes the one below, and so on
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+_queue = os.environ.get("SENDIT_QUEUE_URL", "")
+if _worker.startswith("gw") and _queue.startswith(("redis://", "rediss://")):
+    _base, _, _db = _queue.rpartition("/")
+    if _db.isdigit() and int(_db) >= int(_worker[2:]):
+        os.environ["SENDIT_QUEUE_URL"] = f"{_base}/{int(_db) - int(_worker[2:])}"
 os.environ["SENDIT_DATA_DIR"] = str(_data)
 os.environ.setdefault("SENDIT_RETRY_BASE_SECONDS", "0")
 os.environ.setdefault("SENDIT_LEASE_SECONDS", "10")

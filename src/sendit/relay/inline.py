@@ -116,21 +116,18 @@ def run_inline(
         while due or running or feeding:
             now = time.monotonic()
             for series_id in [sid for sid, at in due.items() if at <= now]:
-                # a series runs on one worker, a split one on as many as it has parts (up to all);
-                # one that is due while it runs waits here until a run of it ends
-                room = min(_spread.get(series_id, 1), workers) - sum(1 for s in running.values() if s == series_id)
-                if room <= 0:
-                    continue
                 if not forked:  # the pool forks every worker at its first submit: no connection may be open
                     connections.close_all()
                     forked = True
                 del due[series_id]
-                for _ in range(room):
+                # a series just split goes to as many workers as it has parts (up to all); each run
+                # of a part that ends brings the series back once (the next part, or the join)
+                for _ in range(min(_spread.pop(series_id, 1), workers)):
                     running[pool.submit(_process_in_worker, series_id)] = series_id
             if feeding and (forked or not due):  # one chunk ingested here while the workers run
                 handed_on: Iterable[int] | None = next(feed, None)
                 feeding = handed_on is not None
-                for series_id in handed_on or ():  # again if it runs: images recorded meanwhile are not left
+                for series_id in handed_on or ():  # also if it runs: a second run waits as busy, then runs
                     due[series_id] = min(due.get(series_id, now), now)
             finished: set[Future[NextStep]] = set()
             if running:
