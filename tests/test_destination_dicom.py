@@ -329,8 +329,10 @@ def test_check_catches_an_orthanc_that_refuses_echo(orthanc_factory: Callable[..
 
 
 def test_check_names_address_titles_and_the_fix_when_the_association_is_refused(
-    orthanc_server: OrthancServer,
+    orthanc_factory: Callable[..., OrthancServer],
 ) -> None:
+    # an Orthanc of its own: the shared one may still be busy with another test's associations
+    orthanc_server = orthanc_factory()
     stranger = dest_for(orthanc_server, calling_aet="STRANGER").check() or ""
     assert f"127.0.0.1:{orthanc_server.dicom_port} (calling AE STRANGER, called AE ORTHANC)" in stranger
     assert "Calling AE title not recognised" in stranger
