@@ -171,9 +171,9 @@ def sop_uid(path: Path) -> str:
 class Sender:
     """A pynetdicom sender with one association; ``statuses`` holds each answer (None: no answer)."""
 
-    def __init__(self, port: int, aet: str = "PYSENDER", bind: str = "") -> None:
+    def __init__(self, port: int, aet: str = "PYSENDER", bind: str = "", timeout: float = 30) -> None:
         ae = AE(ae_title=aet)
-        ae.dimse_timeout = ae.network_timeout = 5  # a killed listener: a failure in seconds, not 30
+        ae.dimse_timeout = ae.network_timeout = timeout
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         self.assoc = ae.associate("127.0.0.1", port, ae_title="SENDIT", bind_address=(bind, 0) if bind else None)
         self.statuses: list[int | None] = []
@@ -336,7 +336,7 @@ def test_a_listener_killed_mid_association_leaves_nothing_half_written(
     failed completes the series: each instance recorded once, nothing partial anywhere."""
     files = ct_series(tmp_path / "series", 40, size=512)
     run = sendit_listener(ALLOWED_CALLERS="PYSENDER", SERIES_IDLE_SECONDS=3600)
-    sender = Sender(run.port)
+    sender = Sender(run.port, timeout=5)  # the killed listener: a failure in seconds, not 30
     assert sender.assoc.is_established
     worker = threading.Thread(target=sender.send, args=(files,))
     worker.start()
