@@ -163,19 +163,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     runtime.store()  # made before the worker processes fork: boto3's service model is loaded once, not per process
     workers = args.workers or cfg.WORKERS
+    import logging
+
+    lines = logging.getLogger("sendit.worker")  # the start-up line, and the last one
     consumer = Consumer(
         huey,
         supervised=bool(args.parent),
+        on_started=lambda: lines.info(
+            "sendit %s worker started: %s processes (pid %s)", _version(), workers, os.getpid()
+        ),
         workers=workers,
         worker_type="process",
         periodic=True,
         initial_delay=0.1,
         max_delay=QUEUE_POLL_MAX_SECONDS,
     )
-    import logging
-
-    lines = logging.getLogger("sendit.worker")  # the start-up line, and the last one
-    lines.info("sendit %s worker started: %s processes (pid %s)", _version(), workers, os.getpid())
     consumer.run()
     lines.info("sendit worker stopped (pid %s)", os.getpid())
     return 0

@@ -161,9 +161,19 @@ class Consumer(HueyConsumer):  # type: ignore[misc]
     _restart: bool
     _graceful: bool
 
-    def __init__(self, huey: Any, supervised: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, huey: Any, supervised: bool = False, on_started: Callable[[], None] | None = None, **kwargs: Any
+    ) -> None:
         self.supervised = supervised
+        self.on_started = on_started
         super().__init__(huey, **kwargs)
+
+    def start(self) -> None:
+        """Huey's start, then ``on_started``: the start-up line comes once SIGTERM is graceful, so a
+        stop asked for after it always ends with the "stopped" line."""
+        super().start()
+        if self.on_started is not None:
+            self.on_started()
 
     def _set_signal_handlers(self) -> None:
         super()._set_signal_handlers()
