@@ -11,9 +11,9 @@ echo "== ruff" >&2
 echo "== mypy" >&2
 .venv/bin/mypy src/sendit
 
-# pytest-xdist: 3 processes by default (most tests wait on Orthanc, subprocesses and sockets, so 3
-# fit on 2 cores); SENDIT_TEST_PROCESSES=0 runs the suite in this one process
-PROCESSES=${SENDIT_TEST_PROCESSES:-3}
+# pytest-xdist: 2 processes by default (most tests wait on Orthanc, subprocesses and sockets; 3
+# made a listener test stall under load); SENDIT_TEST_PROCESSES=0 runs the suite in this one process
+PROCESSES=${SENDIT_TEST_PROCESSES:-2}
 
 echo "== pytest on SQLite + SqliteHuey" >&2
 .venv/bin/python -m pytest -q -p no:cacheprovider -n "$PROCESSES" "$@"
