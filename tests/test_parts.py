@@ -32,6 +32,7 @@ from sendit.relay.models import Delivery, Event, Image, Series, SeriesPart, Stag
 from tests import chaos
 from tests.helpers import wait_for
 from tests.orthanc import OrthancServer
+from tests.test_pipeline_orthanc import via_dicom
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,20 +45,6 @@ def _series(folder: Path, count: int) -> int:
     chaos.write_series(folder, count)
     [series_id] = ingest_folder(folder).series_ids
     return series_id
-
-
-def _via_orthanc(reconfigure: Reconfigure, server: OrthancServer, **more: Any) -> None:
-    reconfigure(
-        SEND_TO_ORTHANC=True,
-        ORTHANC_IPADDRESS=server.host,
-        ORTHANC_PORT=server.dicom_port,
-        ORTHANC_AET=server.aet,
-        SENDIT_AET="SENDIT",
-        ORTHANC_URL="",
-        ORTHANC_TIMEOUT=15,
-        RETRY_BASE_SECONDS=0,
-        **more,
-    )
 
 
 def _finished_parts(series_id: int) -> list[tuple[int, int, int, str]]:
@@ -97,7 +84,7 @@ def test_a_big_series_is_delivered_by_two_workers_and_orthanc_holds_each_image_o
     sendit_dirs: dict[str, Path], reconfigure: Reconfigure, orthanc_factory: Callable[..., OrthancServer]
 ) -> None:
     server = orthanc_factory()
-    _via_orthanc(reconfigure, server, PART_SIZE=30, BATCH_SIZE=10)
+    via_dicom(reconfigure, server, PART_SIZE=30, BATCH_SIZE=10)
     series_id = _series(sendit_dirs["INPUT_FOLDER"] / "big", 120)
     run_inline([series_id], workers=2)
     _assert_done_once_at_orthanc(series_id, server, 120)
@@ -129,7 +116,7 @@ def test_a_part_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
     """SIGKILL while a part's batch is at Orthanc but not yet recorded: the part is taken over at once
     (its holder's PID is gone), the batch sent again, and Orthanc still holds each image once."""
     server = orthanc_factory()
-    _via_orthanc(reconfigure, server, PART_SIZE=40, BATCH_SIZE=10)
+    via_dicom(reconfigure, server, PART_SIZE=40, BATCH_SIZE=10)
     series_id = _series(sendit_dirs["INPUT_FOLDER"] / "big", 80)
     planned = pipeline.process_series(series_id)
     assert planned.spread == 2 and Series.objects.get(pk=series_id).stage == Stage.SPLIT
