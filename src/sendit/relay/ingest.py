@@ -38,6 +38,7 @@ from django.utils import timezone
 
 from sendit.dicomio import NOT_REGULAR, SYMLINK, FileHeader, Kind, RejectedFile, read_header, read_header_of_bytes
 from sendit.dicomio import walk as walk_folder
+from sendit.identifiers.base import SeriesHeader
 from sendit.relay import files, runtime
 from sendit.relay.models import IN_FLIGHT, Event, Image, ReceivedFile, Series, Status, Study
 from sendit.relay.transitions import clip, lock_series, refresh_series_status
@@ -198,6 +199,14 @@ class IngestReport:
     problems: list[tuple[str, Status, str]] = field(default_factory=list)  # (path, status, reason)
     ignored: Counter[str] = field(default_factory=Counter)  # by rule: in_progress, hidden, rejected_earlier, settling
 
+    @classmethod
+    def of(cls, parts: Iterable[IngestReport]) -> IngestReport:
+        """One report of several (a scan's chunks)."""
+        report = cls()
+        for part in parts:
+            report.add(part)
+        return report
+
     def add(self, other: IngestReport) -> None:
         self.images += other.images
         self.series_ids |= other.series_ids
@@ -249,10 +258,7 @@ def ingest_paths(paths: Iterable[Path | Entry], chunk: int = 500, settle: Settle
     a file not yet settled is counted and left for a later scan; without (`sendit import`, the
     operator's word that the files are complete) every file is taken now.
     """
-    report = IngestReport()
-    for part in ingest_in_chunks(paths, first=chunk, largest=chunk, settle=settle):
-        report.add(part)
-    return report
+    return IngestReport.of(ingest_in_chunks(paths, first=chunk, largest=chunk, settle=settle))
 
 
 def ingest_in_chunks(
@@ -439,23 +445,26 @@ def _plain_statement() -> tuple[str, list[Any], list[Any]]:
 
 
 def _new_series(header: FileHeader) -> tuple[int, str]:
-    """The Study and Series rows of a series' first instance (or of one that another transaction is
-    creating at the same time: ignore_conflicts); its id and status."""
-    Study.objects.bulk_create([Study(study_uid=header.series.study_uid)], ignore_conflicts=True)
-    study = Study.objects.get(study_uid=header.series.study_uid)
+    """The Study and Series rows of a series' first instance (:func:`_series_rows`); its id and status."""
+    series = _series_rows([header.series])[header.series.series_uid]
+    return series.pk, series.status
+
+
+def _series_rows(headers: Iterable[SeriesHeader]) -> dict[str, Series]:
+    """The Study and Series rows of these series, made where missing (or left to another transaction
+    that is making them at the same time: ignore_conflicts); by SeriesInstanceUID."""
+    by_uid = {h.series_uid: h for h in headers}
+    study_uids = {h.study_uid for h in by_uid.values()}
+    Study.objects.bulk_create([Study(study_uid=uid) for uid in study_uids], ignore_conflicts=True)
+    studies = {s.study_uid: s for s in Study.objects.filter(study_uid__in=study_uids)}
     Series.objects.bulk_create(
         [
-            Series(
-                study=study,
-                series_uid=header.series.series_uid,
-                modality=header.series.modality[:16],
-                header=asdict(header.series),
-            )
+            Series(study=studies[h.study_uid], series_uid=uid, modality=h.modality[:16], header=asdict(h))
+            for uid, h in by_uid.items()
         ],
         ignore_conflicts=True,
     )
-    series_id, status = Series.objects.filter(series_uid=header.series.series_uid).values_list("id", "status").get()
-    return series_id, status
+    return {s.series_uid: s for s in Series.objects.filter(series_uid__in=list(by_uid))}
 
 
 def _lookup(sop_instance_uid: str, series_uid: str) -> tuple[bool, int | None, str | None]:
@@ -535,18 +544,7 @@ def _ingest_batch(batch: list[Entry], report: IngestReport) -> None:
             )
             for uid in set(known_uids):
                 again.append(headers.pop(uid))
-            study_uids = {header.series.study_uid for _, header in headers.values()}
-            Study.objects.bulk_create([Study(study_uid=uid) for uid in study_uids], ignore_conflicts=True)
-            studies = {s.study_uid: s for s in Study.objects.filter(study_uid__in=study_uids)}
-            series_headers = {header.series.series_uid: header.series for _, header in headers.values()}
-            Series.objects.bulk_create(
-                [
-                    Series(study=studies[h.study_uid], series_uid=uid, modality=h.modality[:16], header=asdict(h))
-                    for uid, h in series_headers.items()
-                ],
-                ignore_conflicts=True,
-            )
-            series_map = {s.series_uid: s for s in Series.objects.filter(series_uid__in=list(series_headers))}
+            series_map = _series_rows(header.series for _, header in headers.values())
             Image.objects.bulk_create(
                 [
                     Image(
@@ -768,10 +766,7 @@ def ingest_folder(
     root: Path, settle: Settle | None = None, listed: Callable[[Path, int], None] | None = None
 ) -> IngestReport:
     """One scan of ``root``; the report counts what was ignored by rule (``report.ignored``)."""
-    report = IngestReport()
-    for part in ingest_folder_in_chunks(root, settle, listed):
-        report.add(part)
-    return report
+    return IngestReport.of(ingest_folder_in_chunks(root, settle, listed))
 
 
 def ingest_folder_in_chunks(

@@ -131,23 +131,7 @@ def acquire_lease(series_id: int, owner: str) -> Lease | None:
 
     Each acquisition increments the generation: the fencing token every later write names.
     """
-    free = Q(lease_expires__isnull=True) | Q(lease_expires__lte=Now())
-    taken = Series.objects.filter(Q(pk=series_id) & free).update(
-        lease_owner=owner, lease_expires=_expiry(), lease_generation=F("lease_generation") + 1
-    )
-    if taken != 1:
-        holder = Series.objects.filter(pk=series_id).values_list("lease_owner", flat=True).first()
-        if not holder or not holder_is_dead(holder):
-            return None  # a live holder (or the series is gone): it keeps the series
-        log.warning("series #%s: its worker died; taking it over", series_id)
-        # names the holder it saw: if another worker took the dead one's lease first, that worker won
-        taken = Series.objects.filter(pk=series_id, lease_owner=holder).update(
-            lease_owner=owner, lease_expires=_expiry(), lease_generation=F("lease_generation") + 1
-        )
-        if taken != 1:
-            return None
-    generation = Series.objects.filter(pk=series_id, lease_owner=owner).values_list("lease_generation", flat=True)
-    found = generation.first()
+    found = _take(Series.objects.filter(pk=series_id), owner, f"series #{series_id}")
     return None if found is None else Lease(series_id, owner, found)
 
 
@@ -155,27 +139,34 @@ def acquire_part(part: SeriesPart, owner: str) -> Lease | None:
     """Take an unfinished part as :func:`acquire_lease` takes a series: free, expired, or its holder
     visibly dead; each acquisition is a new generation of the part."""
     unfinished = SeriesPart.objects.filter(pk=part.pk, finished_at__isnull=True)
-    free = Q(lease_expires__isnull=True) | Q(lease_expires__lte=Now())
-    taken = unfinished.filter(free).update(
-        lease_owner=owner, lease_expires=_expiry(), lease_generation=F("lease_generation") + 1
-    )
-    if taken != 1:
-        holder = unfinished.values_list("lease_owner", flat=True).first()
-        if not holder or not holder_is_dead(holder):
-            return None  # a live holder, or the part is finished or gone
-        log.warning("part #%s of series #%s: its worker died; taking it over", part.pk, part.series_id)
-        # names the holder it saw: if another worker took the dead one's part first, that worker won
-        taken = unfinished.filter(lease_owner=holder).update(
-            lease_owner=owner, lease_expires=_expiry(), lease_generation=F("lease_generation") + 1
-        )
-        if taken != 1:
-            return None
-    found = SeriesPart.objects.filter(pk=part.pk, lease_owner=owner).values_list("lease_generation", flat=True).first()
+    found = _take(unfinished, owner, f"part #{part.pk} of series #{part.series_id}")
     if found is None:
         return None
     return Lease(
         part.series_id, owner, found, part_id=part.pk, first_id=part.first_image_id, last_id=part.last_image_id
     )
+
+
+def _take(row: Any, owner: str, what: str) -> int | None:
+    """The lease on ``row`` (one series or part row): taken when free, expired, or its holder is
+    visibly dead; returns the new generation, or None when a live holder keeps it (or the row is gone)."""
+    free = Q(lease_expires__isnull=True) | Q(lease_expires__lte=Now())
+    taken = row.filter(free).update(
+        lease_owner=owner, lease_expires=_expiry(), lease_generation=F("lease_generation") + 1
+    )
+    if taken != 1:
+        holder = row.values_list("lease_owner", flat=True).first()
+        if not holder or not holder_is_dead(holder):
+            return None  # a live holder (or the row is gone): it keeps the lease
+        log.warning("%s: its worker died; taking it over", what)
+        # names the holder it saw: if another worker took the dead one's lease first, that worker won
+        taken = row.filter(lease_owner=holder).update(
+            lease_owner=owner, lease_expires=_expiry(), lease_generation=F("lease_generation") + 1
+        )
+        if taken != 1:
+            return None
+    found: int | None = row.filter(lease_owner=owner).values_list("lease_generation", flat=True).first()
+    return found
 
 
 def _lease_row(lease: Lease) -> Any:
